@@ -1,0 +1,259 @@
+"""The ``fewshot-med`` command. Thin: it parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fewshot_med import __version__
+from fewshot_med.errors import FewshotMedError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Few-shot medical-image diagnosis by transfer, with calibrated evaluation tracked in MLflow.",
+)
+datasets_app = typer.Typer(no_args_is_help=True, help="Inspect datasets: catalogue, classes, roles, counts.")
+app.add_typer(datasets_app, name="datasets")
+
+console = Console(soft_wrap=True)
+_state = {"debug": False}
+
+Overrides = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
+]
+
+
+def _is_config(spec: str) -> bool:
+    return spec.lower().endswith((".yaml", ".yml"))
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fewshot-med {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the built-in catalogue and whether each file is present under the data root."""
+    from fewshot_med.data import CATALOG, data_root
+
+    root = data_root()
+    table = Table(title=f"data root: {root}  (set FEWSHOT_MED_DATA to change)")
+    for column in ("name", "file", "present", "description"):
+        table.add_column(column)
+    table.add_row("demo", "(generated)", "yes", "synthetic lesions: 5 common + 3 rare classes")
+    for name, entry in CATALOG.items():
+        present = "yes" if (root / entry.relative_path).is_file() else "no"
+        table.add_row(name, entry.relative_path, present, entry.description)
+    console.print(table)
+
+
+@datasets_app.command("info")
+def datasets_info(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="Catalogue name, 'demo', 'medmnist:<flag>[@size]', a .npz/.csv/folder, or a YAML config."
+        ),
+    ],
+    image_size: Annotated[int, typer.Option(help="Resize local images to this size.")] = 64,
+    overrides: Overrides = None,
+) -> None:
+    """Print classes, roles and image counts per split."""
+    from fewshot_med.config import load_config
+    from fewshot_med.data import LoadOptions, default_roles, load_dataset
+
+    if _is_config(spec):
+        config = load_config(spec, overrides)
+        dataset = load_dataset(config.data.source, config.data.load_options())
+        roles = config.roles()
+    else:
+        dataset = load_dataset(spec, LoadOptions(image_size=image_size))
+        roles = default_roles(spec)
+    if roles is not None:
+        roles.check(dataset.class_names, spec)
+    counts = dataset.class_counts()
+    height, width, channels = dataset.image_shape
+    console.print(f"[bold]{dataset.name}[/bold]  source: {dataset.source}")
+    console.print(f"images {height}x{width}x{channels}  digest sha256:{dataset.digest[:16]}")
+    table = Table()
+    for column in ("class", "role", "train", "val", "test", "total"):
+        table.add_column(column, justify="left" if column in ("class", "role") else "right")
+    for index, name in enumerate(dataset.class_names):
+        per_split = [int(counts[split][index]) for split in ("train", "val", "test")]
+        role = roles.role_of(name) if roles else "-"
+        table.add_row(name, role, *map(str, per_split), str(sum(per_split)))
+    totals = [int(counts[split].sum()) for split in ("train", "val", "test")]
+    table.add_row("[bold]all[/bold]", "", *map(str, totals), str(sum(totals)), end_section=True)
+    console.print(table)
+
+
+@app.command("config")
+def config_show(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+) -> None:
+    """Validate a config and print it with every default filled in."""
+    import yaml
+
+    from fewshot_med.config import load_config
+
+    config = load_config(config_path, overrides)
+    roles = config.roles()
+    resolved = config.model_dump(mode="json")
+    resolved["data"]["base_classes"], resolved["data"]["novel_classes"] = list(roles.base), list(roles.novel)
+    console.print(yaml.safe_dump(resolved, sort_keys=False).rstrip(), markup=False, highlight=False)
+
+
+@app.command("episodes")
+def episodes_sample(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.")],
+    shots: Annotated[int, typer.Option(help="K, support images per class.")] = 5,
+    split: Annotated[str, typer.Option(help="Split to draw from: val or test.")] = "test",
+    overrides: Overrides = None,
+) -> None:
+    """Draw the config's novel-class episodes for one K and save them as JSON for any library to reuse."""
+    from fewshot_med.config import load_config
+    from fewshot_med.data import load_dataset, sample_episodes, select_classes
+
+    if split not in ("val", "test"):
+        raise FewshotMedError(f"--split {split}: episodes are drawn from 'val' or 'test'")
+    config = load_config(config_path, overrides)
+    dataset = load_dataset(config.data.source, config.data.load_options())
+    roles = config.roles()
+    roles.check(dataset.class_names, str(config_path))
+    pool = select_classes(dataset, split, roles.novel)
+    protocol = config.episodes
+    n_episodes = protocol.n_test_episodes if split == "test" else protocol.n_val_episodes
+    episodes = sample_episodes(
+        pool,
+        n_way=protocol.n_way or len(roles.novel),
+        k_shot=shots,
+        n_query=protocol.n_query,
+        n_episodes=n_episodes,
+        seed=protocol.seed,
+    )
+    episodes.save(out)
+    console.print(
+        f"wrote {len(episodes)} {episodes.n_way}-way {shots}-shot episodes "
+        f"({episodes.n_query} queries/class) from the {split} split to {out}"
+    )
+
+
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue interrupted training from its checkpoint.")
+]
+FromRun = Annotated[str, typer.Option("--from", help="MLflow run id whose backbone to start from.")]
+
+
+def _run_pipeline(config_path: Path, overrides: list[str] | None, stages: tuple[str, ...], **kwargs) -> None:
+    from fewshot_med.config import load_config
+    from pipelines.transfer import run_stages
+
+    outcome = run_stages(load_config(config_path, overrides), stages, **kwargs)
+    if outcome.report is not None:
+        console.print(outcome.report.table(), markup=False, highlight=False)
+    if outcome.run_id:
+        console.print(f"MLflow run {outcome.run_id}  (browse with: fewshot-med ui)")
+
+
+@app.command("run")
+def run_command(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    resume: ResumeOption = False,
+) -> None:
+    """Run the whole pipeline: pretrain, meta-train (if enabled), evaluate every method."""
+    _run_pipeline(config_path, overrides, ("pretrain", "meta_train", "evaluate"), resume=resume)
+
+
+@app.command("pretrain")
+def pretrain_command(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    resume: ResumeOption = False,
+) -> None:
+    """Pretrain the backbone on the base classes and log it to MLflow."""
+    _run_pipeline(config_path, overrides, ("pretrain",), resume=resume)
+
+
+@app.command("meta-train")
+def meta_train_command(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    from_run: FromRun,
+    overrides: Overrides = None,
+    resume: ResumeOption = False,
+) -> None:
+    """Meta-train the backbone of an earlier run on base-class episodes."""
+    _run_pipeline(config_path, overrides, ("meta_train",), from_run=from_run, resume=resume)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    from_run: FromRun,
+    overrides: Overrides = None,
+) -> None:
+    """Evaluate the config's methods on the backbone of an earlier run."""
+    _run_pipeline(config_path, overrides, ("evaluate",), from_run=from_run)
+
+
+@app.command("ui")
+def ui_command(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    config_path: Annotated[
+        Path | None, typer.Option("--config", help="Use this config's tracking store.")
+    ] = None,
+) -> None:
+    """Start the MLflow UI on the toolkit's store (./mlruns, or MLFLOW_TRACKING_URI)."""
+    import subprocess
+
+    from fewshot_med import tracking
+    from fewshot_med.config import load_config
+
+    settings = load_config(config_path).tracking if config_path else None
+    argv, env = tracking.ui_command(port, host, settings)
+    console.print(f"MLflow UI on http://{host}:{port}  (Ctrl+C to stop)")
+    raise typer.Exit(subprocess.run(argv, env=env, check=False).returncode)
+
+
+def main() -> None:
+    """Entry point: run the app; user errors become one line on stderr and a non-zero exit status."""
+    try:
+        app()
+    except FewshotMedError as error:
+        if _state["debug"]:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        if _state["debug"]:
+            raise
+        print(
+            f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)

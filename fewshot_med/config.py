@@ -1,0 +1,240 @@
+"""Pipeline configuration: YAML files validated into typed objects, with ``--set`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fewshot_med.data.catalog import LoadOptions, default_roles
+from fewshot_med.data.roles import ClassRoles
+from fewshot_med.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are refused, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(StrictModel):
+    """Which dataset, how its images are read, and the roles of its classes."""
+
+    source: str = Field(description="dataset spec: catalogue name, demo, medmnist:<flag>[@size], or a path")
+    image_size: int = Field(64, ge=8, le=1024, description="local images are resized to this square size")
+    class_names: list[str] | None = Field(None, description="names for label indices of an unnamed .npz")
+    base_classes: list[str] | None = Field(None, description="common classes; catalogue default if unset")
+    novel_classes: list[str] | None = Field(None, description="rare classes; catalogue default if unset")
+    nifti_slice: int | None = Field(None, description="slice of 3D NIfTI volumes; middle slice if unset")
+    split_fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train/val/test")
+    split_seed: int = Field(0, description="seed of patient-grouped split assignment for local data")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> DataConfig:
+        if any(f < 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions {list(self.split_fractions)} must be ≥ 0 and sum to 1")
+        return self
+
+    def load_options(self) -> LoadOptions:
+        """The reader options this section sets."""
+        return LoadOptions(
+            image_size=self.image_size,
+            nifti_slice=self.nifti_slice,
+            split_fractions=self.split_fractions,
+            split_seed=self.split_seed,
+            class_names=self.class_names,
+        )
+
+
+class EpisodesConfig(StrictModel):
+    """The few-shot evaluation protocol (see the guide's evaluation protocol)."""
+
+    n_way: PositiveInt | None = Field(None, description="classes per episode; all novel classes if unset")
+    shots: list[PositiveInt] = Field([1, 5, 10], min_length=1, description="K values to evaluate")
+    n_query: PositiveInt = Field(15, description="query images per class, capped by the split")
+    n_test_episodes: PositiveInt = Field(600, description="episodes drawn from the test split")
+    n_val_episodes: PositiveInt = Field(200, description="episodes drawn from the val split, for tuning")
+    seed: int = Field(0, description="seed of the episode lists")
+
+
+class ModelConfig(StrictModel):
+    """The backbone: a timm model, built without downloads unless asked."""
+
+    backbone: str = Field("resnet10t", description="timm model name")
+    pretrained: bool = Field(False, description="start from timm's published weights (needs network)")
+    weights: str | None = Field(None, description="local state_dict or checkpoint file to start from")
+
+
+class PretrainConfig(StrictModel):
+    """Supervised pretraining on the base classes of the train split."""
+
+    enabled: bool = True
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: PositiveFloat = 2e-3
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    balanced_sampling: bool = Field(True, description="draw base classes equally often (nv is 60% of HAM)")
+    augment: bool = Field(True, description="batched on-device crops, rotations, flips, colour jitter")
+    early_stopping_patience: PositiveInt | None = Field(8, description="epochs without val improvement")
+    steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (quick runs)")
+
+
+class MetaTrainConfig(StrictModel):
+    """Episodic meta-training of the pretrained backbone on base-class episodes."""
+
+    enabled: bool = False
+    algorithm: Literal["protonet", "anil", "fomaml"] = "protonet"
+    episodes: PositiveInt = 2000
+    n_way: PositiveInt | None = Field(None, description="classes per episode; all base classes if unset")
+    k_shot: PositiveInt = 5
+    n_query: PositiveInt = 10
+    lr: PositiveFloat = 1e-4
+    inner_lr: PositiveFloat = Field(0.1, description="ANIL/FOMAML inner-loop step size")
+    inner_steps: PositiveInt = Field(5, description="ANIL/FOMAML inner-loop steps")
+    augment: bool = True
+    val_every: PositiveInt = Field(250, description="episodes between validations on novel val episodes")
+
+
+class MethodConfig(StrictModel):
+    """One few-shot method from the registry, with its parameters."""
+
+    name: str = Field(description="registry name, e.g. simpleshot, logreg, protonet, r2d2, finetune")
+    label: str | None = Field(None, description="name in results; defaults to name")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the method")
+    max_episodes: PositiveInt | None = Field(
+        None,
+        description="evaluate on the first N test episodes only (costly methods); episode lists are "
+        "prefix-stable, so these N are the same tasks every other method sees",
+    )
+
+    @property
+    def display_name(self) -> str:
+        """The name results are reported under."""
+        return self.label or self.name
+
+
+class EvaluationConfig(StrictModel):
+    """What the evaluation stage reports besides the per-K episode metrics."""
+
+    generalised: bool = Field(True, description="base + novel classification after K-shot adaptation")
+    generalised_episodes: PositiveInt = 100
+    oracle: bool = Field(True, description="classifier trained on all novel train images (upper bound)")
+    batch_size: PositiveInt = Field(512, description="images per forward pass when embedding")
+
+
+class TrackingConfig(StrictModel):
+    """MLflow tracking."""
+
+    enabled: bool = True
+    experiment: str | None = Field(None, description="MLflow experiment; defaults to the config name")
+    tracking_uri: str | None = Field(None, description="defaults to $MLFLOW_TRACKING_URI, else ./mlruns")
+
+
+class RuntimeConfig(StrictModel):
+    """Where and how computation runs."""
+
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    num_threads: PositiveInt | None = Field(None, description="CPU threads for torch; all cores if unset")
+    output_dir: str = Field("outputs", description="checkpoints and local copies of artifacts")
+
+
+DEFAULT_METHODS = [
+    MethodConfig(name="simpleshot"),
+    MethodConfig(name="protonet"),
+    MethodConfig(name="logreg"),
+    MethodConfig(name="r2d2"),
+]
+
+
+class Config(StrictModel):
+    """A whole pipeline configuration."""
+
+    name: str = Field(description="experiment name, used for MLflow and output folders")
+    seed: int = Field(0, description="global seed")
+    data: DataConfig
+    episodes: EpisodesConfig = EpisodesConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    meta_train: MetaTrainConfig = MetaTrainConfig()
+    methods: list[MethodConfig] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def roles(self) -> ClassRoles:
+        """Base and novel classes: from the config, else the catalogue's defaults for the source."""
+        catalogue = default_roles(self.data.source)
+        base = self.data.base_classes or (catalogue.base if catalogue else None)
+        novel = self.data.novel_classes or (catalogue.novel if catalogue else None)
+        if not base or not novel:
+            raise ConfigError(
+                f"data.base_classes and data.novel_classes are required for source '{self.data.source}' "
+                "(the catalogue has no defaults for it)"
+            )
+        return ClassRoles(base=tuple(base), novel=tuple(novel))
+
+
+def _apply_override(tree: dict[str, Any], override: str, origin: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``3``, ``[1,5]``, ``null``)."""
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{origin}: --set '{override}' must look like section.key=value")
+    parts = key.strip().split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: --set {key}: '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw_value)
+    except yaml.YAMLError:
+        node[parts[-1]] = raw_value
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = (
+        "unknown key; remove it or check its spelling" if error["type"] == "extra_forbidden" else error["msg"]
+    )
+    return f"{key}: {message}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings applied on top of the file.
+
+    Returns:
+        The validated config. Any problem raises ``ConfigError`` naming the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; see configs/ for examples")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (name, data, episodes, …)")
+    for override in overrides or []:
+        _apply_override(tree, override, str(path))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        details = "; ".join(_format_error(e) for e in error.errors())
+        origin = f"{path} (with --set {', '.join(overrides)})" if overrides else str(path)
+        raise ConfigError(f"{origin}: {details}") from None

@@ -1,0 +1,148 @@
+"""Named datasets and the one entry point that turns a dataset spec into a loaded dataset.
+
+A spec is one of:
+  * a catalogue name (``ham10000``, ``ham10000-28``, ``pbc``, …), found under the data root;
+  * ``demo`` (generated, no download);
+  * ``medmnist:<flag>`` or ``medmnist:<flag>@<size>`` (official MedMNIST via its package);
+  * a path to a MedMNIST-format ``.npz`` file, a CSV manifest, or a folder of class subfolders.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fewshot_med.data.dataset import MedicalImageDataset
+from fewshot_med.data.roles import ClassRoles
+from fewshot_med.errors import DataError
+
+DATA_ROOT_ENV = "FEWSHOT_MED_DATA"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A MedMNIST-format file under the data root, with its class names and default roles."""
+
+    relative_path: str
+    class_names: tuple[str, ...]
+    roles: ClassRoles | None
+    description: str
+
+
+HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+HAM10000_ROLES = ClassRoles(base=("bcc", "bkl", "mel", "nv"), novel=("akiec", "df", "vasc"))
+PBC_CLASSES = (
+    "basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet",
+)  # fmt: skip
+PBC_ROLES = ClassRoles(
+    base=("eosinophil", "erythroblast", "ig", "neutrophil", "platelet"),
+    novel=("basophil", "lymphocyte", "monocyte"),
+)
+
+CATALOG: dict[str, CatalogEntry] = {
+    "ham10000": CatalogEntry(
+        "ham10000_derma/ham10000_derma_64.npz", HAM10000_CLASSES, HAM10000_ROLES,
+        "HAM10000 dermoscopy, 64 px, lesion-grouped 70/10/20 split",
+    ),
+    "ham10000-28": CatalogEntry(
+        "ham10000_derma/ham10000_derma_28.npz", HAM10000_CLASSES, HAM10000_ROLES,
+        "HAM10000 dermoscopy, 28 px (fast tests), lesion-grouped split",
+    ),
+    "pbc": CatalogEntry(
+        "pbc_bloodcells/pbc_bloodcells_28.npz", PBC_CLASSES, PBC_ROLES,
+        "PBC peripheral blood cells, 28 px, stratified 70/10/20 split",
+    ),
+    "breastmnist": CatalogEntry(
+        "breastmnist/breastmnist.npz", ("malignant", "normal_benign"), None, "BreastMNIST ultrasound, 28 px"
+    ),
+    "pneumoniamnist": CatalogEntry(
+        "pneumoniamnist/pneumoniamnist.npz", ("normal", "pneumonia"), None, "PneumoniaMNIST X-ray, 28 px"
+    ),
+    "retinamnist": CatalogEntry(
+        "retinamnist/retinamnist.npz", tuple(f"dr_grade_{g}" for g in range(5)), None,
+        "RetinaMNIST fundus, 28 px, diabetic-retinopathy grade",
+    ),
+}  # fmt: skip
+
+
+def data_root() -> Path:
+    """Where catalogue files live: ``$FEWSHOT_MED_DATA``, else ``../shared/data`` beside the checkout."""
+    if DATA_ROOT_ENV in os.environ:
+        return Path(os.environ[DATA_ROOT_ENV]).expanduser()
+    checkout = Path(__file__).resolve().parents[2]
+    candidates = [Path.cwd() / "../shared/data", checkout / "../shared/data"]
+    return next((c.resolve() for c in candidates if c.is_dir()), candidates[0].resolve())
+
+
+def _catalog_entry_for_file(path: Path) -> CatalogEntry | None:
+    """The catalogue entry whose file has this name, so a copied file keeps its class names."""
+    return next((e for e in CATALOG.values() if Path(e.relative_path).name == path.name), None)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How local images are read and split (ignored by sources that carry their own splits)."""
+
+    image_size: int = 64
+    nifti_slice: int | None = None
+    split_fractions: Sequence[float] = (0.7, 0.1, 0.2)
+    split_seed: int = 0
+    class_names: Sequence[str] | None = None
+
+
+def load_dataset(spec: str, options: LoadOptions | None = None) -> MedicalImageDataset:
+    """Load the dataset a spec names (see the module docstring for the forms a spec takes)."""
+    from fewshot_med.data.local import read_image_folder, read_manifest
+    from fewshot_med.data.npz import read_medmnist_npz
+
+    options = options or LoadOptions()
+    local = dict(
+        image_size=options.image_size,
+        nifti_slice=options.nifti_slice,
+        fractions=options.split_fractions,
+        seed=options.split_seed,
+    )
+    if spec == "demo":
+        from fewshot_med.data.demo import make_demo_dataset
+
+        return make_demo_dataset(image_size=options.image_size)
+    if spec in CATALOG:
+        entry = CATALOG[spec]
+        path = data_root() / entry.relative_path
+        if not path.is_file():
+            raise DataError(
+                f"dataset '{spec}' expects {entry.relative_path} under the data root {data_root()}; "
+                f"set {DATA_ROOT_ENV} to the folder that holds it"
+            )
+        return read_medmnist_npz(path, options.class_names or entry.class_names, name=spec)
+    if spec.startswith("medmnist:"):
+        from fewshot_med.data.medmnist_hub import load_medmnist
+
+        flag, _, size = spec.removeprefix("medmnist:").partition("@")
+        if size and not size.isdigit():
+            raise DataError(f"dataset spec '{spec}': size must be a number, e.g. medmnist:{flag}@64")
+        return load_medmnist(flag, int(size or 28))
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".npz":
+        entry = _catalog_entry_for_file(path)
+        return read_medmnist_npz(path, options.class_names or (entry.class_names if entry else None))
+    if path.suffix.lower() == ".csv":
+        return read_manifest(path, **local)
+    if path.is_dir():
+        return read_image_folder(path, **local)
+    raise DataError(
+        f"dataset '{spec}' not found: give a catalogue name ({', '.join(CATALOG)}), 'demo', "
+        "'medmnist:<name>[@size]', or an existing .npz file, .csv manifest or image folder"
+    )
+
+
+def default_roles(spec: str) -> ClassRoles | None:
+    """The base/novel roles the catalogue defines for a spec, if any."""
+    if spec == "demo":
+        from fewshot_med.data.demo import DEMO_BASE_CLASSES, DEMO_NOVEL_CLASSES
+
+        return ClassRoles(base=DEMO_BASE_CLASSES, novel=DEMO_NOVEL_CLASSES)
+    entry = CATALOG.get(spec) or _catalog_entry_for_file(Path(spec))
+    return entry.roles if entry else None

@@ -1,0 +1,164 @@
+"""Seeded N-way K-shot Q-query episodes, savable to JSON so every method sees identical tasks.
+
+Episode ``i`` of a list drawn with seed ``s`` depends only on ``(s, i)``: a list of 600 episodes
+starts with the same 100 episodes as a list of 100. Indices are rows of the split the episodes were
+drawn from, so any library can rebuild the tasks from the original arrays.
+
+Query cap: every episode holds the same number of queries per class,
+``min(n_query, fewest images of any candidate class - k_shot)``; the list records both the
+requested and the used number. A class with fewer than ``k_shot + 1`` images is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fewshot_med._io import write_text_atomic
+from fewshot_med.data.roles import ClassSubset
+from fewshot_med.errors import DataError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot task.
+
+    Attributes:
+        classes: the ``n_way`` class names; episode label ``i`` means ``classes[i]``.
+        support: per class, the ``k_shot`` split rows of its support images.
+        query: per class, the split rows of its query images.
+    """
+
+    classes: tuple[str, ...]
+    support: tuple[tuple[int, ...], ...]
+    query: tuple[tuple[int, ...], ...]
+
+    def support_rows(self) -> np.ndarray:
+        """``(n_way * k_shot,)`` split rows, class-major."""
+        return np.concatenate([np.asarray(rows, dtype=np.int64) for rows in self.support])
+
+    def support_labels(self) -> np.ndarray:
+        """``(n_way * k_shot,)`` episode labels matching ``support_rows``."""
+        return np.repeat(np.arange(len(self.classes)), [len(rows) for rows in self.support])
+
+    def query_rows(self) -> np.ndarray:
+        """``(n_way * n_query,)`` split rows, class-major."""
+        return np.concatenate([np.asarray(rows, dtype=np.int64) for rows in self.query])
+
+    def query_labels(self) -> np.ndarray:
+        """``(n_way * n_query,)`` episode labels matching ``query_rows``."""
+        return np.repeat(np.arange(len(self.classes)), [len(rows) for rows in self.query])
+
+
+@dataclass(frozen=True)
+class EpisodeList:
+    """Episodes drawn from one split of one dataset, with everything needed to redraw them."""
+
+    dataset_digest: str
+    split: str
+    n_way: int
+    k_shot: int
+    n_query: int
+    n_query_requested: int
+    seed: int
+    episodes: tuple[Episode, ...]
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def save(self, path: str | Path) -> None:
+        """Write the list as JSON (atomically: a crash leaves no partial file)."""
+        payload = {"format_version": FORMAT_VERSION, **asdict(self)}
+        write_text_atomic(Path(path), json.dumps(payload, separators=(",", ":")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> EpisodeList:
+        """Read a list written by ``save``."""
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            if payload.pop("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version is not {FORMAT_VERSION}")
+            episodes = tuple(
+                Episode(
+                    classes=tuple(e["classes"]),
+                    support=tuple(tuple(rows) for rows in e["support"]),
+                    query=tuple(tuple(rows) for rows in e["query"]),
+                )
+                for e in payload.pop("episodes")
+            )
+            return cls(**payload, episodes=episodes)
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such episode file; check the path") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"{path}: not an episode list written by fewshot-med ({error})") from None
+
+    def check_drawn_from(self, pool: ClassSubset) -> None:
+        """Refuse to run these episodes on data other than the data they were drawn from."""
+        if (pool.dataset_digest, pool.split) != (self.dataset_digest, self.split):
+            raise DataError(
+                f"episodes were drawn from the {self.split} split of dataset {self.dataset_digest[:12]}, "
+                f"not from the {pool.split} split of {pool.dataset_digest[:12]}; redraw them for this data"
+            )
+
+
+def sample_episodes(
+    pool: ClassSubset,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    n_episodes: int,
+    seed: int,
+) -> EpisodeList:
+    """Draw episodes from a pool of classes (e.g. the novel classes of the test split).
+
+    Args:
+        pool: candidate images, labelled ``0 … len(pool.class_names) - 1``.
+        n_way: classes per episode (at most the pool's class count).
+        k_shot: support images per class.
+        n_query: requested query images per class (capped, see the module docstring).
+        n_episodes: how many episodes.
+        seed: the list is a pure function of ``(pool, n_way, k_shot, n_query, seed)``.
+
+    Returns:
+        The episodes, rows given in ``pool.split`` coordinates.
+    """
+    n_classes = len(pool.class_names)
+    if not 2 <= n_way <= n_classes:
+        raise DataError(f"n_way={n_way}: must be between 2 and the pool's {n_classes} classes")
+    if k_shot < 1 or n_query < 1 or n_episodes < 1:
+        raise DataError(f"k_shot={k_shot}, n_query={n_query}, n_episodes={n_episodes}: each must be ≥ 1")
+    counts = np.bincount(pool.labels, minlength=n_classes)
+    smallest = int(np.argmin(counts))
+    if counts[smallest] < k_shot + 1:
+        raise DataError(
+            f"class '{pool.class_names[smallest]}' has {counts[smallest]} images in the {pool.split} split; "
+            f"{k_shot}-shot episodes need at least {k_shot + 1} (K support + 1 query): lower k_shot"
+        )
+    n_query_used = min(n_query, int(counts.min()) - k_shot)
+    rows_of_class = [pool.indices[pool.labels == c] for c in range(n_classes)]
+    episodes = []
+    for index in range(n_episodes):
+        rng = np.random.default_rng([seed, index])
+        classes = np.sort(rng.choice(n_classes, size=n_way, replace=False))
+        support, query = [], []
+        for c in classes:
+            drawn = rng.choice(rows_of_class[c], size=k_shot + n_query_used, replace=False)
+            support.append(tuple(int(r) for r in drawn[:k_shot]))
+            query.append(tuple(int(r) for r in drawn[k_shot:]))
+        episodes.append(Episode(tuple(pool.class_names[c] for c in classes), tuple(support), tuple(query)))
+    return EpisodeList(
+        dataset_digest=pool.dataset_digest,
+        split=pool.split,
+        n_way=n_way,
+        k_shot=k_shot,
+        n_query=n_query_used,
+        n_query_requested=n_query,
+        seed=seed,
+        episodes=tuple(episodes),
+    )

@@ -1,0 +1,110 @@
+"""The ``fewshot-med`` command as a user runs it: output, exit status, one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "from fewshot_med.cli import main; main()", *args]
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_only_working_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("datasets", "config", "episodes"):
+        assert command in result.stdout
+
+
+@pytest.mark.real_data
+def test_datasets_info_on_ham10000(shared_data):
+    result = run("datasets", "info", "ham10000")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
+    cells = lambda name: [c.strip() for c in rows[name].split("│")[1:-1]]  # noqa: E731
+    assert cells("akiec") == ["akiec", "novel", "237", "29", "61", "327"]
+    assert cells("nv") == ["nv", "base", "4702", "661", "1342", "6705"]
+    assert cells("vasc") == ["vasc", "novel", "101", "12", "29", "142"]
+    assert "64x64x3" in result.stdout
+
+
+@pytest.mark.real_data
+def test_datasets_info_on_pbc_config(shared_data):
+    result = run("datasets", "info", "configs/pbc.yaml")
+    assert result.returncode == 0, result.stderr
+    basophil = next(line for line in result.stdout.splitlines() if "basophil" in line)
+    assert [c.strip() for c in basophil.split("│")[1:-1]] == [
+        "basophil",
+        "novel",
+        "853",
+        "122",
+        "243",
+        "1218",
+    ]
+
+
+@pytest.mark.real_data
+def test_episodes_command_writes_the_protocol_list(shared_data, tmp_path):
+    out = tmp_path / "ep.json"
+    result = run("episodes", "configs/ham10000.yaml", "--shots", "10", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(out.read_text())
+    assert (payload["n_way"], payload["k_shot"], payload["n_query"]) == (3, 10, 15)
+    assert len(payload["episodes"]) == 600
+
+
+def test_config_command_prints_resolved_roles():
+    result = run("config", "configs/quickstart.yaml", "--set", "episodes.n_query=5")
+    assert result.returncode == 0, result.stderr
+    assert "n_query: 5" in result.stdout and "novel_classes:" in result.stdout
+
+
+def _bad_npz(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.npz"
+    np.savez(path, train_images=np.zeros((2, 4, 4), np.uint8))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (("datasets", "info", "/nonexistent/data.npz"), ["/nonexistent/data.npz", "no such file"]),
+        (("datasets", "info", "nonsense"), ["dataset 'nonsense' not found"]),
+        (("config", "configs/absent.yaml"), ["configs/absent.yaml", "no such config file"]),
+        (("config", "configs/quickstart.yaml", "--set", "data.imagesize=3"), ["data.imagesize: unknown key"]),
+        (("episodes", "configs/quickstart.yaml", "-o", "x.json", "--split", "train"), ["--split train"]),
+    ],
+)
+def test_bad_input_gives_one_line(args, fragments):
+    assert_one_line_error(run(*args), *fragments)
+
+
+def test_bad_npz_and_debug_traceback(tmp_path):
+    path = _bad_npz(tmp_path)
+    assert_one_line_error(run("datasets", "info", str(path)), "bad.npz", "missing key(s)")
+    debug = run("--debug", "datasets", "info", str(path))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "DataError" in debug.stderr
+
+
+def test_too_many_shots_leaves_no_file(tmp_path):
+    out = tmp_path / "ep.json"
+    result = run("episodes", "configs/quickstart.yaml", "--shots", "500", "--out", str(out))
+    assert_one_line_error(result, "500-shot episodes need at least 501")
+    assert not out.exists() and not list(tmp_path.iterdir())
