@@ -127,6 +127,11 @@ class EvaluationConfig(StrictModel):
 
     generalised: bool = Field(True, description="base + novel classification after K-shot adaptation")
     generalised_episodes: PositiveInt = 100
+    generalised_base_shots: PositiveInt | None = Field(
+        None,
+        description="base-class train images per base class in the generalised support set; K if unset "
+        "(a class-balanced task: with many base shots, count-sensitive heads never predict a rare class)",
+    )
     oracle: bool = Field(True, description="classifier trained on all novel train images (upper bound)")
     batch_size: PositiveInt = Field(512, description="images per forward pass when embedding")
 

@@ -1,0 +1,57 @@
+"""Cost of evaluating frozen-feature methods on 600 episodes, against one forward pass over the pool.
+
+Embeddings are computed once per image; each episode then costs tensor indexing, the method and
+the metrics. Run: ``python -m benchmarks.eval_cost [--data ham10000] [--method simpleshot]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fewshot_med.data import default_roles, load_dataset, sample_episodes, select_classes
+from fewshot_med.data.transforms import channel_stats
+from fewshot_med.evaluation import evaluate_frozen
+from fewshot_med.methods import MethodContext, create_method
+from fewshot_med.models import BackboneSpec, create_backbone, embed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default="ham10000")
+    parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--methods", nargs="+", default=["simpleshot", "protonet", "r2d2", "logreg"])
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+
+    dataset = load_dataset(args.data)
+    roles = default_roles(args.data)
+    pool = select_classes(dataset, "test", roles.novel)
+    base = select_classes(dataset, "train", roles.base)
+    mean, std = channel_stats(base.images)
+    spec = BackboneSpec(args.backbone, 3, dataset.image_shape[0], mean, std)
+    backbone = create_backbone(spec.name, 3, spec.image_size).eval()
+    embed(backbone, pool.images[:8], spec, device)  # warm-up
+    start = time.perf_counter()
+    features = embed(backbone, pool.images, spec, device)
+    forward = time.perf_counter() - start
+    episodes = sample_episodes(pool, len(roles.novel), args.shots, 15, args.episodes, seed=0)
+    context = MethodContext(base_feature_mean=features.mean(dim=0))
+    print(f"data={args.data} pool={len(pool)} images, {args.episodes} {args.shots}-shot episodes")
+    print(f"one forward pass over the pool: {forward:.2f} s")
+    for name in args.methods:
+        start = time.perf_counter()
+        evaluate_frozen(lambda name=name: create_method(name, context), features, pool, episodes, label=name)
+        seconds = time.perf_counter() - start
+        ratio = (forward + seconds) / forward
+        print(f"{name:>11}: episodes {seconds:.2f} s; (forward + episodes) / forward = {ratio:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Per-episode metrics, confidence intervals, and runners for few-shot, generalised and oracle results."""
+
+from fewshot_med.evaluation.intervals import mean_ci95, paired_difference_ci95, summarize
+from fewshot_med.evaluation.metrics import (
+    METRICS,
+    accuracy,
+    balanced_accuracy,
+    brier,
+    compute_metrics,
+    ece,
+    macro_auroc,
+    mce,
+    metrics_from_probs,
+    nll,
+    softmax,
+)
+from fewshot_med.evaluation.runner import (
+    GENERALISED_METRICS,
+    EpisodeResults,
+    evaluate_frozen,
+    evaluate_generalised,
+    evaluate_images,
+    evaluate_oracle,
+)
+
+__all__ = [
+    "GENERALISED_METRICS",
+    "METRICS",
+    "EpisodeResults",
+    "accuracy",
+    "balanced_accuracy",
+    "brier",
+    "compute_metrics",
+    "ece",
+    "evaluate_frozen",
+    "evaluate_generalised",
+    "evaluate_images",
+    "evaluate_oracle",
+    "macro_auroc",
+    "mce",
+    "mean_ci95",
+    "metrics_from_probs",
+    "nll",
+    "paired_difference_ci95",
+    "softmax",
+    "summarize",
+]

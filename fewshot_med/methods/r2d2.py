@@ -1,0 +1,50 @@
+"""R2-D2: a closed-form ridge-regression head on frozen features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fewshot_med.methods.base import FewShotMethod, register_method, require_positive
+
+
+@register_method("r2d2")
+class R2D2(FewShotMethod):
+    """Ridge regression onto one-hot targets, solved in closed form in the dual.
+
+    Bertinetto, Henriques, Torr & Vedaldi, "Meta-learning with differentiable closed-form solvers",
+    ICLR 2019. With L2-normalised support features ``X`` ``(n, D)`` and one-hot targets ``Y``
+    ``(n, n_way)``, the ridge weights ``W = (XᵀX + λI)⁻¹ XᵀY`` equal, by the Woodbury identity,
+    ``W = Xᵀ (XXᵀ + λI)⁻¹ Y``: an ``n x n`` system instead of ``D x D``, since ``n ≪ D`` in few-shot
+    tasks. Logits are ``scale · normalise(Q) W``; R2-D2 learns this scale during meta-training, here it
+    is fixed. Solved in float64.
+
+    Shapes: support ``(n_support, D)``, query ``(n_query, D)``, logits ``(n_query, n_way)``.
+
+    Args:
+        lam: the ridge penalty λ.
+        scale: multiplies the regression outputs (about 0 or 1) into logits.
+
+    Attributes:
+        coef_: ``(D, n_way)`` ridge weights ``W``.
+    """
+
+    inputs = "features"
+
+    def __init__(self, lam: float = 1.0, scale: float = 10.0) -> None:
+        self.lam = lam
+        self.scale = scale
+
+    def check_params(self) -> None:
+        require_positive("lam", self.lam)
+        require_positive("scale", self.scale)
+
+    def _fit(self, support: Tensor, labels: Tensor) -> None:
+        x = F.normalize(support.double(), dim=1)
+        targets = F.one_hot(labels, self.n_way_).double()
+        gram = x @ x.T + self.lam * torch.eye(len(x), dtype=x.dtype, device=x.device)
+        self.coef_ = x.T @ torch.linalg.solve(gram, targets)
+
+    def _predict_logits(self, query: Tensor) -> Tensor:
+        return self.scale * F.normalize(query.double().to(self.coef_.device), dim=1) @ self.coef_

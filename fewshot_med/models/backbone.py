@@ -1,0 +1,153 @@
+"""The timm backbone factory: any timm model by name, adapted to small medical images.
+
+A backbone maps ``(N, C, H, W)`` images to ``(N, D)`` pooled features (timm's ``num_classes=0``
+view); ``D`` is ``backbone.num_features``. Heads are separate ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewshot_med.errors import FewshotMedError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild a backbone and feed it images.
+
+    Attributes:
+        name: timm model name, e.g. ``resnet10t``.
+        in_chans: input channels the model takes.
+        image_size: the square image size it was adapted to.
+        mean: per-channel input mean in ``[0, 1]`` units (of the source images' channels).
+        std: per-channel input standard deviation, same units.
+    """
+
+    name: str
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, stored in checkpoints and logged to MLflow."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BackboneSpec:
+        """Inverse of ``to_dict``."""
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+
+def _small_vit_kwargs(image_size: int) -> dict[str, Any]:
+    """ViTs at 28-64 px: patches of 4 (≤ 32 px) or 8 pixels instead of 16."""
+    if image_size > 64:
+        return {}
+    return {"img_size": image_size, "patch_size": 4 if image_size <= 32 else 8}
+
+
+def _adapt_resnet(model: nn.Module, image_size: int) -> None:
+    """Drop the stem max-pool at ≤ 64 px, keeping twice the spatial resolution."""
+    if image_size <= 64:
+        model.maxpool = nn.Identity()
+
+
+def _adapt_efficientnet(model: nn.Module, image_size: int) -> None:
+    """Stem stride 1 at ≤ 32 px, so the last stage is not smaller than 1x1."""
+    if image_size <= 32:
+        model.conv_stem.stride = (1, 1)
+
+
+def _adapt_convnext(model: nn.Module, image_size: int) -> None:
+    """Replace the 4x4/stride-4 patchify stem by 2x2/stride 2 at ≤ 64 px (28 px would vanish)."""
+    if image_size <= 64:
+        stem = model.stem[0]
+        model.stem[0] = nn.Conv2d(stem.in_channels, stem.out_channels, kernel_size=2, stride=2)
+
+
+#: timm module -> (extra ``create_model`` kwargs, in-place adapter) for small inputs.
+SMALL_INPUT_ADAPTERS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[nn.Module, int], None]]] = {
+    "resnet": (lambda size: {}, _adapt_resnet),
+    "efficientnet": (lambda size: {}, _adapt_efficientnet),
+    "convnext": (lambda size: {}, _adapt_convnext),
+    "vision_transformer": (_small_vit_kwargs, lambda model, size: None),
+}
+
+
+def _family(name: str) -> str:
+    """The timm module a model name is defined in (``resnet``, ``convnext``, …), found without building it."""
+    import timm
+
+    if not timm.is_model(name):
+        raise FewshotMedError(
+            f"model.backbone '{name}' is not a timm model; list them with timm.list_models('*resnet*')"
+        )
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+
+def create_backbone(
+    name: str,
+    in_chans: int = 3,
+    image_size: int = 64,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+) -> nn.Module:
+    """Build a timm feature extractor adapted to ``image_size``.
+
+    Args:
+        name: timm model name (``resnet18``, ``resnet10t``, ``efficientnet_b0``, ``convnext_atto``,
+            ``vit_tiny_patch16_224``, …).
+        in_chans: input channels.
+        image_size: input height and width; at ≤ 64 px the stem is adapted (see
+            ``SMALL_INPUT_ADAPTERS``).
+        pretrained: load timm's published weights through its hub (needs network or a warm cache).
+        weights: a local file with a ``state_dict`` (or a fewshot-med checkpoint) to load instead.
+
+    Returns:
+        Module mapping ``(N, in_chans, image_size, image_size)`` to ``(N, num_features)``.
+    """
+    import timm
+
+    create_kwargs, adapt = SMALL_INPUT_ADAPTERS.get(_family(name), (lambda size: {}, None))
+    kwargs = {"num_classes": 0, "in_chans": in_chans, **create_kwargs(image_size)}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as error:
+        if not pretrained:
+            raise
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise FewshotMedError(
+            f"could not fetch timm weights for '{name}'{offline}: {str(error).splitlines()[0]}; "
+            "download them once online into the Hugging Face cache (~/.cache/huggingface), "
+            "or set model.weights to a local file"
+        ) from None
+    if adapt is not None:
+        adapt(model, image_size)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local ``state_dict`` file (or the ``backbone`` entry of a fewshot-med checkpoint)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FewshotMedError(f"{path}: no such weights file; check model.weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise FewshotMedError(f"{path}: not a readable PyTorch weights file ({error})") from None
+    state = state.get("backbone", state) if isinstance(state, dict) else state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FewshotMedError(
+            f"{path}: weights do not fit this backbone ({len(missing)} missing keys, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); check model.backbone"
+        )

@@ -1,0 +1,50 @@
+"""The feature-extractor view: embed images once, reuse the embeddings for every episode."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewshot_med.data.transforms import to_model_input
+from fewshot_med.models.backbone import BackboneSpec
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA (mixed precision); a disabled context elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.inference_mode()
+def embed(
+    backbone: nn.Module,
+    images: np.ndarray,
+    spec: BackboneSpec,
+    device: torch.device,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Compute pooled features for uint8 images, in eval mode, batch by batch.
+
+    Args:
+        backbone: maps ``(B, C, H, W)`` to ``(B, D)``.
+        images: ``(N, H, W, C)`` uint8.
+        spec: input normalisation and channels.
+        device: where the forward passes run.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``(N, D)`` float32 features on the CPU.
+    """
+    was_training = backbone.training
+    backbone.eval().to(device)
+    if device.type == "cuda":
+        backbone.to(memory_format=torch.channels_last)
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = to_model_input(images[start : start + batch_size], spec.mean, spec.std, spec.in_chans, device)
+        with autocast(device):
+            chunks.append(backbone(batch).float().cpu())
+    backbone.train(was_training)
+    if not chunks:
+        return torch.zeros(0, backbone.num_features)
+    return torch.cat(chunks)

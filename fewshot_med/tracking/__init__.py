@@ -1,0 +1,53 @@
+"""MLflow tracking: the only package that imports mlflow (lazily, so importing this one is cheap).
+
+One parent run per pipeline invocation (``pipeline_run``) with a nested run per stage and method
+(``stage_run``); the logging functions write to the current run and do nothing outside a tracked one.
+The default store is ``./mlruns`` (SQLite database and artifacts); see ``tracking_uri``.
+"""
+
+import os
+
+# Hospital networks are often closed: no usage telemetry unless the user turns it on.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from fewshot_med.tracking._store import tracking_uri, ui_command
+from fewshot_med.tracking.models import load_backbone, log_backbone
+from fewshot_med.tracking.runs import (
+    RunHandle,
+    find_stage_run,
+    flatten_params,
+    log_dataset_input,
+    log_dict_artifact,
+    log_file_artifact,
+    log_metrics,
+    log_text_artifact,
+    metric_key,
+    pipeline_run,
+    pipeline_run_id,
+    set_tags,
+    stage_run,
+    store_uri,
+    summary_metrics,
+)
+
+__all__ = [
+    "RunHandle",
+    "find_stage_run",
+    "flatten_params",
+    "load_backbone",
+    "log_backbone",
+    "log_dataset_input",
+    "log_dict_artifact",
+    "log_file_artifact",
+    "log_metrics",
+    "log_text_artifact",
+    "metric_key",
+    "pipeline_run",
+    "pipeline_run_id",
+    "set_tags",
+    "stage_run",
+    "store_uri",
+    "summary_metrics",
+    "tracking_uri",
+    "ui_command",
+]

@@ -1,0 +1,97 @@
+"""Backbones as MLflow PyTorch models: logged with a signature, reloaded as trainable timm modules."""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from fewshot_med.tracking.runs import _target, store_uri
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fewshot_med.config import TrackingConfig
+    from fewshot_med.models import BackboneSpec
+
+#: Key of the ``BackboneSpec`` in the logged model's ``MLmodel`` metadata.
+SPEC_METADATA_KEY = "fewshot_med_backbone_spec"
+#: Batch size of the input example; 2, because ``torch.export`` fixes a batch dimension of size 1.
+_EXAMPLE_BATCH = 2
+
+
+def _pinned(package: str) -> str:
+    """``package==<installed version>`` without a local build label (``+cu124``, ``+cpu``)."""
+    return f"{package}=={metadata.version(package).split('+')[0]}"
+
+
+def log_backbone(backbone: nn.Module, spec: BackboneSpec, name: str = "backbone") -> str | None:
+    """Log ``backbone`` to the current run as an MLflow PyTorch model (``pt2``, ``torch.export``).
+
+    The model maps float32 ``(batch, in_chans, image_size, image_size)`` to ``(batch, num_features)``
+    for any batch; the signature and an input example say so, ``spec`` is stored in the ``MLmodel``
+    metadata, and the requirements are the installed torch and timm (no inference). The caller's
+    module is left as is: a CPU copy in eval mode is exported.
+
+    Returns:
+        The model URI (``models:/<model_id>``) for ``mlflow.pytorch.load_model`` or ``load_backbone``;
+        ``None`` when tracking is off.
+    """
+    if _target() is None:
+        return None
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    model = copy.deepcopy(backbone).to("cpu", memory_format=torch.contiguous_format).eval()
+    example = np.zeros((_EXAMPLE_BATCH, spec.in_chans, spec.image_size, spec.image_size), dtype=np.float32)
+    float32 = np.dtype(np.float32)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(float32, (-1, spec.in_chans, spec.image_size, spec.image_size))]),
+        outputs=Schema([TensorSpec(float32, (-1, model.num_features))]),
+    )
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example,
+        serialization_format="pt2",
+        pip_requirements=[_pinned("torch"), _pinned("timm")],
+        metadata={SPEC_METADATA_KEY: json.loads(json.dumps(spec.to_dict()))},
+        tags={"backbone": spec.name},
+    )
+    return info.model_uri
+
+
+def load_backbone(
+    run_id_or_uri: str, name: str = "backbone", settings: TrackingConfig | None = None
+) -> tuple[nn.Module, BackboneSpec]:
+    """Rebuild a backbone logged by ``log_backbone`` as a trainable timm module.
+
+    Args:
+        run_id_or_uri: a model URI (``models:/…``, ``runs:/<run_id>/<name>``) or the id of the run
+            that logged it.
+        name: the model's name in that run, when a run id is given.
+        settings: the tracking section of a config (which store to read); see ``store_uri``.
+
+    Returns:
+        The backbone (CPU, train mode, weights of the logged model) and its spec.
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow.models import Model
+
+    from fewshot_med.models import BackboneSpec, create_backbone
+
+    uri = run_id_or_uri if ":" in run_id_or_uri else f"runs:/{run_id_or_uri}/{name}"
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-backbone-") as folder:
+        local = mlflow.artifacts.download_artifacts(uri, dst_path=folder, tracking_uri=store_uri(settings))
+        spec = BackboneSpec.from_dict(Model.load(local).metadata[SPEC_METADATA_KEY])
+        exported = mlflow.pytorch.load_model(local, map_location="cpu")
+    backbone = create_backbone(spec.name, in_chans=spec.in_chans, image_size=spec.image_size)
+    backbone.load_state_dict(exported.state_dict())
+    return backbone, spec

@@ -1,0 +1,405 @@
+"""Runs and what they hold: one parent run per pipeline, a nested run per stage or method.
+
+Everything logs to the *current* run (the innermost ``pipeline_run``/``stage_run`` of this thread or
+task), or to an explicit ``run_id``. Outside a tracked run every function here does nothing, so
+pipelines call them unconditionally and ``enabled=False`` switches tracking off as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from fewshot_med.tracking._store import experiment_id, prepare_store, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.data.dataset_source import DatasetSource
+
+    from fewshot_med.config import Config, TrackingConfig
+    from fewshot_med.data import MedicalImageDataset
+
+#: Distributions whose versions tag every pipeline run (``version.<name>``).
+VERSIONED_PACKAGES = ("fewshot-med", "torch", "timm", "monai", "mlflow")
+#: Leading hex characters of our SHA-256 dataset digest kept as the MLflow dataset digest (max 36).
+DIGEST_CHARS = 32
+_MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value
+_MAX_ERROR_CHARS = 1000
+_TRUNCATED = "…[truncated]"
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """A run as the pipeline sees it; ``run_id`` is ``None`` when tracking is off."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+
+
+_current: ContextVar[RunHandle | None] = ContextVar("fewshot_med_current_run", default=None)
+_pipeline: ContextVar[RunHandle | None] = ContextVar("fewshot_med_pipeline_run", default=None)
+
+
+def _target(run_id: str | None = None) -> str | None:
+    """The run to log to (``run_id``, else the current run), or ``None`` when tracking is off."""
+    current = _current.get()
+    if current is None or current.run_id is None:
+        return None
+    return run_id or current.run_id
+
+
+@contextmanager
+def _activate(handle: RunHandle, pipeline: bool) -> Iterator[RunHandle]:
+    """Make ``handle`` the current run; end it FINISHED, FAILED (exception) or KILLED (Ctrl-C)."""
+    tokens = [(_current, _current.set(handle))]
+    if pipeline:
+        tokens.append((_pipeline, _pipeline.set(handle)))
+    status = "FAILED"
+    try:
+        yield handle
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as error:
+        with suppress(Exception):  # a tracking failure must not hide the error itself
+            set_tags({"error": f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]})
+        raise
+    finally:
+        for variable, token in reversed(tokens):
+            variable.reset(token)
+        if handle.run_id is not None:
+            import mlflow
+
+            mlflow.end_run(status)
+
+
+@contextmanager
+def pipeline_run(
+    config: Config,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    enabled: bool = True,
+) -> Iterator[RunHandle]:
+    """Open the parent run of one pipeline invocation.
+
+    Sets the tracking URI (see ``tracking_uri``) and the experiment (``tracking.experiment``, else the
+    config name), then logs the config as dotted params and as ``config.yaml``, and tags the run with
+    the git commit, package versions, seed, backbone and data source.
+
+    Args:
+        config: the validated pipeline config.
+        run_name: MLflow run name; MLflow picks one when ``None``.
+        tags: extra run tags.
+        enabled: ``False`` (or ``config.tracking.enabled`` false) makes the run and everything
+            logged inside it a no-op.
+
+    Yields:
+        The run's handle (``run_id`` ``None`` when disabled). An exception ends the run FAILED,
+        ``KeyboardInterrupt`` KILLED.
+    """
+    if not (enabled and config.tracking.enabled):
+        with _activate(RunHandle(), pipeline=True) as handle:
+            yield handle
+        return
+    import mlflow
+
+    uri = tracking_uri(config.tracking)
+    prepare_store(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = experiment_id(mlflow.MlflowClient(uri), config.tracking.experiment or config.name, uri)
+    run = mlflow.start_run(
+        experiment_id=experiment,
+        run_name=run_name,
+        nested=True,
+        tags={**_context_tags(config), **(tags or {})},
+    )
+    with _activate(RunHandle(run.info.run_id, experiment), pipeline=True) as handle:
+        resolved = config.model_dump(mode="json")
+        mlflow.log_params(flatten_params(resolved), run_id=handle.run_id)
+        mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "config.yaml", run_id=handle.run_id)
+        yield handle
+
+
+@contextmanager
+def stage_run(
+    name: str, tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None
+) -> Iterator[RunHandle]:
+    """Open a run nested in the current one, tagged ``stage=<name>``; a no-op outside a tracked run.
+
+    Args:
+        name: stage or method name (run name and ``stage`` tag; ``find_stage_run`` looks it up).
+        tags: extra run tags (e.g. ``{"method": "simpleshot"}``).
+        params: stage settings, logged flattened like the config (e.g. ``config.pretrain.model_dump()``).
+
+    Yields:
+        The nested run's handle. An exception ends it FAILED, ``KeyboardInterrupt`` KILLED; either
+        propagates to the enclosing runs.
+    """
+    parent = _current.get()
+    if parent is None or parent.run_id is None:
+        yield RunHandle()
+        return
+    import mlflow
+
+    run = mlflow.start_run(
+        experiment_id=parent.experiment_id,
+        run_name=name,
+        nested=True,
+        parent_run_id=parent.run_id,
+        tags={"stage": name, **(tags or {})},
+    )
+    with _activate(RunHandle(run.info.run_id, parent.experiment_id), pipeline=False) as handle:
+        if params:
+            mlflow.log_params(flatten_params(dict(params)), run_id=handle.run_id)
+        yield handle
+
+
+def pipeline_run_id() -> str | None:
+    """The id of the enclosing ``pipeline_run``; ``None`` when tracking is off."""
+    handle = _pipeline.get()
+    return handle.run_id if handle else None
+
+
+def store_uri(settings: TrackingConfig | None = None) -> str:
+    """The store to read from: ``settings``' URI; without settings, the current run's, else the default."""
+    if settings is None and _target() is not None:
+        import mlflow
+
+        return mlflow.get_tracking_uri()
+    return tracking_uri(settings)
+
+
+def find_stage_run(parent_run_id: str, stage: str, settings: TrackingConfig | None = None) -> str | None:
+    """The latest FINISHED run of ``stage`` nested directly in ``parent_run_id``, or ``None``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store_uri(settings))
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str | None = None) -> None:
+    """Log metrics in one batched call; ``None`` values are skipped, NaN is recorded as NaN.
+
+    Keys are sanitised to MLflow's alphabet (other characters become ``_``); values may be Python,
+    NumPy or one-element torch numbers. Fits the training loops' ``log_metrics(metrics, step)`` callback.
+    """
+    target = _target(run_id)
+    values = {metric_key(key): float(value) for key, value in metrics.items() if value is not None}
+    if target is None or not values:
+        return
+    import mlflow
+
+    mlflow.log_metrics(values, step=step, run_id=target)
+
+
+def metric_key(*parts: object) -> str:
+    """A metric name from parts joined by dots, e.g. ``("test", "5shot", "protonet", "accuracy")``."""
+    return re.sub(r"[^/\w.\- ]", "_", ".".join(str(part) for part in parts))
+
+
+def summary_metrics(summary: Mapping[str, tuple[float, float]], *prefix: object) -> dict[str, float]:
+    """``{metric: (mean, ci95)}`` as ``{<prefix>.<metric>: mean, <prefix>.<metric>_ci95: ci95}``."""
+    metrics: dict[str, float] = {}
+    for name, (mean, ci95) in summary.items():
+        metrics[metric_key(*prefix, name)] = mean
+        metrics[metric_key(*prefix, f"{name}_ci95")] = ci95
+    return metrics
+
+
+def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Set run tags (values become strings)."""
+    target = _target(run_id)
+    if target is None or not tags:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(target, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def log_dict_artifact(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
+    """Log a JSON (or ``.yaml``/``.yml``) artifact.
+
+    NumPy and torch values, tuples and dataclasses (e.g. an ``EpisodeList``) are converted; NaN and
+    infinities become ``null`` so the file stays valid JSON.
+    """
+    target = _target(run_id)
+    if target is None:
+        return
+    import mlflow
+
+    plain = _plain(obj)
+    if artifact_file.endswith((".yaml", ".yml")):
+        text = yaml.safe_dump(plain, sort_keys=False)
+    else:
+        text = json.dumps(plain, indent=1, allow_nan=False)
+    mlflow.log_text(text, artifact_file, run_id=target)
+
+
+def log_text_artifact(text: str, artifact_file: str, run_id: str | None = None) -> None:
+    """Log text (markdown, CSV, …) as an artifact file of the run."""
+    target = _target(run_id)
+    if target is None:
+        return
+    import mlflow
+
+    mlflow.log_text(text, artifact_file, run_id=target)
+
+
+def log_file_artifact(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+    """Log a local file (or a folder's contents) under ``artifact_path`` of the run."""
+    target = _target(run_id)
+    if target is None:
+        return
+    import mlflow
+
+    if Path(path).is_dir():
+        mlflow.log_artifacts(str(path), artifact_path, run_id=target)
+    else:
+        mlflow.log_artifact(str(path), artifact_path, run_id=target)
+
+
+def log_dataset_input(
+    dataset: MedicalImageDataset,
+    context: str,
+    split: str,
+    classes: Sequence[str] | None = None,
+    run_id: str | None = None,
+) -> None:
+    """Record one split of ``dataset`` as an ``mlflow.data`` input of the run (lineage).
+
+    The MLflow dataset is named ``<dataset>.<split>``, carries the leading ``DIGEST_CHARS`` characters of
+    our content digest (MLflow allows 36), the source (a local file/folder, an URL, or the generator
+    spec) and the split's image/label schema. The full digest is also tagged ``data.digest`` on the run
+    and on the pipeline run.
+
+    Args:
+        dataset: the loaded dataset.
+        context: what the run does with it, e.g. ``training``, ``validation``, ``evaluation``.
+        split: ``train``, ``val`` or ``test``.
+        classes: the classes of the split actually used (input tag), when not all of them.
+        run_id: log to this run instead of the current one.
+    """
+    target = _target(run_id)
+    if target is None:
+        return
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    part = dataset.splits[split]
+    logged = mlflow.data.from_numpy(
+        features=part.images,
+        targets=part.labels,
+        source=_dataset_source(dataset.source),
+        name=f"{dataset.name}.{split}",
+        digest=dataset.digest[:DIGEST_CHARS],
+    )
+    input_tags = {MLFLOW_DATASET_CONTEXT: context, "split": split}
+    if classes is not None:
+        input_tags["classes"] = json.dumps(list(classes))
+    entity = DatasetInput(logged._to_mlflow_entity(), [InputTag(k, v) for k, v in input_tags.items()])
+    mlflow.MlflowClient().log_inputs(target, datasets=[entity])
+    data_tags = {"data.digest": dataset.digest, "data.name": dataset.name}
+    for run in {target, pipeline_run_id() or target}:
+        set_tags(data_tags, run_id=run)
+
+
+def _dataset_source(source: str) -> DatasetSource:
+    """An MLflow dataset source: a URL, an existing local path, or else the spec string as code."""
+    from mlflow.data.sources import CodeDatasetSource, HTTPDatasetSource, LocalArtifactDatasetSource
+
+    if source.startswith(("http://", "https://")):
+        return HTTPDatasetSource(source)
+    if Path(source).exists():
+        return LocalArtifactDatasetSource(Path(source).resolve().as_posix())
+    return CodeDatasetSource({"fewshot_med.source": source})
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings as ``{"a.b.c": value}``: strings as is, other values as JSON, long ones truncated."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(_plain(value))
+        if len(text) > _MAX_PARAM_CHARS:
+            text = text[: _MAX_PARAM_CHARS - len(_TRUNCATED)] + _TRUNCATED
+        flat[name] = text
+    return flat
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready builtins: dataclasses, NumPy/torch values and tuples converted, non-finite floats None."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(key): _plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(value) for value in obj]
+    if hasattr(obj, "tolist"):  # NumPy arrays and scalars, torch tensors
+        return _plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _context_tags(config: Config) -> dict[str, str]:
+    """Tags that make a run reproducible: code version, package versions, seed, backbone, data source."""
+    tags = {
+        "seed": str(config.seed),
+        "backbone": config.model.backbone,
+        "data.source": config.data.source,
+        **_git_tags(),
+    }
+    for package in VERSIONED_PACKAGES:
+        try:
+            tags[f"version.{package.replace('-', '_')}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"version.{package.replace('-', '_')}"] = "not installed"
+    return tags
+
+
+def _git_tags() -> dict[str, str]:
+    """``git_commit`` (and ``git_dirty``) of the checkout holding this package; ``unknown`` outside one."""
+    package_dir = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": "unknown"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}

@@ -1,0 +1,102 @@
+"""The transfer pipeline: pretrain on common diseases, meta-learn or fine-tune for rare ones, evaluate.
+
+    data -> pretrain (base classes) -> meta-train (optional) -> evaluate (novel classes, fixed episodes)
+
+One MLflow parent run per call, with a nested run per stage and per method. The stage commands of
+the CLI call ``run_stages`` with a subset of the stages and, optionally, an earlier run's backbone.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from fewshot_med import tracking
+from fewshot_med.config import Config
+from fewshot_med.data import load_dataset
+from fewshot_med.errors import FewshotMedError
+from fewshot_med.runtime import resolve_device, seed_everything
+from pipelines.stages import (
+    Data,
+    EvaluationReport,
+    backbone_from_run,
+    evaluate_stage,
+    meta_train_stage,
+    pretrain_stage,
+)
+
+STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
+
+
+@dataclass
+class PipelineOutcome:
+    """What a pipeline call produced: MLflow run id (``None`` untracked), report, wall seconds per stage."""
+
+    run_id: str | None
+    report: EvaluationReport | None
+    seconds: dict[str, float]
+
+
+def load_data(config: Config) -> Data:
+    """The config's dataset with its class roles, checked against each other."""
+    dataset = load_dataset(config.data.source, config.data.load_options())
+    roles = config.roles()
+    roles.check(dataset.class_names, f"config '{config.name}' data")
+    return Data(dataset, roles)
+
+
+def run_stages(
+    config: Config,
+    stages: Sequence[str] = STAGES,
+    from_run: str | None = None,
+    resume: bool = False,
+) -> PipelineOutcome:
+    """Run some or all stages in order under one MLflow parent run.
+
+    Args:
+        config: the validated config.
+        stages: which of ``pretrain``, ``meta_train``, ``evaluate`` to run; ``meta_train`` runs only
+            when ``config.meta_train.enabled`` or when it is asked for alone.
+        from_run: an earlier MLflow run whose backbone the stages start from (instead of pretraining).
+        resume: continue interrupted training from the stage's checkpoint.
+    """
+    if from_run is None and "pretrain" not in stages:
+        raise FewshotMedError(
+            f"stages {list(stages)} need a backbone: pass the run id of an earlier run (--from)"
+        )
+    device = resolve_device(config.runtime.device)
+    if config.runtime.num_threads:
+        torch.set_num_threads(config.runtime.num_threads)
+    seed_everything(config.seed)
+    data = load_data(config)
+    tags = {"stages": ",".join(stages), **({"from_run": from_run} if from_run else {})}
+    seconds: dict[str, float] = {}
+    with tracking.pipeline_run(config, run_name=config.name, tags=tags) as run:
+        if from_run is not None:
+            backbone, spec = backbone_from_run(from_run, config)
+        if "pretrain" in stages:
+            with _timed("pretrain", seconds):
+                backbone, spec = pretrain_stage(config, data, device, resume)
+        if "meta_train" in stages and (config.meta_train.enabled or list(stages) == ["meta_train"]):
+            with _timed("meta_train", seconds):
+                backbone = meta_train_stage(config, data, backbone, spec, device, resume)
+        report = None
+        if "evaluate" in stages:
+            with _timed("evaluate", seconds):
+                report = evaluate_stage(config, data, backbone, spec, device)
+        tracking.log_metrics({f"time.{stage}_seconds": value for stage, value in seconds.items()})
+    return PipelineOutcome(run.run_id, report, seconds)
+
+
+@contextmanager
+def _timed(stage: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Record a stage's wall time in ``seconds`` and say it on stderr."""
+    start = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - start
+    print(f"{stage} finished in {seconds[stage]:.1f} s", file=sys.stderr)
