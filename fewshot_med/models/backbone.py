@@ -145,7 +145,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     except Exception as error:
         raise FewshotMedError(f"{path}: not a readable PyTorch weights file ({error})") from None
     state = state.get("backbone", state) if isinstance(state, dict) else state
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same keys, other shapes
+        detail = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        message = f"{path}: weights do not fit this backbone ({detail}); check model.backbone"
+        raise FewshotMedError(message) from None
     if missing or unexpected:
         raise FewshotMedError(
             f"{path}: weights do not fit this backbone ({len(missing)} missing keys, e.g. "
