@@ -54,8 +54,12 @@ def _small_vit_kwargs(image_size: int) -> dict[str, Any]:
 
 
 def _adapt_resnet(model: nn.Module, image_size: int) -> None:
-    """Drop the stem max-pool at ≤ 64 px, keeping twice the spatial resolution."""
-    if image_size <= 64:
+    """Drop the stem max-pool at ≤ 32 px, keeping twice the spatial resolution.
+
+    At 64 px the stock stem is kept: without the pool every layer costs 4x (measured on 2 CPU cores,
+    resnet10t at 64 px trains at ~4x fewer images/s), which the base-class accuracy does not repay.
+    """
+    if image_size <= 32:
         model.maxpool = nn.Identity()
 
 

@@ -56,6 +56,7 @@ from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation.intervals import mean_ci95
 from fewshot_med.models import BackboneSpec, autocast, embed, load_checkpoint, save_checkpoint
+from fewshot_med.training._resume import check_resumable, cpu_copy, set_torch_rng_states, torch_rng_states
 
 CHECKPOINT_KIND = "fewshot_med.meta_train"
 CHECKPOINT_VERSION = 1
@@ -383,7 +384,7 @@ def meta_train(
         history.append(record)
         if record["val_accuracy"] > best["metric"]:
             best = {"episode": int(record["episode"]), "metric": record["val_accuracy"]}
-            best["backbone"] = _cpu_copy(backbone.state_dict())
+            best["backbone"] = cpu_copy(backbone.state_dict())
         if checkpoint_path is not None:
             save_checkpoint(
                 checkpoint_path,
@@ -393,9 +394,9 @@ def meta_train(
                     "identity": identity,
                     "spec": spec.to_dict(),
                     "backbone": best["backbone"],  # best weights, so backbone_from_state() reads them
-                    "current": _cpu_copy(backbone.state_dict()),
+                    "current": cpu_copy(backbone.state_dict()),
                     "optimizer": optimizer.state_dict(),
-                    "rng": _rng_states(augment_generator, device),
+                    "rng": torch_rng_states(augment_generator, device),
                     "episode": int(record["episode"]),
                     "history": history,
                     "best_episode": best["episode"],
@@ -410,10 +411,12 @@ def meta_train(
     start = 0
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
-        _check_resumable(state, identity, checkpoint_path)
+        check_resumable(
+            state, identity, checkpoint_path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "meta-training"
+        )
         backbone.load_state_dict(state["current"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_states(state["rng"], augment_generator, device)
+        set_torch_rng_states(state["rng"], augment_generator, device)
         history.extend(state["history"])
         best = {"episode": state["best_episode"], "metric": state["best_val_accuracy"]}
         best["backbone"] = state["backbone"]
@@ -572,49 +575,3 @@ def _run_identity(
         "settings": recipe,
         "seed": seed,
     }
-
-
-def _check_resumable(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
-    """Raise ``FewshotMedError`` naming the first difference between a checkpoint and this run."""
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        raise FewshotMedError(f"{path}: not a meta-training checkpoint; delete it or choose another path")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise FewshotMedError(
-            f"{path}: meta-training checkpoint format {state.get('version')} is not {CHECKPOINT_VERSION}; "
-            "delete it and rerun"
-        )
-    saved = state["identity"]
-    for section in ("spec", "data", "settings"):
-        for key in identity[section].keys() | saved[section].keys():
-            mine, theirs = identity[section].get(key), saved[section].get(key)
-            if mine != theirs:
-                raise FewshotMedError(
-                    f"{path}: checkpoint was written for {section} {key}={theirs!r}, this run has {mine!r}; "
-                    "delete the checkpoint or resume with the original settings"
-                )
-    if saved["seed"] != identity["seed"]:
-        raise FewshotMedError(
-            f"{path}: checkpoint was written with seed {saved['seed']}, this run has seed "
-            f"{identity['seed']}; delete the checkpoint or resume with the original seed"
-        )
-
-
-def _cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A CPU copy of a state dict that later training steps cannot change."""
-    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
-
-
-def _rng_states(augment_generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random state the loop reads: torch CPU (and CUDA) and the augmentation generator."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "augment": augment_generator.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def _set_rng_states(states: dict[str, Any], augment_generator: torch.Generator, device: torch.device) -> None:
-    """Inverse of ``_rng_states``."""
-    torch.set_rng_state(states["torch"])
-    augment_generator.set_state(states["augment"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)

@@ -34,6 +34,7 @@ from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, autocast, load_checkpoint, save_checkpoint
+from fewshot_med.training._resume import check_resumable, cpu_copy, set_torch_rng_states, torch_rng_states
 
 CHECKPOINT_KIND = "fewshot_med.pretrain"
 CHECKPOINT_VERSION = 1
@@ -201,7 +202,7 @@ def pretrain(
     bad_epochs, start_epoch, finished, stopped_early = 0, 0, False, False
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
-        _check_resumable(state, identity, checkpoint_path)
+        check_resumable(state, identity, checkpoint_path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "pretraining")
         backbone.load_state_dict(state["current"]["backbone"])
         head.load_state_dict(state["current"]["head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -269,8 +270,8 @@ def pretrain(
             best = {
                 "epoch": epoch + 1,
                 "metric": record["val_balanced_accuracy"],
-                "backbone": _cpu_copy(backbone.state_dict()),
-                "head": _cpu_copy(head.state_dict()),
+                "backbone": cpu_copy(backbone.state_dict()),
+                "head": cpu_copy(head.state_dict()),
             }
             bad_epochs = 0
         else:
@@ -290,8 +291,8 @@ def pretrain(
                     "head": best["head"],
                     "class_names": list(train.class_names),
                     "current": {
-                        "backbone": _cpu_copy(backbone.state_dict()),
-                        "head": _cpu_copy(head.state_dict()),
+                        "backbone": cpu_copy(backbone.state_dict()),
+                        "head": cpu_copy(head.state_dict()),
                     },
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -406,32 +407,6 @@ def _run_identity(
     }
 
 
-def _check_resumable(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
-    """Raise ``FewshotMedError`` naming the first difference between a checkpoint and this run."""
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        raise FewshotMedError(f"{path}: not a pretraining checkpoint; delete it or choose another path")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise FewshotMedError(
-            f"{path}: pretraining checkpoint format {state.get('version')} is not {CHECKPOINT_VERSION}; "
-            "delete it and rerun"
-        )
-    saved = state["identity"]
-    for section in ("spec", "data", "settings"):
-        for key in identity[section].keys() | saved[section].keys():
-            mine, theirs = identity[section].get(key), saved[section].get(key)
-            if mine != theirs:
-                raise FewshotMedError(
-                    f"{path}: checkpoint was written for {section} {key}={theirs!r}, this run has {mine!r}; "
-                    "delete the checkpoint or resume with the original settings"
-                )
-    if saved["seed"] != identity["seed"]:
-        raise FewshotMedError(
-            f"{path}: checkpoint was written with seed {saved['seed']}, "
-            f"this run has seed {identity['seed']}; "
-            "delete the checkpoint or resume with the original seed"
-        )
-
-
 def _memory_format(device: torch.device) -> torch.memory_format:
     """channels_last where convolutions run faster in it (CUDA, CPU); contiguous elsewhere (MPS)."""
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
@@ -445,23 +420,11 @@ def _make_optimizer(modules: list[nn.Module], settings: PretrainConfig) -> torch
     return torch.optim.AdamW(groups, lr=settings.lr)
 
 
-def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CPU copy of a state dict that later training steps cannot change."""
-    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
-
-
 def _rng_states(
     sampler: np.random.Generator, augment_generator: torch.Generator, device: torch.device
 ) -> dict[str, Any]:
-    """Every random state the loop reads: torch CPU (and CUDA), the sampler, the augmentation generator."""
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy_sampler": sampler.bit_generator.state,
-        "augment": augment_generator.get_state(),
-    }
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
+    """Every random state the loop reads: torch's, the augmentation generator's and the sampler's."""
+    return {**torch_rng_states(augment_generator, device), "numpy_sampler": sampler.bit_generator.state}
 
 
 def _set_rng_states(
@@ -471,8 +434,5 @@ def _set_rng_states(
     device: torch.device,
 ) -> None:
     """Inverse of ``_rng_states``."""
-    torch.set_rng_state(states["torch"])
+    set_torch_rng_states(states, augment_generator, device)
     sampler.bit_generator.state = states["numpy_sampler"]
-    augment_generator.set_state(states["augment"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)

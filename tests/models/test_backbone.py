@@ -24,7 +24,7 @@ def test_small_inputs_give_pooled_features(name, size):
 
 
 def test_resnet_stem_keeps_resolution_at_small_sizes():
-    small, large = create_backbone("resnet18", image_size=64), create_backbone("resnet18", image_size=224)
+    small, large = create_backbone("resnet18", image_size=32), create_backbone("resnet18", image_size=64)
     assert isinstance(small.maxpool, torch.nn.Identity)
     assert not isinstance(large.maxpool, torch.nn.Identity)
 
