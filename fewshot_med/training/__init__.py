@@ -1,5 +1,1 @@
-"""Training loops: supervised base-class pretraining (and episodic meta-training)."""
-
-from fewshot_med.training.pretrain import PretrainResult, epoch_indices, pretrain
-
-__all__ = ["PretrainResult", "epoch_indices", "pretrain"]
+"""Training loops: supervised base-class pretraining (pretrain.py) and episodic meta-training (meta.py)."""

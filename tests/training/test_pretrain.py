@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 from pathlib import Path
 
@@ -17,15 +16,14 @@ from fewshot_med.data.roles import ClassSubset, select_classes
 from fewshot_med.data.transforms import channel_stats
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, backbone_from_state, create_backbone, embed, load_checkpoint
-from fewshot_med.training import PretrainResult, epoch_indices, pretrain
-
-# ``fewshot_med.training.pretrain`` as an attribute is the exported function, so import the module by name
-pretrain_module = importlib.import_module("fewshot_med.training.pretrain")
+from fewshot_med.training import pretrain as pretrain_module
+from fewshot_med.training.pretrain import PretrainResult, epoch_indices, pretrain
 
 CPU = torch.device("cpu")
 SIZE = 16
-#: measured 0.58-0.62 val balanced accuracy after 6 epochs (seeds 0, 1); chance is 0.2
-LEARNED_BALANCED_ACCURACY = 0.4
+#: no augmentation, so that a few epochs learn: best val balanced accuracy 0.63-0.65 measured (seeds 0, 1)
+LEARNING = PretrainConfig(epochs=5, batch_size=32, lr=3e-3, warmup_epochs=0, augment=False)
+LEARNED_BALANCED_ACCURACY = 0.4  # chance is 0.2
 TIMING_KEYS = {"images_per_second", "epoch_seconds"}
 
 
@@ -52,7 +50,6 @@ def quick(**changes: object) -> PretrainConfig:
 @pytest.fixture(scope="module")
 def learned(data, tmp_path_factory) -> tuple[PretrainResult, list[tuple[dict[str, float], int]], Path]:
     train, val, spec = data
-    settings = PretrainConfig(epochs=6, batch_size=32, lr=3e-3, warmup_epochs=0, augment=False)
     calls: list[tuple[dict[str, float], int]] = []
     path = tmp_path_factory.mktemp("pretrain") / "pretrain.pt"
     result = pretrain(
@@ -60,7 +57,7 @@ def learned(data, tmp_path_factory) -> tuple[PretrainResult, list[tuple[dict[str
         spec,
         train,
         val,
-        settings,
+        LEARNING,
         CPU,
         checkpoint_path=path,
         log_metrics=lambda metrics, step: calls.append((metrics, step)),
@@ -71,7 +68,7 @@ def learned(data, tmp_path_factory) -> tuple[PretrainResult, list[tuple[dict[str
 def test_training_learns_the_base_classes(learned, data):
     result, _, _ = learned
     _, val, spec = data
-    assert len(result.history) == 6 and not result.stopped_early
+    assert len(result.history) == 5 and not result.stopped_early
     assert result.best_val_balanced_accuracy > LEARNED_BALANCED_ACCURACY
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.best_val_balanced_accuracy == max(h["val_balanced_accuracy"] for h in result.history)
@@ -87,7 +84,7 @@ def test_training_learns_the_base_classes(learned, data):
 
 def test_log_metrics_gets_prefixed_keys_once_per_epoch(learned):
     result, calls, _ = learned
-    assert [step for _, step in calls] == [1, 2, 3, 4, 5, 6]
+    assert [step for _, step in calls] == [1, 2, 3, 4, 5]
     expected = {
         f"pretrain.{key}"
         for key in (
@@ -112,14 +109,13 @@ def test_log_metrics_gets_prefixed_keys_once_per_epoch(learned):
 def test_finished_checkpoint_is_returned_without_training(learned, data):
     result, _, path = learned
     train, val, spec = data
-    settings = PretrainConfig(epochs=6, batch_size=32, lr=3e-3, warmup_epochs=0, augment=False)
     calls = []
     again = pretrain(
         create_backbone("resnet10t", image_size=SIZE),
         spec,
         train,
         val,
-        settings,
+        LEARNING,
         CPU,
         checkpoint_path=path,
         resume=True,
