@@ -6,8 +6,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
+from fewshot_med.data.roles import ClassSubset
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.models import BackboneSpec
+
+#: settings that do not change the training trajectory, so a resumed run may differ in them
+RESUME_IRRELEVANT_SETTINGS = ("enabled",)
+
+
+def run_identity(
+    spec: BackboneSpec, train: ClassSubset, val: ClassSubset, settings: BaseModel, seed: int
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: spec, data, trajectory-relevant settings and seed."""
+    recipe = {k: v for k, v in settings.model_dump().items() if k not in RESUME_IRRELEVANT_SETTINGS}
+    return {
+        "spec": spec.to_dict(),
+        "data": {
+            "dataset_digest": train.dataset_digest,
+            "train_classes": list(train.class_names),
+            "val_classes": list(val.class_names),
+            "n_train": len(train),
+            "n_val": len(val),
+        },
+        "settings": recipe,
+        "seed": seed,
+    }
 
 
 def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,14 +56,19 @@ from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation.intervals import mean_ci95
 from fewshot_med.models import BackboneSpec, autocast, embed, load_checkpoint, save_checkpoint
-from fewshot_med.training._resume import check_resumable, cpu_copy, set_torch_rng_states, torch_rng_states
+from fewshot_med.training._resume import (
+    check_resumable,
+    cpu_copy,
+    run_identity,
+    set_torch_rng_states,
+    torch_rng_states,
+)
 
 CHECKPOINT_KIND = "fewshot_med.meta_train"
 CHECKPOINT_VERSION = 1
 #: novel-class val episodes scored at every validation
 VAL_EPISODES = 100
 #: settings that do not change the training trajectory, so a resumed run may differ in them
-_RESUME_IRRELEVANT_SETTINGS = ("enabled",)
 
 
 @dataclass(frozen=True)
@@ -350,7 +355,7 @@ def meta_train(
     """
     algorithm = ALGORITHMS[settings.algorithm]
     n_way = _check_inputs(backbone, train_pool, val_pool, settings)
-    identity = _run_identity(spec, train_pool, val_pool, settings, seed)
+    identity = run_identity(spec, train_pool, val_pool, settings, seed)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     if resume and checkpoint_path is None:
         raise FewshotMedError("meta_train: resume=True needs a checkpoint_path to resume from")
@@ -556,22 +561,3 @@ def _check_inputs(
             f"meta_train: validation needs at least 2 novel classes, got {list(val_pool.class_names)}"
         )
     return n_way
-
-
-def _run_identity(
-    spec: BackboneSpec, train_pool: ClassSubset, val_pool: ClassSubset, settings: MetaTrainConfig, seed: int
-) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: spec, data, trajectory-relevant settings and seed."""
-    recipe = {k: v for k, v in settings.model_dump().items() if k not in _RESUME_IRRELEVANT_SETTINGS}
-    return {
-        "spec": spec.to_dict(),
-        "data": {
-            "dataset_digest": train_pool.dataset_digest,
-            "train_classes": list(train_pool.class_names),
-            "val_classes": list(val_pool.class_names),
-            "n_train": len(train_pool),
-            "n_val": len(val_pool),
-        },
-        "settings": recipe,
-        "seed": seed,
-    }

@@ -34,12 +34,17 @@ from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, autocast, load_checkpoint, save_checkpoint
-from fewshot_med.training._resume import check_resumable, cpu_copy, set_torch_rng_states, torch_rng_states
+from fewshot_med.training._resume import (
+    check_resumable,
+    cpu_copy,
+    run_identity,
+    set_torch_rng_states,
+    torch_rng_states,
+)
 
 CHECKPOINT_KIND = "fewshot_med.pretrain"
 CHECKPOINT_VERSION = 1
 #: settings that do not change the training trajectory, so a resumed run may differ in them
-_RESUME_IRRELEVANT_SETTINGS = ("enabled",)
 
 
 @dataclass
@@ -174,7 +179,7 @@ def pretrain(
     """
     n_classes = len(train.class_names)
     _check_inputs(backbone, train, val)
-    identity = _run_identity(spec, train, val, settings, seed)
+    identity = run_identity(spec, train, val, settings, seed)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     if resume and checkpoint_path is None:
         raise FewshotMedError("pretrain: resume=True needs a checkpoint_path to resume from")
@@ -387,24 +392,6 @@ def _check_inputs(backbone: nn.Module, train: ClassSubset, val: ClassSubset) -> 
             f"pretrain: train classes {list(train.class_names)} and val classes {list(val.class_names)} "
             "differ; select the same base classes from both splits"
         )
-
-
-def _run_identity(
-    spec: BackboneSpec, train: ClassSubset, val: ClassSubset, settings: PretrainConfig, seed: int
-) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: spec, data, trajectory-relevant settings and seed."""
-    recipe = {k: v for k, v in settings.model_dump().items() if k not in _RESUME_IRRELEVANT_SETTINGS}
-    return {
-        "spec": spec.to_dict(),
-        "data": {
-            "dataset_digest": train.dataset_digest,
-            "class_names": list(train.class_names),
-            "n_train": len(train),
-            "n_val": len(val),
-        },
-        "settings": recipe,
-        "seed": seed,
-    }
 
 
 def _memory_format(device: torch.device) -> torch.memory_format:
