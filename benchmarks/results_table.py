@@ -33,18 +33,32 @@ def section(run_id: str) -> tuple[str, str]:
     )
     pretrain = tracking.find_stage_run(run_id, "pretrain")
     pretrain_metrics = client.get_run(pretrain).data.metrics if pretrain else {}
+    meta = tracking.find_stage_run(run_id, "meta_train")
+    meta_metrics = client.get_run(meta).data.metrics if meta else {}
+    meta_line = (
+        f"; after meta-training, 5-shot accuracy on novel val episodes "
+        f"{100 * meta_metrics['meta_train.best_val_accuracy']:.1f}% "
+        f"(episode {meta_metrics['meta_train.best_episode']:.0f})"
+        if "meta_train.best_val_accuracy" in meta_metrics
+        else ""
+    )
     lines = [
         f"## {experiment}",
         "",
-        f"- command: `fewshot-med run configs/{experiment}.yaml` (config logged as `config.yaml` on the run)",
+        f"- command: `fewshot-med run configs/{experiment}.yaml` (or `python -m benchmarks.pipeline_wall "
+        f"configs/{experiment}.yaml`, the same run plus peak memory); config logged as `config.yaml`",
         f"- MLflow run `{run_id}`; git commit `{tags.get('git_commit', 'unknown')}`"
         f"{' (uncommitted changes)' if tags.get('git_dirty') == 'true' else ''}; seed {tags.get('seed')}",
         f"- data `{tags.get('data.source')}`, content digest sha256 `{tags.get('data.digest')}`",
         f"- backbone `{tags.get('backbone')}`; base-class val balanced accuracy after pretraining "
-        f"{100 * pretrain_metrics.get('pretrain.best_val_balanced_accuracy', float('nan')):.1f}%",
+        f"{100 * pretrain_metrics.get('pretrain.best_val_balanced_accuracy', float('nan')):.1f}%{meta_line}",
         f"- wall time on this machine: {times}",
         "",
-        "Mean ± 95% CI over episodes; accuracy, balanced accuracy and AUROC in %.",
+        "Mean ± 95% CI over episodes; accuracy, balanced accuracy, AUROC and accuracy at 80% coverage in %. "
+        "`ece` is the mean per-episode ECE (biased upwards by the 15 queries per class of an episode); "
+        "`ece_pooled` is the ECE of all queries of all episodes, with a bootstrap CI over episodes. "
+        "Calibration rows: `val_temperature` (one temperature fitted on val-split episodes), "
+        "`loo_temperature` (a temperature per episode from leave-one-out on its support set, K ≥ 2).",
         "",
         table,
     ]

@@ -233,8 +233,51 @@ def ui_command(
 
     settings = load_config(config_path).tracking if config_path else None
     argv, env = tracking.ui_command(port, host, settings)
-    console.print(f"MLflow UI on http://{host}:{port}  (Ctrl+C to stop)")
+    console.print(
+        f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning  (Ctrl+C to stop)\n"
+        "MLflow opens on its GenAI view; runs, run trees and the compare view are under 'Model training'."
+    )
     raise typer.Exit(subprocess.run(argv, env=env, check=False).returncode)
+
+
+@app.command("report")
+def report_command(
+    run_id: Annotated[str, typer.Argument(help="MLflow id of a pipeline run or of its evaluate run.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="File to write; default report_<run id[:8]>.<format>.")
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="html (one self-contained file) or md (plus a _files folder of PNGs); "
+            "default from --out's suffix, else html.",
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
+        ),
+    ] = None,
+) -> None:
+    """Write an HTML or markdown report (lineage, tables, plots) of an evaluation run, for readers
+    without MLflow."""
+    import tempfile
+
+    from fewshot_med.config import TrackingConfig
+    from fewshot_med.evaluation.html_report import write_report
+    from fewshot_med.tracking import collect_run
+
+    if fmt is None:
+        fmt = "md" if out is not None and out.suffix.lower() in (".md", ".markdown") else "html"
+    if fmt not in ("html", "md"):
+        raise FewshotMedError(f"--format {fmt}: choose html or md")
+    out = out or Path(f"report_{run_id[:8]}.{fmt}")
+    settings = TrackingConfig(tracking_uri=tracking_uri) if tracking_uri else None
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-report-") as folder:
+        path = write_report(collect_run(run_id, Path(folder), settings), out, fmt)
+    console.print(str(path), markup=False, highlight=False)
 
 
 def main() -> None:

@@ -85,6 +85,11 @@ class PretrainConfig(StrictModel):
     balanced_sampling: bool = Field(True, description="draw base classes equally often (nv is 60% of HAM)")
     augment: bool = Field(True, description="batched on-device crops, rotations, flips, colour jitter")
     early_stopping_patience: PositiveInt | None = Field(8, description="epochs without val improvement")
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="weights handed on: the epoch with the best base-class val balanced accuracy, or the "
+        "last epoch (the end of the schedule; for transfer, base-class accuracy is a noisy proxy)",
+    )
     steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (quick runs)")
 
 
@@ -134,6 +139,27 @@ class EvaluationConfig(StrictModel):
     )
     oracle: bool = Field(True, description="classifier trained on all novel train images (upper bound)")
     batch_size: PositiveInt = Field(512, description="images per forward pass when embedding")
+    calibration: list[Literal["val_temperature", "loo_temperature"]] = Field(
+        ["val_temperature", "loo_temperature"],
+        description="calibrators reported beside the uncalibrated results: a temperature fitted on val "
+        "episodes, and a per-episode temperature from leave-one-out on the support set (K ≥ 2, "
+        "frozen-feature methods)",
+    )
+    temperature_bounds: tuple[PositiveFloat, PositiveFloat] = Field(
+        (0.05, 100.0), description="smallest and largest temperature a calibrator may fit"
+    )
+    ece_bins: PositiveInt = Field(15, description="equal-width bins of ECE, MCE and class-wise ECE")
+    coverage: float = Field(0.8, gt=0, le=1, description="kept fraction for accuracy_at_coverage")
+    plots: bool = Field(True, description="reliability diagrams, confusion matrices, risk-coverage curves")
+
+    @model_validator(mode="after")
+    def _bounds_increase(self) -> EvaluationConfig:
+        low, high = self.temperature_bounds
+        if not low < high:
+            raise ValueError(
+                f"temperature_bounds must be (low, high) with low < high, got {self.temperature_bounds}"
+            )
+        return self
 
 
 class TrackingConfig(StrictModel):
@@ -142,6 +168,15 @@ class TrackingConfig(StrictModel):
     enabled: bool = True
     experiment: str | None = Field(None, description="MLflow experiment; defaults to the config name")
     tracking_uri: str | None = Field(None, description="defaults to $MLFLOW_TRACKING_URI, else ./mlruns")
+    registered_model: str | None = Field(
+        None, description="register the best adapted classifier under this name in the model registry"
+    )
+    model_alias: str = Field(
+        "champion", description="alias moved to a new version that scores at least as well"
+    )
+    register_k_shot: PositiveInt | None = Field(
+        None, description="shots per class of the registered classifier; the largest evaluated K if unset"
+    )
 
 
 class RuntimeConfig(StrictModel):

@@ -1,6 +1,7 @@
 """The transfer pipeline: pretrain on common diseases, meta-learn or fine-tune for rare ones, evaluate.
 
     data -> pretrain (base classes) -> meta-train (optional) -> evaluate (novel classes, fixed episodes)
+         -> register (optional: the best adapted classifier, in the MLflow model registry)
 
 One MLflow parent run per call, with a nested run per stage and per method. The stage commands of
 the CLI call ``run_stages`` with a subset of the stages and, optionally, an earlier run's backbone.
@@ -21,25 +22,23 @@ from fewshot_med.config import Config
 from fewshot_med.data import load_dataset
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.runtime import resolve_device, seed_everything
-from pipelines.stages import (
-    Data,
-    EvaluationReport,
-    backbone_from_run,
-    evaluate_stage,
-    meta_train_stage,
-    pretrain_stage,
-)
+from fewshot_med.tracking import Registration
+from pipelines.evaluation import EvaluationReport, evaluate_stage
+from pipelines.registration import register_stage
+from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage
 
 STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
 
 
 @dataclass
 class PipelineOutcome:
-    """What a pipeline call produced: MLflow run id (``None`` untracked), report, wall seconds per stage."""
+    """What a pipeline call produced: MLflow run id (``None`` untracked), report, wall seconds per stage,
+    and where the adapted classifier was registered (when ``tracking.registered_model`` is set)."""
 
     run_id: str | None
     report: EvaluationReport | None
     seconds: dict[str, float]
+    registration: Registration | None = None
 
 
 def load_data(config: Config) -> Data:
@@ -86,11 +85,15 @@ def run_stages(
             with _timed("meta_train", seconds):
                 backbone = meta_train_stage(config, data, backbone, spec, device, resume)
         report = None
+        registration = None
         if "evaluate" in stages:
             with _timed("evaluate", seconds):
                 report = evaluate_stage(config, data, backbone, spec, device)
+            if config.tracking.registered_model:
+                with _timed("register", seconds):
+                    registration = register_stage(config, data, backbone, spec, device, report)
         tracking.log_metrics({f"time.{stage}_seconds": value for stage, value in seconds.items()})
-    return PipelineOutcome(run.run_id, report, seconds)
+    return PipelineOutcome(run.run_id, report, seconds, registration)
 
 
 @contextmanager

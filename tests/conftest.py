@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -21,3 +22,26 @@ def shared_data() -> Path:
             f"real data not found at {root}: put ../shared/data beside the checkout or set FEWSHOT_MED_DATA"
         )
     return root
+
+
+#: the tiny demo pipeline of the end-to-end tests: a few steps of every stage, about 20 s on one core
+TINY_PIPELINE = {
+    "name": "tiny",
+    "data": {"source": "demo", "image_size": 16},
+    "model": {"backbone": "resnet10t"},
+    "pretrain": {"epochs": 1, "batch_size": 32, "steps_per_epoch": 3, "warmup_epochs": 0},
+    "meta_train": {"enabled": True, "episodes": 2, "val_every": 2, "n_query": 3},
+    "methods": [
+        {"name": "simpleshot"},
+        {"name": "finetune", "label": "ft_head", "params": {"mode": "head", "steps": 2}, "max_episodes": 2},
+    ],
+    "episodes": {"shots": [1, 5], "n_test_episodes": 4, "n_query": 5},
+    "evaluation": {"generalised_episodes": 2},
+    "runtime": {"output_dir": "outputs"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> dict:
+    """A fresh copy of ``TINY_PIPELINE`` (a config dict) to extend per test."""
+    return copy.deepcopy(TINY_PIPELINE)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +57,16 @@ class Episode:
         return np.repeat(np.arange(len(self.classes)), [len(rows) for rows in self.query])
 
 
+class EpisodeArrays(NamedTuple):
+    """An episode list as arrays: ``E`` episodes of ``n_way`` classes, rows of the split."""
+
+    classes: np.ndarray  # (E, n_way) class names, object dtype
+    support_rows: np.ndarray  # (E, n_way * k_shot) split rows, class-major
+    support_labels: np.ndarray  # (E, n_way * k_shot) episode labels 0 … n_way-1
+    query_rows: np.ndarray  # (E, n_way * n_query)
+    query_labels: np.ndarray  # (E, n_way * n_query)
+
+
 @dataclass(frozen=True)
 class EpisodeList:
     """Episodes drawn from one split of one dataset, with everything needed to redraw them."""
@@ -70,6 +82,27 @@ class EpisodeList:
 
     def __len__(self) -> int:
         return len(self.episodes)
+
+    @cached_property
+    def arrays(self) -> EpisodeArrays:
+        """Every episode stacked into arrays (computed once per list; runners of every method reuse it).
+
+        Raises:
+            DataError: the episodes differ in shape (``sample_episodes`` never draws such lists).
+        """
+        shapes = {(len(e.classes), len(e.support_rows()), len(e.query_rows())) for e in self.episodes}
+        if len(shapes) > 1:
+            raise DataError(
+                f"the episodes differ in size (classes, support, query): {sorted(shapes)}; every episode "
+                "of a list must have the same shape, as sample_episodes draws them"
+            )
+        return EpisodeArrays(
+            classes=np.array([e.classes for e in self.episodes], dtype=object),
+            support_rows=np.stack([e.support_rows() for e in self.episodes]),
+            support_labels=np.stack([e.support_labels() for e in self.episodes]),
+            query_rows=np.stack([e.query_rows() for e in self.episodes]),
+            query_labels=np.stack([e.query_labels() for e in self.episodes]),
+        )
 
     def save(self, path: str | Path) -> None:
         """Write the list as JSON (atomically: a crash leaves no partial file)."""

@@ -4,8 +4,10 @@ from fewshot_med.evaluation.intervals import mean_ci95, paired_difference_ci95, 
 from fewshot_med.evaluation.metrics import (
     METRICS,
     accuracy,
+    adaptive_ece,
     balanced_accuracy,
     brier,
+    classwise_ece,
     compute_metrics,
     ece,
     macro_auroc,
@@ -21,6 +23,7 @@ from fewshot_med.evaluation.runner import (
     evaluate_generalised,
     evaluate_images,
     evaluate_oracle,
+    score_episodes,
 )
 
 __all__ = [
@@ -28,8 +31,10 @@ __all__ = [
     "METRICS",
     "EpisodeResults",
     "accuracy",
+    "adaptive_ece",
     "balanced_accuracy",
     "brier",
+    "classwise_ece",
     "compute_metrics",
     "ece",
     "evaluate_frozen",
@@ -42,6 +47,7 @@ __all__ = [
     "metrics_from_probs",
     "nll",
     "paired_difference_ci95",
+    "score_episodes",
     "softmax",
     "summarize",
 ]

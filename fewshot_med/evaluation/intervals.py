@@ -6,7 +6,7 @@ interval use the finite values only, and ``n`` counts only those.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.stats import t
@@ -53,15 +53,13 @@ def paired_difference_ci95(
     return mean_ci95(a - b)
 
 
-def summarize(per_episode: Sequence[dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """``{metric: (mean, ci95_half_width)}`` over episodes, metrics in the order of the first episode.
+def summarize(per_episode: Mapping[str, Sequence[float] | np.ndarray]) -> dict[str, tuple[float, float]]:
+    """``{metric: (mean, ci95_half_width)}`` over episodes, metrics in the given order.
 
     Args:
-        per_episode: one ``{metric: value}`` dict per episode, all with the same metrics.
+        per_episode: ``{metric: (E,) values}``, one value per episode, the same ``E`` for every metric.
     """
-    if not per_episode:
-        return {}
-    names = list(per_episode[0])
-    if any(list(values) != names for values in per_episode):
-        raise ValueError(f"every episode must report the same metrics {names}")
-    return {name: mean_ci95([values[name] for values in per_episode]) for name in names}
+    lengths = {name: len(values) for name, values in per_episode.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"every metric must have one value per episode, got lengths {lengths}")
+    return {name: mean_ci95(values) for name, values in per_episode.items()}

@@ -1,16 +1,18 @@
 """Run few-shot methods over a fixed episode list and collect per-episode metrics.
 
 Frozen-feature methods get features the caller computed once per pool image (row ``i`` of
-``features`` is ``pool.images[i]``), so the cost grows with the number of images, not episodes:
-per episode only index lookups and the method itself run. Episodes hold split rows; they are mapped
-to pool positions once, and checked against the pool (same data and split, rows and classes present)
-before any method runs.
+``features`` is ``pool.images[i]``), so the cost grows with the number of images, not episodes. They
+are fitted on all episodes at once: the episodes' support and query features are gathered into
+``(E, n, D)`` tensors and one batched ``fit``/``predict_logits`` call scores them, and the metrics
+are computed for all episodes in one vectorised pass. Episodes hold split rows; they are mapped to pool
+positions once, and checked against the pool (same data and split, rows and classes present) before
+any method runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -24,13 +26,20 @@ from fewshot_med.data.episodes import EpisodeList
 from fewshot_med.data.roles import ClassSubset
 from fewshot_med.errors import DataError
 from fewshot_med.evaluation.intervals import summarize
-from fewshot_med.evaluation.metrics import metrics_from_probs, softmax
+from fewshot_med.evaluation.metrics import metrics_from_probs, pooled_ece, softmax
+from fewshot_med.evaluation.selective import accuracy_at_coverage
 
 if TYPE_CHECKING:
     from fewshot_med.methods import FewShotMethod
 
 MethodFactory = Callable[[], "FewShotMethod"]
 GENERALISED_METRICS = ("base_accuracy", "novel_recall", "harmonic_mean")
+#: fraction of most confident queries kept by the ``accuracy_at_coverage`` metric unless set
+DEFAULT_COVERAGE = 0.8
+#: gathered feature entries per leave-one-out batch (bounds its memory to about 200 MB of float32)
+LEAVE_ONE_OUT_ENTRIES = 50_000_000
+#: frozen-feature episodes fitted per batched call (bounds the memory of the gathered features)
+EPISODES_PER_BATCH = 1000
 
 
 @dataclass
@@ -40,78 +49,135 @@ class EpisodeResults:
     Attributes:
         method: the name results are reported under.
         k_shot: support images per class.
-        metrics: one ``{metric: value}`` dict per episode.
-        probs: per episode, ``(n_query, n_classes)`` float64 predicted probabilities (for
-            calibration and plots; ``log(probs)`` recovers the logits up to a per-row constant).
-        labels: per episode, ``(n_query,)`` int64 true labels.
+        logits: ``(E, n_query, n_classes)`` float64 logits of every episode's queries (what
+            calibrators fit on; a softmax gives the probabilities).
+        labels: ``(E, n_query)`` int64 true labels.
+        metrics: ``{metric: (E,) values}``, one value per episode.
+        calibration: how the logits were calibrated: ``"none"`` or a ``CALIBRATION_SETTINGS`` name.
+        calibrator: the calibrator's fitted parameters, for logging.
+        class_ids: ``(E, n_classes)`` index into ``class_names`` of each episode column.
+        class_names: names of the pool's classes (for confusion matrices across episodes).
+        support_logits: ``(E, n_support, n_classes)`` leave-one-out logits of each support sample
+            (from a method fitted on the rest of its support set), when computed.
+        support_labels: ``(E, n_support)`` labels of the support samples, with ``support_logits``.
+        coverage: the fraction of most confident queries ``accuracy_at_coverage`` keeps.
+        n_bins: confidence bins of the binned calibration metrics.
     """
 
     method: str
     k_shot: int
-    metrics: list[dict[str, float]] = field(default_factory=list)
-    probs: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
+    logits: np.ndarray
+    labels: np.ndarray
+    metrics: dict[str, np.ndarray]
+    calibration: str = "none"
+    calibrator: dict[str, float] = field(default_factory=dict)
+    class_ids: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+    support_logits: np.ndarray | None = None
+    support_labels: np.ndarray | None = None
+    coverage: float = DEFAULT_COVERAGE
+    n_bins: int = 15
 
     def __len__(self) -> int:
-        return len(self.metrics)
+        return len(self.labels)
 
-    def add(self, probs: np.ndarray, labels: np.ndarray, metrics: dict[str, float]) -> None:
-        """Append one episode's ``(n_query, n_classes)`` probabilities, ``(n_query,)`` labels, metrics."""
-        self.probs.append(probs)
-        self.labels.append(labels)
-        self.metrics.append(metrics)
+    @property
+    def probs(self) -> np.ndarray:
+        """``(E, n_query, n_classes)`` predicted probabilities."""
+        return softmax(self.logits)
 
     def summary(self) -> dict[str, tuple[float, float]]:
-        """``{metric: (mean, ci95_half_width)}`` over episodes."""
-        return summarize(self.metrics)
+        """``{metric: (mean, ci95_half_width)}`` over episodes, plus ``ece_pooled``: the ECE of all
+        queries pooled, with a bootstrap interval over episodes (``pooled_ece``), when the results
+        hold class probabilities of several classes."""
+        summary = summarize(self.metrics)
+        if "ece" in self.metrics:
+            summary["ece_pooled"] = pooled_ece(self.probs, self.labels, self.n_bins)
+        return summary
 
     def values(self, metric: str) -> np.ndarray:
-        """``(n_episodes,)`` values of one metric, e.g. for ``paired_difference_ci95``."""
-        return np.asarray([values[metric] for values in self.metrics], dtype=np.float64)
+        """``(E,)`` values of one metric, e.g. for ``paired_difference_ci95``."""
+        return self.metrics[metric]
+
+    def pooled_class_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(true, predicted)`` pool class indices of every query of every episode, ``(E · n_query,)``
+        each, for a confusion matrix over ``class_names`` (episodes may order their classes differently)."""
+        if self.class_ids is None:
+            raise ValueError(f"{self.method}: these results carry no class ids")
+        predicted = self.logits.argmax(axis=-1)
+        return (
+            np.take_along_axis(self.class_ids, self.labels, axis=1).ravel(),
+            np.take_along_axis(self.class_ids, predicted, axis=1).ravel(),
+        )
+
+    def with_logits(
+        self, logits: np.ndarray, calibration: str, calibrator: dict[str, float]
+    ) -> EpisodeResults:
+        """The same episodes re-scored with calibrated ``(E, n_query, n_classes)`` logits."""
+        scored = score_episodes(self.method, self.k_shot, logits, self.labels, self.coverage, self.n_bins)
+        return dataclasses.replace(
+            self, logits=scored.logits, metrics=scored.metrics, calibration=calibration, calibrator=calibrator
+        )
 
 
-class _Task(NamedTuple):
-    """One episode in pool coordinates: positions into the pool and episode labels."""
+def score_episodes(
+    method: str,
+    k_shot: int,
+    logits: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    coverage: float = DEFAULT_COVERAGE,
+    n_bins: int = 15,
+) -> EpisodeResults:
+    """Results with every ``METRICS`` value of ``(E, n_query, C)`` logits against ``(E, n_query)``
+    labels (binned ones over ``n_bins`` bins), plus ``accuracy_at_coverage``: accuracy on the
+    ``coverage`` fraction of most confident queries of each episode (selective prediction)."""
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().cpu().double().numpy()
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    probs = softmax(logits)
+    metrics = {
+        name: np.atleast_1d(values) for name, values in metrics_from_probs(probs, labels, n_bins).items()
+    }
+    metrics["accuracy_at_coverage"] = np.atleast_1d(accuracy_at_coverage(probs, labels, coverage))
+    return EpisodeResults(method, k_shot, logits, labels, metrics, coverage=coverage, n_bins=n_bins)
 
-    support: np.ndarray  # (n_support,) pool positions
-    support_labels: np.ndarray  # (n_support,) in 0 … n_way-1
-    query: np.ndarray  # (n_query,) pool positions
-    query_labels: np.ndarray  # (n_query,)
-    class_ids: np.ndarray  # (n_way,) pool label of each episode class
+
+class _Tasks(NamedTuple):
+    """Every episode in pool coordinates, stacked (all episodes of a list have the same sizes)."""
+
+    support: np.ndarray  # (E, n_support) pool positions
+    support_labels: np.ndarray  # (E, n_support) in 0 … n_way-1
+    query: np.ndarray  # (E, n_query) pool positions
+    query_labels: np.ndarray  # (E, n_query)
+    class_ids: np.ndarray  # (E, n_way) pool label of each episode class
 
 
-def _tasks(pool: ClassSubset, episodes: EpisodeList) -> list[_Task]:
+def _tasks(pool: ClassSubset, episodes: EpisodeList) -> _Tasks:
     """Map every episode's split rows to pool positions, refusing episodes that do not fit the pool."""
     episodes.check_drawn_from(pool)
     if len(episodes) == 0 or len(pool) == 0:
         raise DataError(f"{len(episodes)} episodes on a pool of {len(pool)} images: nothing to evaluate")
-    lookup = np.full(int(pool.indices.max()) + 1, -1, dtype=np.int64)
+    arrays = episodes.arrays
+    class_index = {name: index for index, name in enumerate(pool.class_names)}
+    unknown = sorted(set(arrays.classes.ravel()) - set(class_index))
+    if unknown:
+        raise DataError(
+            f"episodes name classes {unknown} that are not among the pool classes {list(class_index)}"
+        )
+    class_ids = np.vectorize(class_index.__getitem__, otypes=[np.int64])(arrays.classes)
+    largest = max(int(pool.indices.max()), int(arrays.support_rows.max()), int(arrays.query_rows.max()))
+    lookup = np.full(largest + 1, -1, dtype=np.int64)
     lookup[pool.indices] = np.arange(len(pool))
-
-    def positions(rows: np.ndarray, labels: np.ndarray, class_ids: np.ndarray, index: int) -> np.ndarray:
-        found = np.full(len(rows), -1, dtype=np.int64)
-        inside = rows < len(lookup)
-        found[inside] = lookup[rows[inside]]
-        if (found < 0).any() or (pool.labels[found] != class_ids[labels]).any():
+    support, query = lookup[arrays.support_rows], lookup[arrays.query_rows]
+    for positions, labels in ((support, arrays.support_labels), (query, arrays.query_labels)):
+        wrong = (positions < 0) | (pool.labels[positions] != np.take_along_axis(class_ids, labels, axis=1))
+        if wrong.any():
+            first = int(np.flatnonzero(wrong.any(axis=1))[0])
             raise DataError(
-                f"episode {index}: its rows are not images of its classes in the {pool.split} pool "
+                f"episode {first}: its rows are not images of its classes in the {pool.split} pool "
                 f"{list(pool.class_names)}; the episodes were drawn from other classes, redraw them"
             )
-        return found
-
-    tasks = []
-    for index, episode in enumerate(episodes.episodes):
-        unknown = [name for name in episode.classes if name not in pool.class_names]
-        if unknown:
-            raise DataError(
-                f"episode {index}: classes {unknown} are not among the pool classes {list(pool.class_names)}"
-            )
-        class_ids = np.asarray([pool.class_names.index(name) for name in episode.classes])
-        support_labels, query_labels = episode.support_labels(), episode.query_labels()
-        support = positions(episode.support_rows(), support_labels, class_ids, index)
-        query = positions(episode.query_rows(), query_labels, class_ids, index)
-        tasks.append(_Task(support, support_labels, query, query_labels, class_ids))
-    return tasks
+    return _Tasks(support, arrays.support_labels, query, arrays.query_labels, class_ids)
 
 
 def _new_method(method_factory: MethodFactory, inputs: str) -> FewShotMethod:
@@ -122,24 +188,37 @@ def _new_method(method_factory: MethodFactory, inputs: str) -> FewShotMethod:
     return method
 
 
-def _run(
+def _batched_logits(
     method_factory: MethodFactory,
-    gather: Callable[[np.ndarray], torch.Tensor],
-    pool: ClassSubset,
-    episodes: EpisodeList,
-    inputs: str,
-    label: str | None,
-) -> EpisodeResults:
-    """Fit a fresh method per episode on ``gather(support positions)``; score its query logits."""
-    results = EpisodeResults(label or "", episodes.k_shot)
-    for task in tqdm(_tasks(pool, episodes), desc=label, disable=None, leave=False):
-        method = _new_method(method_factory, inputs)
-        results.method = results.method or type(method).__name__
-        support = gather(task.support)
-        method.fit(support, torch.as_tensor(task.support_labels, device=support.device))
-        probs = softmax(method.predict_logits(gather(task.query)))
-        results.add(probs, task.query_labels, metrics_from_probs(probs, task.query_labels))
-    return results
+    support: torch.Tensor,
+    support_labels: np.ndarray,
+    queries: torch.Tensor,
+    positions: np.ndarray | None = None,
+) -> tuple[np.ndarray, str]:
+    """Fit fresh frozen-feature methods on ``(E, n_support, D)`` supports, ``EPISODES_PER_BATCH`` at a
+    time, and score the queries.
+
+    ``queries`` are either ``(E, n_query, D)`` per-episode features, or ``(N, D)`` pool features shared
+    by every episode with ``positions`` ``(E, n_query)`` picking each episode's queries: then each
+    method scores the whole pool once (``(E, N, n_way)``, no per-episode copy of the features) and the
+    queries' rows are taken from it.
+
+    Returns:
+        ``(E, n_query, n_way)`` float64 logits and the method's class name.
+    """
+    chunks, name = [], ""
+    labels = torch.as_tensor(support_labels, device=support.device)
+    for start in range(0, len(support), EPISODES_PER_BATCH):
+        stop = start + EPISODES_PER_BATCH
+        method = _new_method(method_factory, "features")
+        name = type(method).__name__
+        method.fit(support[start:stop], labels[start:stop])
+        if positions is None:
+            chunks.append(method.predict_logits(queries[start:stop]).double().numpy())
+        else:
+            pool_logits = method.predict_logits(queries).double().numpy()  # (chunk, N, n_way)
+            chunks.append(np.take_along_axis(pool_logits, positions[start:stop, :, None], axis=1))
+    return np.concatenate(chunks), name
 
 
 def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -155,6 +234,40 @@ def _check_rows(name: str, array: torch.Tensor | np.ndarray, pool: ClassSubset) 
         )
 
 
+def leave_one_out_logits(
+    method_factory: MethodFactory, support: torch.Tensor, support_labels: np.ndarray
+) -> np.ndarray:
+    """Logits of every support sample from a method fitted on the rest of its episode's support set.
+
+    For ``E`` episodes of ``n`` support samples this fits ``E · n`` frozen-feature classifiers of
+    ``n - 1`` samples each, in batches (every class keeps a sample only when each has at least 2).
+    The held-out predictions are what a per-episode calibrator can fit on without the queries.
+
+    Args:
+        method_factory: returns a fresh, unfitted method with ``inputs == "features"``.
+        support: ``(E, n, D)`` support features.
+        support_labels: ``(E, n)`` labels in ``0 … n_way-1``, every class at least twice per episode.
+
+    Returns:
+        ``(E, n, n_way)`` float64 held-out logits.
+    """
+    n_episodes, n, dim = support.shape
+    counts = np.apply_along_axis(np.bincount, 1, support_labels)
+    if counts.min() < 2:
+        raise ValueError("leave-one-out needs at least 2 support samples of every class in every episode")
+    rest = np.stack([np.delete(np.arange(n), i) for i in range(n)])  # (n, n - 1): all but sample i
+    rest_t = torch.as_tensor(rest, device=support.device)
+    per_chunk = max(1, LEAVE_ONE_OUT_ENTRIES // (n * (n - 1) * dim))
+    chunks = []
+    for start in range(0, n_episodes, per_chunk):
+        part, labels = support[start : start + per_chunk], support_labels[start : start + per_chunk]
+        fits = part[:, rest_t].reshape(-1, n - 1, dim)  # (chunk · n, n - 1, D)
+        held_out = part.reshape(-1, 1, dim)  # (chunk · n, 1, D)
+        logits, _ = _batched_logits(method_factory, fits, labels[:, rest].reshape(-1, n - 1), held_out)
+        chunks.append(logits.reshape(len(part), n, -1))
+    return np.concatenate(chunks)
+
+
 def evaluate_frozen(
     method_factory: MethodFactory,
     features: torch.Tensor,
@@ -162,8 +275,11 @@ def evaluate_frozen(
     episodes: EpisodeList,
     *,
     label: str | None = None,
+    coverage: float = DEFAULT_COVERAGE,
+    n_bins: int = 15,
+    leave_one_out: bool = False,
 ) -> EpisodeResults:
-    """Evaluate a frozen-feature method on every episode.
+    """Evaluate a frozen-feature method on every episode, all episodes in one batched fit.
 
     Args:
         method_factory: returns a fresh, unfitted method with ``inputs == "features"``.
@@ -171,16 +287,32 @@ def evaluate_frozen(
         pool: the images the episodes were drawn from.
         episodes: the episode list (identical for every method compared).
         label: name of the results; defaults to the method's class name.
+        coverage: kept fraction of the ``accuracy_at_coverage`` metric.
+        n_bins: bins of the binned calibration metrics.
+        leave_one_out: also compute the support samples' held-out logits (``leave_one_out_logits``;
+            needs ``k_shot ≥ 2``), for per-episode calibration.
 
     Returns:
-        Per-episode metrics, probabilities and labels.
+        Per-episode metrics, logits and labels.
     """
     _check_rows("features", features, pool)
+    tasks = _tasks(pool, episodes)
 
     def gather(positions: np.ndarray) -> torch.Tensor:
         return features[torch.as_tensor(positions, device=features.device)]
 
-    return _run(method_factory, gather, pool, episodes, "features", label)
+    support = gather(tasks.support)
+    n_query, n_way = tasks.query.shape[1], tasks.class_ids.shape[1]
+    if len(pool) * n_way <= n_query * features.shape[1]:  # scoring the pool is cheaper than copying queries
+        logits, name = _batched_logits(method_factory, support, tasks.support_labels, features, tasks.query)
+    else:
+        logits, name = _batched_logits(method_factory, support, tasks.support_labels, gather(tasks.query))
+    results = score_episodes(label or name, episodes.k_shot, logits, tasks.query_labels, coverage, n_bins)
+    results.class_ids, results.class_names = tasks.class_ids, tuple(pool.class_names)
+    if leave_one_out:
+        results.support_logits = leave_one_out_logits(method_factory, support, tasks.support_labels)
+        results.support_labels = tasks.support_labels
+    return results
 
 
 def evaluate_images(
@@ -191,6 +323,8 @@ def evaluate_images(
     to_input: Callable[[np.ndarray | torch.Tensor], torch.Tensor],
     *,
     label: str | None = None,
+    coverage: float = DEFAULT_COVERAGE,
+    n_bins: int = 15,
 ) -> EpisodeResults:
     """Evaluate an image-based (fine-tuning) method on every episode.
 
@@ -202,9 +336,11 @@ def evaluate_images(
         to_input: turns ``(n, H, W, C)`` uint8 into normalised ``(n, C, H, W)`` model input on the
             method's device (e.g. ``to_model_input`` with the backbone's statistics).
         label: name of the results; defaults to the method's class name.
+        coverage: kept fraction of the ``accuracy_at_coverage`` metric.
+        n_bins: bins of the binned calibration metrics.
 
     Returns:
-        Per-episode metrics, probabilities and labels.
+        Per-episode metrics, logits and labels.
     """
     _check_rows("images", images, pool)
 
@@ -213,7 +349,24 @@ def evaluate_images(
             return to_input(images[torch.as_tensor(positions, device=images.device)])
         return to_input(images[positions])
 
-    return _run(method_factory, gather, pool, episodes, "images", label)
+    tasks, logits, name = _tasks(pool, episodes), [], ""
+    for support, support_labels, query in tqdm(
+        zip(tasks.support, tasks.support_labels, tasks.query, strict=True),
+        total=len(tasks.support),
+        desc=label,
+        disable=None,
+        leave=False,
+    ):
+        method = _new_method(method_factory, "images")
+        name = type(method).__name__
+        batch = gather(support)
+        method.fit(batch, torch.as_tensor(support_labels, device=batch.device))
+        logits.append(method.predict_logits(gather(query)).double().numpy())
+    results = score_episodes(
+        label or name, episodes.k_shot, np.stack(logits), tasks.query_labels, coverage, n_bins
+    )
+    results.class_ids, results.class_names = tasks.class_ids, tuple(pool.class_names)
+    return results
 
 
 def evaluate_generalised(
@@ -231,6 +384,7 @@ def evaluate_generalised(
     n_episodes: int | None = None,
     seed: int = 0,
     label: str | None = None,
+    base_class_names: Sequence[str] = (),
 ) -> EpisodeResults:
     """Generalised few-shot evaluation: classify over base and novel classes together.
 
@@ -240,7 +394,8 @@ def evaluate_generalised(
     classifies the episode's novel queries and ``base_queries`` base test images per base class (a
     class-balanced sample, so ``base_accuracy`` is close to the mean base-class recall). The base
     samples come from ``numpy.random.default_rng([seed, episode index])``, so the first episodes of a
-    longer run are identical to a shorter one. Labels in ``probs``/``labels`` are base first, then novel.
+    longer run are identical to a shorter one. Labels in ``logits``/``labels`` are base first, then novel.
+    All episodes are fitted in one batched call, like ``evaluate_frozen``.
 
     Metrics per episode: ``base_accuracy`` (base test images predicted as their class),
     ``novel_recall`` (novel queries predicted as their class), and their ``harmonic_mean``
@@ -260,9 +415,10 @@ def evaluate_generalised(
         n_episodes: use only the first ``n_episodes`` episodes (all if unset).
         seed: seed of the base samples.
         label: name of the results; defaults to the method's class name.
+        base_class_names: names of base labels ``0 … B-1``, for confusion matrices over all classes.
 
     Returns:
-        Per-episode ``GENERALISED_METRICS``, ``(n_base_query + n_query, B + n_way)`` probabilities, labels.
+        Per-episode ``GENERALISED_METRICS``, ``(E, n_base_query + n_query, B + n_way)`` logits, labels.
     """
     _check_rows("novel_features", novel_features, pool)
     train_labels, test_labels = _label_array(base_train_labels), _label_array(base_test_labels)
@@ -283,27 +439,42 @@ def evaluate_generalised(
     def rows(source: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         return source[torch.as_tensor(positions, device=device)]
 
-    results = EpisodeResults(label or "", episodes.k_shot)
-    for index, task in enumerate(tqdm(_tasks(pool, episodes), desc=label, disable=None, leave=False)):
+    tasks = _tasks(pool, episodes)
+    shots, queries = [], []
+    for index in range(len(tasks.support)):
         rng = np.random.default_rng([seed, index])
-        shots = np.concatenate([rng.choice(r, min(base_shots, len(r)), replace=False) for r in train_rows])
-        queries = np.concatenate([rng.choice(r, min(base_queries, len(r)), replace=False) for r in test_rows])
-        support = torch.cat([rows(base_train, shots), rows(novel_features, task.support)])
-        support_labels = np.concatenate([train_labels[shots], n_base + task.support_labels])
-        query = torch.cat([rows(base_test, queries), rows(novel_features, task.query)])
-        query_labels = np.concatenate([test_labels[queries], n_base + task.query_labels])
-        method = _new_method(method_factory, "features")
-        results.method = results.method or type(method).__name__
-        method.fit(support, torch.as_tensor(support_labels, device=device))
-        probs = softmax(method.predict_logits(query))
-        correct = probs.argmax(axis=1) == query_labels
-        base_accuracy = float(correct[: len(queries)].mean())
-        novel_recall = float(correct[len(queries) :].mean())
-        total = base_accuracy + novel_recall
-        harmonic_mean = 2 * base_accuracy * novel_recall / total if total > 0 else 0.0
-        metrics = dict(zip(GENERALISED_METRICS, (base_accuracy, novel_recall, harmonic_mean), strict=True))
-        results.add(probs, query_labels, metrics)
-    return results
+        shots.append(
+            np.concatenate([rng.choice(r, min(base_shots, len(r)), replace=False) for r in train_rows])
+        )
+        queries.append(
+            np.concatenate([rng.choice(r, min(base_queries, len(r)), replace=False) for r in test_rows])
+        )
+    shots, queries = np.stack(shots), np.stack(queries)  # (E, base support), (E, base queries)
+    support = torch.cat([rows(base_train, shots), rows(novel_features, tasks.support)], dim=1)
+    support_labels = np.concatenate([train_labels[shots], n_base + tasks.support_labels], axis=1)
+    query = torch.cat([rows(base_test, queries), rows(novel_features, tasks.query)], dim=1)
+    query_labels = np.concatenate([test_labels[queries], n_base + tasks.query_labels], axis=1)
+    logits, name = _batched_logits(method_factory, support, support_labels, query)
+    correct = logits.argmax(axis=-1) == query_labels
+    base_accuracy = correct[:, : queries.shape[1]].mean(axis=1)
+    novel_recall = correct[:, queries.shape[1] :].mean(axis=1)
+    total = base_accuracy + novel_recall
+    harmonic_mean = np.divide(
+        2 * base_accuracy * novel_recall, total, out=np.zeros_like(total), where=total > 0
+    )
+    metrics = dict(zip(GENERALISED_METRICS, (base_accuracy, novel_recall, harmonic_mean), strict=True))
+    class_ids = np.concatenate(
+        [np.broadcast_to(np.arange(n_base), (len(logits), n_base)), n_base + tasks.class_ids], axis=1
+    )
+    return EpisodeResults(
+        label or name,
+        episodes.k_shot,
+        logits,
+        query_labels,
+        metrics,
+        class_ids=class_ids,
+        class_names=(*base_class_names, *pool.class_names) if base_class_names else (),
+    )
 
 
 def evaluate_oracle(
@@ -315,6 +486,8 @@ def evaluate_oracle(
     *,
     C: float = 1.0,
     label: str = "oracle",
+    coverage: float = DEFAULT_COVERAGE,
+    n_bins: int = 15,
 ) -> EpisodeResults:
     """The upper bound: a linear probe trained on all novel-class train images, scored per episode.
 
@@ -332,9 +505,11 @@ def evaluate_oracle(
         episodes: the episode list.
         C: inverse L2 regularisation strength.
         label: name of the results.
+        coverage: kept fraction of the ``accuracy_at_coverage`` metric.
+        n_bins: bins of the binned calibration metrics.
 
     Returns:
-        Per-episode metrics, probabilities and labels (support sets are not used).
+        Per-episode metrics, logits and labels (support sets are not used).
     """
     _check_rows("pool_features", pool_features, pool)
     labels = _label_array(labels_train_novel)
@@ -348,8 +523,8 @@ def evaluate_oracle(
     scores = probe.decision_function(F.normalize(pool_features.detach().float().cpu(), dim=1).numpy())
     if scores.ndim == 1:  # two classes: scikit-learn gives the logit of class 1 against class 0
         scores = np.stack([np.zeros_like(scores), scores], axis=1)
-    results = EpisodeResults(label, episodes.k_shot)
-    for task in _tasks(pool, episodes):
-        probs = softmax(scores[np.ix_(task.query, task.class_ids)])
-        results.add(probs, task.query_labels, metrics_from_probs(probs, task.query_labels))
+    tasks = _tasks(pool, episodes)
+    logits = scores[tasks.query[:, :, None], tasks.class_ids[:, None, :]]  # (E, n_query, n_way)
+    results = score_episodes(label, episodes.k_shot, logits, tasks.query_labels, coverage, n_bins)
+    results.class_ids, results.class_names = tasks.class_ids, tuple(pool.class_names)
     return results

@@ -20,15 +20,16 @@ class ANIL(FewShotMethod):
     the gradient written out (``∂/∂logits = (softmax - one_hot) / n``), so it also runs inside
     ``torch.inference_mode``. Deterministic: the head starts at zero.
 
-    Shapes: support ``(n_support, D)``, query ``(n_query, D)``, logits ``(n_query, n_way)``.
+    Shapes: support ``(E, n_support, D)``, query ``(E, n_query, D)``, logits ``(E, n_query, n_way)``
+    (``E`` episodes, each with its own head; one episode may drop the axis).
 
     Args:
         steps: gradient steps on the support set.
         lr: step size.
 
     Attributes:
-        weight_: ``(n_way, D)`` head weights.
-        bias_: ``(n_way,)`` head biases.
+        weight_: ``(E, n_way, D)`` head weights.
+        bias_: ``(E, n_way)`` head biases.
     """
 
     inputs = "features"
@@ -44,12 +45,14 @@ class ANIL(FewShotMethod):
     def _fit(self, support: Tensor, labels: Tensor) -> None:
         x = support.float()
         targets = F.one_hot(labels, self.n_way_).float()
-        self.weight_ = torch.zeros(self.n_way_, x.shape[1], device=x.device)
-        self.bias_ = torch.zeros(self.n_way_, device=x.device)
+        n_episodes, n_support, dim = x.shape
+        self.weight_ = torch.zeros(n_episodes, self.n_way_, dim, device=x.device)
+        self.bias_ = torch.zeros(n_episodes, self.n_way_, device=x.device)
         for _ in range(self.steps):
-            grad_logits = (torch.softmax(x @ self.weight_.T + self.bias_, dim=1) - targets) / len(x)
-            self.weight_ -= self.lr * grad_logits.T @ x
-            self.bias_ -= self.lr * grad_logits.sum(dim=0)
+            logits = x @ self.weight_.transpose(1, 2) + self.bias_.unsqueeze(1)
+            grad_logits = (torch.softmax(logits, dim=-1) - targets) / n_support
+            self.weight_ -= self.lr * grad_logits.transpose(1, 2) @ x
+            self.bias_ -= self.lr * grad_logits.sum(dim=1)
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        return query.float().to(self.weight_.device) @ self.weight_.T + self.bias_
+        return query.float().to(self.weight_.device) @ self.weight_.transpose(1, 2) + self.bias_.unsqueeze(1)

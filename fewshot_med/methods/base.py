@@ -58,9 +58,16 @@ class FewShotMethod(ABC):
     the ``MethodContext`` field of the same name rather than from the config. ``name`` is the registry
     name, set by ``register_method``.
 
+    Frozen-feature methods (``inputs == "features"``) also take many episodes at once: support
+    ``(E, n_support, D)`` with labels ``(E, n_support)`` fits ``E`` independent classifiers, and query
+    ``(E, n_query, D)`` is scored by the classifier of its episode. Their ``_fit`` and
+    ``_predict_logits`` always see this batched layout (a single episode arrives as ``E = 1``), so
+    evaluating 600 episodes is a few tensor operations, not 600 fits. Image methods take one episode.
+
     Attributes:
-        n_way_: number of classes seen by ``fit``.
+        n_way_: number of classes seen by ``fit`` (the same in every episode).
         input_shape_: per-sample shape seen by ``fit``: ``(D,)`` or ``(C, H, W)``.
+        n_episodes_: ``E`` when fitted on a batch of episodes, ``None`` for a single support set.
     """
 
     name: ClassVar[str]
@@ -69,6 +76,7 @@ class FewShotMethod(ABC):
 
     n_way_: int
     input_shape_: tuple[int, ...]
+    n_episodes_: int | None
 
     @classmethod
     def from_context(cls, context: MethodContext, **params: Any) -> Self:
@@ -97,69 +105,101 @@ class FewShotMethod(ABC):
         """Raise ``ValueError`` naming the first invalid parameter."""
 
     def fit(self, support: Tensor, labels: Tensor) -> Self:
-        """Adapt to a support set.
+        """Adapt to a support set (or, for frozen-feature methods, to a batch of them).
 
         Args:
             support: ``(n_support, D)`` features or ``(n_support, C, H, W)`` normalised images,
-                following ``inputs``.
-            labels: ``(n_support,)`` integer labels; the classes are exactly ``0 .. n_way - 1``.
+                following ``inputs``; frozen-feature methods also take ``(E, n_support, D)``.
+            labels: ``(n_support,)`` (or ``(E, n_support)``) integer labels; in every episode the
+                classes are exactly ``0 .. n_way - 1``.
 
         Returns:
             ``self``, fitted.
         """
         self.check_params()
         support, labels = self._check_support(support, labels)
+        batched = self.inputs == "features" and support.ndim == 3
+        self.n_episodes_ = len(support) if batched else None
         self.n_way_ = int(labels.max()) + 1
-        self.input_shape_ = tuple(support.shape[1:])
+        self.input_shape_ = tuple(support.shape[-1:] if self.inputs == "features" else support.shape[1:])
+        if self.inputs == "features" and not batched:
+            support, labels = support.unsqueeze(0), labels.unsqueeze(0)
         self._fit(support, labels)
         return self
 
     def predict_logits(self, query: Tensor) -> Tensor:
         """Score queries: ``(n_query, ...)`` as in ``fit`` -> ``(n_query, n_way)`` float32 CPU logits.
 
-        A softmax over the last dimension gives the class probabilities.
+        After a batched ``fit``, ``(E, n_query, D)`` -> ``(E, n_query, n_way)``, and ``(N, D)`` queries
+        shared by all episodes -> ``(E, N, n_way)`` (broadcast, without copying them per episode). A
+        softmax over the last dimension gives the class probabilities.
         """
         if not hasattr(self, "n_way_"):
             raise NotFittedError(f"{self.name} is not fitted; call fit(support, labels) first")
-        if not isinstance(query, Tensor) or tuple(query.shape[1:]) != self.input_shape_:
+        shared = isinstance(query, Tensor) and query.ndim == 2 and tuple(query.shape[1:]) == self.input_shape_
+        if self.n_episodes_ is not None and shared:
+            return self._predict_logits(query.unsqueeze(0)).float().cpu()
+        lead = () if self.n_episodes_ is None else (self.n_episodes_,)
+        expected = (*lead, "n_query", *self.input_shape_)
+        if (
+            not isinstance(query, Tensor)
+            or query.ndim != len(expected)
+            or tuple(query.shape[: len(lead)]) != lead
+            or tuple(query.shape[len(lead) + 1 :]) != self.input_shape_
+        ):
             shape = getattr(query, "shape", type(query).__name__)
+            layout = ", ".join(map(str, expected))
             raise ValueError(
-                f"{self.name}: query must be a tensor of shape (n_query, "
-                f"{', '.join(map(str, self.input_shape_))}) like the support set, got {shape}"
+                f"{self.name}: query must be a tensor of shape ({layout}) like the support set, got {shape}"
             )
+        if self.inputs == "features" and self.n_episodes_ is None:
+            return self._predict_logits(query.unsqueeze(0))[0].float().cpu()
         return self._predict_logits(query).float().cpu()
 
     @abstractmethod
     def _fit(self, support: Tensor, labels: Tensor) -> None:
-        """Learn from validated ``support`` and ``labels``; ``n_way_`` is already set."""
+        """Learn from validated ``support`` and ``labels``; ``n_way_`` is already set.
+
+        Frozen-feature methods get ``(E, n_support, D)`` and ``(E, n_support)``; image methods
+        ``(n_support, C, H, W)`` and ``(n_support,)``.
+        """
 
     @abstractmethod
     def _predict_logits(self, query: Tensor) -> Tensor:
-        """``(n_query, n_way)`` logits for a validated query batch."""
+        """Logits of a validated query batch: ``(E, n_query, n_way)`` for frozen-feature methods (from
+        ``(E, n_query, D)``, or from ``(1, N, D)`` shared queries, broadcast over the episodes),
+        ``(n_query, n_way)`` for image methods."""
 
     def _check_support(self, support: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         name = self.name
-        ndim, layout = (2, "(n_support, D)") if self.inputs == "features" else (4, "(n_support, C, H, W)")
+        if self.inputs == "features":
+            ndims, layout = (2, 3), "(n_support, D) or (E, n_support, D)"
+        else:
+            ndims, layout = (4,), "(n_support, C, H, W)"
         if (
             not isinstance(support, Tensor)
-            or support.ndim != ndim
+            or support.ndim not in ndims
             or not support.is_floating_point()
-            or len(support) == 0
+            or support.shape[-2 if self.inputs == "features" else 0] == 0
         ):
             shape = getattr(support, "shape", type(support).__name__)
             raise ValueError(f"{name}: support must be a float tensor of shape {layout}, got {shape}")
         labels = torch.as_tensor(labels)
-        if labels.shape != (len(support),) or labels.is_floating_point() or labels.dtype == torch.bool:
+        label_shape = tuple(support.shape[:-1]) if self.inputs == "features" else (len(support),)
+        if tuple(labels.shape) != label_shape or labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(
-                f"{name}: labels must be {len(support)} integers, one per support sample, "
+                f"{name}: labels must be integers of shape {label_shape}, one per support sample, "
                 f"got {labels.dtype} of shape {tuple(labels.shape)}"
             )
         labels = labels.to(device=support.device, dtype=torch.long)
-        classes = labels.unique().tolist()
-        if classes != list(range(len(classes))) or len(classes) < 2:
+        n_way = int(labels.max()) + 1
+        per_episode = labels.reshape(-1, labels.shape[-1])
+        counts = F.one_hot(per_episode.clamp(min=0), n_way).sum(dim=1) if labels.min() >= 0 else None
+        if counts is None or n_way < 2 or not bool((counts > 0).all()):
+            classes = labels.unique().tolist()
             raise ValueError(
-                f"{name}: labels must be 0 .. n_way - 1 with every class present and n_way ≥ 2, "
-                f"got classes {classes}"
+                f"{name}: labels must be 0 .. n_way - 1 with every class present in every episode and "
+                f"n_way ≥ 2, got classes {classes}"
             )
         return support, labels
 
@@ -216,9 +256,24 @@ def create_method(name: str, context: MethodContext, **params: Any) -> FewShotMe
 
 
 def class_means(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """Per-class mean of ``(n, D)`` features with labels in ``0 .. n_way - 1`` -> ``(n_way, D)``."""
+    """Per-class mean of ``(..., n, D)`` features with ``(..., n)`` labels in ``0 .. n_way - 1``
+    -> ``(..., n_way, D)`` (leading axes, e.g. episodes, are kept)."""
     one_hot = F.one_hot(labels, n_way).to(features.dtype)
-    return (one_hot.T @ features) / one_hot.sum(dim=0).unsqueeze(1)
+    return (one_hot.transpose(-1, -2) @ features) / one_hot.sum(dim=-2).unsqueeze(-1)
+
+
+def euclidean_distances(queries: Tensor, centres: Tensor, squared: bool = False) -> Tensor:
+    """Distances from ``(..., n, D)`` queries to ``(..., m, D)`` centres -> ``(..., n, m)``.
+
+    Expands ``‖q‖² + ‖c‖² - 2 q·c`` into one batched matrix product (``torch.cdist`` is several times
+    slower on many small batches), clamped at 0 against rounding.
+    """
+    squares = (
+        queries.square().sum(dim=-1, keepdim=True)
+        + centres.square().sum(dim=-1).unsqueeze(-2)
+        - 2 * queries @ centres.transpose(-1, -2)
+    ).clamp(min=0)
+    return squares if squared else squares.sqrt()
 
 
 def require_positive(name: str, value: object, integer: bool = False) -> None:

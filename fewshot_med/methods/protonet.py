@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from fewshot_med.methods.base import FewShotMethod, class_means, register_method
+from fewshot_med.methods.base import FewShotMethod, class_means, euclidean_distances, register_method
 
 
 @register_method("protonet")
@@ -16,10 +15,11 @@ class ProtoNet(FewShotMethod):
     prototype is the mean of its support features; a query's logits are its negative squared
     Euclidean distances to the prototypes (the distance ProtoNet meta-trains with).
 
-    Shapes: support ``(n_support, D)``, query ``(n_query, D)``, logits ``(n_query, n_way)``.
+    Shapes: support ``(E, n_support, D)``, query ``(E, n_query, D)``, logits ``(E, n_query, n_way)``
+    (``E`` episodes; one episode may drop the axis).
 
     Attributes:
-        prototypes_: ``(n_way, D)`` class means of the support features.
+        prototypes_: ``(E, n_way, D)`` class means of the support features.
     """
 
     inputs = "features"
@@ -28,4 +28,4 @@ class ProtoNet(FewShotMethod):
         self.prototypes_ = class_means(support.float(), labels, self.n_way_)
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        return -torch.cdist(query.float().to(self.prototypes_.device), self.prototypes_).square()
+        return -euclidean_distances(query.float().to(self.prototypes_.device), self.prototypes_, squared=True)

@@ -20,14 +20,15 @@ class R2D2(FewShotMethod):
     tasks. Logits are ``scale · normalise(Q) W``; R2-D2 learns this scale during meta-training, here it
     is fixed. Solved in float64.
 
-    Shapes: support ``(n_support, D)``, query ``(n_query, D)``, logits ``(n_query, n_way)``.
+    Shapes: support ``(E, n_support, D)``, query ``(E, n_query, D)``, logits ``(E, n_query, n_way)``
+    (``E`` episodes, each solved separately; one episode may drop the axis).
 
     Args:
         lam: the ridge penalty λ.
         scale: multiplies the regression outputs (about 0 or 1) into logits.
 
     Attributes:
-        coef_: ``(D, n_way)`` ridge weights ``W``.
+        coef_: ``(E, D, n_way)`` ridge weights ``W``.
     """
 
     inputs = "features"
@@ -41,10 +42,11 @@ class R2D2(FewShotMethod):
         require_positive("scale", self.scale)
 
     def _fit(self, support: Tensor, labels: Tensor) -> None:
-        x = F.normalize(support.double(), dim=1)
+        x = F.normalize(support.double(), dim=-1)
         targets = F.one_hot(labels, self.n_way_).double()
-        gram = x @ x.T + self.lam * torch.eye(len(x), dtype=x.dtype, device=x.device)
-        self.coef_ = x.T @ torch.linalg.solve(gram, targets)
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        gram = x @ x.transpose(1, 2) + self.lam * eye
+        self.coef_ = x.transpose(1, 2) @ torch.linalg.solve(gram, targets)
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        return self.scale * F.normalize(query.double().to(self.coef_.device), dim=1) @ self.coef_
+        return self.scale * F.normalize(query.double().to(self.coef_.device), dim=-1) @ self.coef_

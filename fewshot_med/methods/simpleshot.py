@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot_med.methods.base import FewShotMethod, class_means, register_method, require_positive
+from fewshot_med.methods.base import (
+    FewShotMethod,
+    class_means,
+    euclidean_distances,
+    register_method,
+    require_positive,
+)
 
 
 @register_method("simpleshot")
@@ -22,15 +28,15 @@ class SimpleShot(FewShotMethod):
     in ``[0, 2]``, so ``temperature = 1`` gives nearly uniform probabilities; the default 0.1 is the
     usual cosine-classifier scale of 10. The temperature never changes the predicted class.
 
-    Shapes: support ``(n_support, D)``, query ``(n_query, D)``, ``base_feature_mean`` ``(D,)``,
-    logits ``(n_query, n_way)``.
+    Shapes: support ``(E, n_support, D)``, query ``(E, n_query, D)``, ``base_feature_mean`` ``(D,)``,
+    logits ``(E, n_query, n_way)`` (``E`` episodes; one episode may drop the axis).
 
     Args:
         base_feature_mean: ``(D,)`` mean base-class train feature (from the ``MethodContext``).
         temperature: divides the negative distances.
 
     Attributes:
-        centroids_: ``(n_way, D)`` class means of the CL2N support features.
+        centroids_: ``(E, n_way, D)`` class means of the CL2N support features.
     """
 
     inputs = "features"
@@ -45,7 +51,7 @@ class SimpleShot(FewShotMethod):
 
     def _transform(self, features: Tensor) -> Tensor:
         mean = self.base_feature_mean.to(device=features.device, dtype=torch.float32)
-        return F.normalize(features.float() - mean, dim=1)
+        return F.normalize(features.float() - mean, dim=-1)
 
     def _fit(self, support: Tensor, labels: Tensor) -> None:
         if tuple(self.base_feature_mean.shape) != self.input_shape_:
@@ -56,5 +62,7 @@ class SimpleShot(FewShotMethod):
         self.centroids_ = class_means(self._transform(support), labels, self.n_way_)
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        distances = torch.cdist(self._transform(query.to(self.centroids_.device)), self.centroids_)
-        return -distances / self.temperature
+        return (
+            -euclidean_distances(self._transform(query.to(self.centroids_.device)), self.centroids_)
+            / self.temperature
+        )

@@ -11,13 +11,16 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from fewshot_med.tracking._store import tracking_uri, ui_command
-from fewshot_med.tracking.models import load_backbone, log_backbone
+from fewshot_med.tracking.models import load_backbone, log_backbone, log_classifier
+from fewshot_med.tracking.registry import Registration, register_model
+from fewshot_med.tracking.review import CalibratorFit, ReportPlot, RunReview, collect_run
 from fewshot_med.tracking.runs import (
     RunHandle,
     find_stage_run,
     flatten_params,
     log_dataset_input,
     log_dict_artifact,
+    log_figure,
     log_file_artifact,
     log_metrics,
     log_text_artifact,
@@ -31,19 +34,27 @@ from fewshot_med.tracking.runs import (
 )
 
 __all__ = [
+    "CalibratorFit",
+    "Registration",
+    "ReportPlot",
     "RunHandle",
+    "RunReview",
+    "collect_run",
     "find_stage_run",
     "flatten_params",
     "load_backbone",
     "log_backbone",
+    "log_classifier",
     "log_dataset_input",
     "log_dict_artifact",
+    "log_figure",
     "log_file_artifact",
     "log_metrics",
     "log_text_artifact",
     "metric_key",
     "pipeline_run",
     "pipeline_run_id",
+    "register_model",
     "set_tags",
     "stage_run",
     "store_uri",

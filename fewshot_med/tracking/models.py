@@ -1,10 +1,12 @@
-"""Backbones as MLflow PyTorch models: logged with a signature, reloaded as trainable timm modules."""
+"""Models in MLflow: backbones as PyTorch models (reloaded as trainable timm modules) and adapted
+few-shot classifiers as pyfunc models that take images."""
 
 from __future__ import annotations
 
 import copy
 import json
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewshot_med.tracking.runs import _target, store_uri
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
 
     from fewshot_med.config import TrackingConfig
     from fewshot_med.models import BackboneSpec
+    from fewshot_med.models.classifier import FewShotClassifier
 
 #: Key of the ``BackboneSpec`` in the logged model's ``MLmodel`` metadata.
 SPEC_METADATA_KEY = "fewshot_med_backbone_spec"
@@ -95,3 +98,44 @@ def load_backbone(
     backbone = create_backbone(spec.name, in_chans=spec.in_chans, image_size=spec.image_size)
     backbone.load_state_dict(exported.state_dict())
     return backbone, spec
+
+
+def log_classifier(classifier: FewShotClassifier, name: str = "classifier") -> str | None:
+    """Log a ``FewShotClassifier`` to the current run as an MLflow pyfunc model.
+
+    ``mlflow.pyfunc.load_model(uri).predict(images)`` takes ``(N, H, W, C)`` uint8 images (as in the
+    training data) and returns a table with one probability column per class and ``prediction``,
+    the most probable class. The ``fewshot_med`` package travels with the model (``code_paths``), so
+    it loads wherever torch, timm and scikit-learn are installed.
+
+    Returns:
+        The model URI, or ``None`` when tracking is off.
+    """
+    if _target() is None:
+        return None
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    import fewshot_med
+    from fewshot_med.tracking.pyfunc import ClassifierModel
+
+    size, channels = classifier.spec.image_size, classifier.spec.in_chans
+    example = np.zeros((_EXAMPLE_BATCH, size, size, 3 if channels == 3 else 1), dtype=np.uint8)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, example.shape[-1]))]),
+        outputs=Schema(
+            [*(ColSpec("double", c) for c in classifier.class_names), ColSpec("string", "prediction")]
+        ),
+    )
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=ClassifierModel(classifier),
+        signature=signature,
+        input_example=example,
+        code_paths=[str(Path(fewshot_med.__file__).parent)],
+        pip_requirements=[_pinned(p) for p in ("torch", "timm", "scikit-learn", "numpy", "pandas", "scipy")],
+        metadata={SPEC_METADATA_KEY: json.loads(json.dumps(classifier.spec.to_dict()))},
+    )
+    return info.model_uri

@@ -24,6 +24,7 @@ import yaml
 from fewshot_med.tracking._store import experiment_id, prepare_store, tracking_uri
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow.data.dataset_source import DatasetSource
 
     from fewshot_med.config import Config, TrackingConfig
@@ -265,6 +266,17 @@ def log_text_artifact(text: str, artifact_file: str, run_id: str | None = None) 
     import mlflow
 
     mlflow.log_text(text, artifact_file, run_id=target)
+
+
+def log_figure(figure: Figure, artifact_file: str, run_id: str | None = None) -> None:
+    """Log a matplotlib figure as an image artifact (e.g. ``plots/reliability_5shot.png``), then
+    release it."""
+    target = _target(run_id)
+    if target is not None:
+        from mlflow import MlflowClient
+
+        MlflowClient().log_figure(target, figure, artifact_file)
+    figure.clear()
 
 
 def log_file_artifact(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:

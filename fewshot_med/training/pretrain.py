@@ -4,7 +4,8 @@ The quality of these features bounds every method downstream, so the recipe is a
 head on the pooled features, AdamW (or Nesterov SGD) without weight decay on norms and biases, a
 per-step linear warmup then cosine schedule, label smoothing, class-balanced sampling (HAM10000's
 ``nv`` is 60% of the base images) and batched on-device augmentation. Model selection is by the
-balanced accuracy on the base classes of the val split, with early stopping.
+balanced accuracy on the base classes of the val split, with early stopping, or the last epoch
+(``keep="last"``).
 
 The loop is lean on purpose: batches are indexed from uint8 arrays on the CPU, moved as uint8 and
 normalised/augmented on the device, and losses are accumulated on the device, so the host syncs
@@ -149,7 +150,9 @@ def pretrain(
     Each epoch draws ``steps`` batches of ``b = min(settings.batch_size, len(train))`` images, where
     ``steps = len(train) // b`` (capped by ``settings.steps_per_epoch``); an incomplete last batch
     is dropped, so batch-norm never sees a tiny batch. Then the base classes of the val split are
-    classified (eval mode, no augmentation) and the epoch with the best balanced accuracy is kept.
+    classified (eval mode, no augmentation) and the epoch with the best balanced accuracy is kept. With
+    ``settings.keep == "last"`` every epoch replaces the kept weights (so early stopping never stops
+    the run) and "best" below means the last epoch.
     On CUDA, training runs in bfloat16 autocast; on CUDA and the CPU, the model and batches are
     channels_last (the faster layout for convolutions on both; about 10% on a 2-core CPU).
 
@@ -271,7 +274,7 @@ def pretrain(
         }
         history.append(record)
 
-        if record["val_balanced_accuracy"] > best["metric"]:
+        if settings.keep == "last" or record["val_balanced_accuracy"] > best["metric"]:
             best = {
                 "epoch": epoch + 1,
                 "metric": record["val_balanced_accuracy"],

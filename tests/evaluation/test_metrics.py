@@ -14,8 +14,10 @@ from sklearn.metrics import (
 from fewshot_med.evaluation import (
     METRICS,
     accuracy,
+    adaptive_ece,
     balanced_accuracy,
     brier,
+    classwise_ece,
     compute_metrics,
     ece,
     macro_auroc,
@@ -23,6 +25,7 @@ from fewshot_med.evaluation import (
     nll,
     softmax,
 )
+from fewshot_med.evaluation.metrics import pooled_ece
 
 
 def _random_task(n=60, n_classes=4, seed=0):
@@ -33,7 +36,18 @@ def _random_task(n=60, n_classes=4, seed=0):
 
 
 def test_registry_names_and_order():
-    assert list(METRICS) == ["accuracy", "balanced_accuracy", "macro_auroc", "ece", "mce", "brier", "nll"]
+    assert list(METRICS) == [
+        "accuracy",
+        "balanced_accuracy",
+        "macro_auroc",
+        "ece",
+        "adaptive_ece",
+        "classwise_ece",
+        "mce",
+        "brier",
+        "nll",
+        "aurc",
+    ]
 
 
 def test_ece_and_mce_by_hand():
@@ -106,7 +120,7 @@ def test_perfect_predictions():
     labels = np.array([0, 1, 2, 2, 1, 0])
     metrics = compute_metrics(np.eye(3)[labels] * 100.0, labels)
     assert metrics["accuracy"] == metrics["balanced_accuracy"] == metrics["macro_auroc"] == 1.0
-    for name in ("ece", "mce", "brier", "nll"):
+    for name in ("ece", "adaptive_ece", "classwise_ece", "mce", "brier", "nll"):
         assert metrics[name] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -118,6 +132,9 @@ def test_uniform_predictions():
     assert metrics["balanced_accuracy"] == pytest.approx(0.25)
     assert metrics["macro_auroc"] == pytest.approx(0.5)
     assert metrics["ece"] == pytest.approx(0.0) and metrics["mce"] == pytest.approx(0.0)
+    assert metrics["adaptive_ece"] == pytest.approx(0.0)
+    # class-wise: every column says 1/4; class 0 occurs 2 of 8 times, so does every class -> 0
+    assert metrics["classwise_ece"] == pytest.approx(0.0)
     assert metrics["brier"] == pytest.approx(1 - 1 / 4)  # (3/4)^2 + 3 * (1/4)^2
     assert metrics["nll"] == pytest.approx(math.log(4))
 
@@ -140,3 +157,51 @@ def test_softmax_is_stable_and_accepts_tensors():
 def test_shape_errors():
     with pytest.raises(ValueError, match="must be"):
         accuracy(np.ones((3, 2)) / 2, np.array([0, 1]))
+
+
+def test_adaptive_ece_by_hand():
+    # 4 samples, 2 equal-mass bins: the two least confident, then the two most confident
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.55, 0.45]])
+    labels = np.array([0, 1, 0, 0])
+    # low bin: confidences 0.55 (right), 0.6 (wrong) -> |0.5 - 0.575| = 0.075, weight 2/4
+    # high bin: 0.7 (right), 0.9 (right) -> |1 - 0.8| = 0.2, weight 2/4
+    assert adaptive_ece(probs, labels, n_bins=2) == pytest.approx(0.5 * 0.075 + 0.5 * 0.2)
+    # fewer samples than bins: one sample a bin, so every sample's own |correct - confidence|
+    expected = np.mean([0.1, 0.6, 0.3, 0.45])
+    assert adaptive_ece(probs, labels, n_bins=15) == pytest.approx(expected)
+
+
+def test_classwise_ece_by_hand():
+    probs = np.array([[0.8, 0.2], [0.3, 0.7]])
+    labels = np.array([0, 0])
+    # 2 bins (0, 0.5], (0.5, 1]. Class 0 column: 0.8 (event 1) in bin 2, 0.3 (event 1) in bin 1
+    # -> (|1 - 0.8| + |1 - 0.3|) / 2 = 0.45. Class 1 column: 0.2 (event 0), 0.7 (event 0)
+    # -> (0.2 + 0.7) / 2 = 0.45. Mean over classes 0.45.
+    assert classwise_ece(probs, labels, n_bins=2) == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_episode_batches_equal_one_call_per_episode(name):
+    rng = np.random.default_rng(7)
+    probs = rng.dirichlet(np.ones(3), size=(5, 2, 12))  # (5, 2) episodes of 12 samples
+    labels = rng.integers(0, 3, (5, 2, 12))
+    labels[0, 0] = 1  # one class only: AUROC is NaN there
+    batched = METRICS[name](probs, labels)
+    assert isinstance(batched, np.ndarray) and batched.shape == (5, 2)
+    looped = np.array([[METRICS[name](probs[i, j], labels[i, j]) for j in range(2)] for i in range(5)])
+    np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-15)
+    assert isinstance(METRICS[name](probs[1, 1], labels[1, 1]), float)
+
+
+def test_pooled_ece_is_the_ece_of_all_queries_with_a_bootstrap_interval():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(3), size=(40, 12))  # 40 episodes of 12 queries
+    labels = rng.integers(0, 3, (40, 12))
+    value, half_width = pooled_ece(probs, labels, n_bins=10, n_boot=300, seed=1)
+    assert value == pytest.approx(ece(probs.reshape(-1, 3), labels.ravel(), n_bins=10))
+    assert 0 < half_width < value
+    assert pooled_ece(probs, labels, n_bins=10, n_boot=300, seed=1) == (value, half_width)
+    # per-episode ECE of few samples is biased upwards against the pooled one
+    assert np.mean(ece(probs, labels, n_bins=10)) > value
+    with pytest.raises(ValueError, match="needs \\(E, n, C\\) episodes"):
+        pooled_ece(probs[0], labels[0])

@@ -3,6 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fewshot_med.data import ClassSubset, sample_episodes
 from fewshot_med.errors import DataError
@@ -14,20 +15,29 @@ from fewshot_med.evaluation import (
     evaluate_images,
     evaluate_oracle,
     paired_difference_ci95,
+    runner,
 )
+from fewshot_med.methods import MethodContext, create_method
 
 
 class NearestCentroid:
-    """Stand-in frozen-feature method: logits are negative squared distances to class means."""
+    """Stand-in method: logits are negative squared distances to class means. Like every frozen-feature
+    method it takes episode batches, ``(E, n, D)`` with ``(E, n)`` labels; images come one episode at
+    a time."""
 
     inputs = "features"
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> "NearestCentroid":
-        self.centroids_ = torch.stack([support[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+        self.lead_ = labels.ndim
+        one_hot = F.one_hot(labels).to(torch.float64)
+        sums = one_hot.transpose(-1, -2) @ support.flatten(self.lead_).double()
+        self.centroids_ = sums / one_hot.sum(dim=-2).unsqueeze(-1)
         return self
 
     def predict_logits(self, query: torch.Tensor) -> torch.Tensor:
-        return -(torch.cdist(query.flatten(1).float(), self.centroids_.flatten(1).float()) ** 2)
+        if self.lead_ == 2 and query.ndim == 2:  # pool features shared by all episodes
+            query = query.unsqueeze(0)
+        return -(torch.cdist(query.flatten(self.lead_).double(), self.centroids_) ** 2)
 
 
 class Recording(NearestCentroid):
@@ -70,9 +80,9 @@ def test_frozen_perfectly_separable():
     episodes = sample_episodes(pool, n_way=3, k_shot=5, n_query=10, n_episodes=12, seed=0)
     results = evaluate_frozen(NearestCentroid, features, pool, episodes, label="nc")
     assert (results.method, results.k_shot, len(results)) == ("nc", 5, 12)
-    assert len(results.probs) == len(results.labels) == 12
-    assert results.probs[0].shape == (30, 3) and results.labels[0].shape == (30,)
-    assert list(results.summary()) == list(METRICS)
+    assert results.logits.shape == results.probs.shape == (12, 30, 3) and results.labels.shape == (12, 30)
+    np.testing.assert_allclose(results.probs.sum(axis=-1), 1.0)
+    assert list(results.summary()) == [*METRICS, "accuracy_at_coverage", "ece_pooled"]
     assert results.summary()["accuracy"] == (1.0, 0.0)
     np.testing.assert_array_equal(results.values("accuracy"), np.ones(12))
     assert evaluate_frozen(NearestCentroid, features, pool, episodes).method == "NearestCentroid"
@@ -90,15 +100,34 @@ def test_feature_rows_map_to_split_rows():
         return fitted[-1]
 
     evaluate_frozen(factory, features, pool, episodes)
-    assert len(fitted) == 5  # a fresh method per episode
-    for method, episode in zip(fitted, episodes.episodes, strict=True):
-        np.testing.assert_array_equal(method.support[:, 0].numpy(), episode.support_rows())
-        np.testing.assert_array_equal(method.query[:, 0].numpy(), episode.query_rows())
-        np.testing.assert_array_equal(method.labels.numpy(), episode.support_labels())
+    assert len(fitted) == 1  # one batched fit for all episodes
+    method = fitted[0]
+    assert method.support.shape == (5, 2 * 3, 2) and method.query.shape == (5, 2 * 4, 2)
+    for index, episode in enumerate(episodes.episodes):
+        np.testing.assert_array_equal(method.support[index, :, 0].numpy(), episode.support_rows())
+        np.testing.assert_array_equal(method.query[index, :, 0].numpy(), episode.query_rows())
+        np.testing.assert_array_equal(method.labels[index].numpy(), episode.support_labels())
         pool_labels = [pool.class_names.index(name) for name in episode.classes]
         np.testing.assert_array_equal(
-            method.support[:, 1].numpy(), np.take(pool_labels, episode.support_labels())
+            method.support[index, :, 1].numpy(), np.take(pool_labels, episode.support_labels())
         )
+
+
+def test_episode_batches_are_split_and_joined_in_order(monkeypatch):
+    pool, features = _pool()
+    episodes = sample_episodes(pool, 3, 2, 5, 7, seed=0)
+    whole = evaluate_frozen(NearestCentroid, features, pool, episodes)
+    monkeypatch.setattr(runner, "EPISODES_PER_BATCH", 3)
+    fitted = []
+
+    def factory():
+        fitted.append(NearestCentroid())
+        return fitted[-1]
+
+    chunked = evaluate_frozen(factory, features, pool, episodes)
+    assert len(fitted) == 3  # 3 + 3 + 1 episodes
+    np.testing.assert_allclose(chunked.logits, whole.logits)
+    np.testing.assert_array_equal(chunked.labels, whole.labels)
 
 
 def test_mismatched_episodes_are_refused():
@@ -155,17 +184,18 @@ def test_generalised_metrics():
 
     results = run()
     assert len(results) == 8 and list(results.summary()) == list(GENERALISED_METRICS)
-    for metrics in results.metrics:
-        a, r, h = (metrics[name] for name in GENERALISED_METRICS)
+    for a, r, h in zip(*(results.metrics[name] for name in GENERALISED_METRICS), strict=True):
         assert 0 <= a <= 1 and 0 <= r <= 1 and 0 <= h <= 1
         assert h == pytest.approx(2 * a * r / (a + r) if a + r else 0.0)
-    assert results.probs[0].shape == (4 * 6 + 3 * 5, 7)
+    assert results.logits.shape == (8, 4 * 6 + 3 * 5, 7)
     np.testing.assert_array_equal(results.labels[0][:24], np.repeat(np.arange(4), 6))
     assert set(results.labels[0][24:]) == {4, 5, 6}
     assert results.summary()["base_accuracy"][0] > 0.8  # well-separated means
     prefix = run(n_episodes=3)
-    assert len(prefix) == 3 and prefix.metrics == results.metrics[:3]
-    assert run(seed=1).metrics != results.metrics
+    assert len(prefix) == 3
+    for name in GENERALISED_METRICS:
+        np.testing.assert_array_equal(prefix.metrics[name], results.metrics[name][:3])
+    assert not np.array_equal(run(seed=1).logits, results.logits)
 
 
 def test_oracle_beats_one_shot_nearest_centroid():
@@ -202,3 +232,20 @@ def test_oracle_two_classes():
         train_features, train_labels, pool_features, pool, sample_episodes(pool, 2, 1, 5, 3, 0)
     )
     assert oracle.probs[0].shape == (10, 2) and oracle.summary()["accuracy"][0] > 0.9
+
+
+@pytest.mark.parametrize("dim", [2, 64])  # 2: queries gathered per episode; 64: the pool scored once
+def test_batched_logits_equal_one_fit_per_episode(dim):
+    rng = np.random.default_rng(dim)
+    pool, _ = _pool()
+    features = torch.tensor(rng.normal(size=(len(pool), dim)), dtype=torch.float32)
+    episodes = sample_episodes(pool, 3, 2, 5, 6, seed=0)
+    results = evaluate_frozen(lambda: create_method("protonet", MethodContext()), features, pool, episodes)
+    lookup = {row: position for position, row in enumerate(pool.indices)}
+    for index, episode in enumerate(episodes.episodes):
+        support = features[[lookup[row] for row in episode.support_rows()]]
+        query = features[[lookup[row] for row in episode.query_rows()]]
+        method = create_method("protonet", MethodContext()).fit(
+            support, torch.tensor(episode.support_labels())
+        )
+        np.testing.assert_allclose(results.logits[index], method.predict_logits(query).double(), rtol=1e-5)

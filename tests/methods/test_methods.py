@@ -112,8 +112,8 @@ def test_fit_returns_self_and_predict_needs_fit(name: str, context: MethodContex
         ([0, 2, 2], "labels must be 0 .. n_way - 1"),  # class 1 missing
         ([1, 1, 1], "labels must be 0 .. n_way - 1"),
         ([0, 0, 0], "n_way ≥ 2"),
-        ([0, 1], "labels must be 3 integers"),
-        ([0.0, 1.0, 1.0], "labels must be 3 integers"),
+        ([0, 1], r"labels must be integers of shape \(3,\)"),
+        ([0.0, 1.0, 1.0], r"labels must be integers of shape \(3,\)"),
     ],
 )
 def test_invalid_labels_raise(name: str, labels: list[float], message: str, context: MethodContext) -> None:
@@ -126,7 +126,39 @@ def test_invalid_labels_raise(name: str, labels: list[float], message: str, cont
 def test_support_of_the_wrong_kind_raises(name: str, context: MethodContext) -> None:
     support, labels = task(name, k_shot=1)[:2]
     with pytest.raises(ValueError, match="support must be a float tensor of shape"):
-        make(name, context).fit(support[:, None], labels)
+        make(name, context).fit(support[:, None, None], labels)
+
+
+FEATURE_NAMES = [name for name in NAMES if METHODS[name].inputs == "features"]
+
+
+@pytest.mark.parametrize("name", FEATURE_NAMES)
+def test_a_batch_of_episodes_equals_one_fit_per_episode(name: str, context: MethodContext) -> None:
+    episodes = [task(name, k_shot=2, n_query=4, seed=seed) for seed in range(4)]
+    support, labels, query = (torch.stack([e[i] for e in episodes]) for i in range(3))
+    labels[1] = labels[1].flip(0)  # episodes need not share a label order
+    batched = make(name, context).fit(support, labels)
+    assert batched.n_episodes_ == 4
+    logits = batched.predict_logits(query)
+    assert logits.shape == (4, 12, 3) and logits.dtype == torch.float32
+    for index in range(4):
+        alone = make(name, context).fit(support[index], labels[index]).predict_logits(query[index])
+        torch.testing.assert_close(logits[index], alone, rtol=1e-5, atol=1e-5)
+    shared = batched.predict_logits(query[2])  # (n_query, D) shared by all episodes
+    assert shared.shape == (4, 12, 3)
+    torch.testing.assert_close(shared[2], logits[2], rtol=1e-5, atol=1e-5)
+    alone = make(name, context).fit(support[0], labels[0]).predict_logits(query[2])
+    torch.testing.assert_close(shared[0], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="query must be a tensor of shape"):
+        batched.predict_logits(query[:, :, :-1])
+
+
+@pytest.mark.parametrize("name", FEATURE_NAMES)
+def test_every_episode_of_a_batch_needs_every_class(name: str, context: MethodContext) -> None:
+    support, labels = task(name, k_shot=2)[:2]
+    labels = torch.stack([labels, torch.tensor([0, 0, 2, 2, 0, 2])])  # class 1 missing in episode 1
+    with pytest.raises(ValueError, match="every class present in every episode"):
+        make(name, context).fit(torch.stack([support, support]), labels)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -184,9 +216,10 @@ def test_r2d2_dual_solution_equals_the_primal_ridge(k_shot: int, context: Method
 def test_logreg_matches_scikit_learn(n_way: int, context: MethodContext) -> None:
     support, labels, query, _ = task("logreg", n_way=n_way, k_shot=3)
     logits = create_method("logreg", context, C=2.0).fit(support, labels).predict_logits(query)
-    model = LogisticRegression(C=2.0, max_iter=1000).fit(F.normalize(support, dim=1).numpy(), labels.numpy())
-    normalised_query = F.normalize(query, dim=1).numpy()
-    np.testing.assert_allclose(torch.softmax(logits, dim=1), model.predict_proba(normalised_query), atol=1e-4)
+    model = LogisticRegression(C=2.0, solver="newton-cg", tol=1e-12)  # near-exact, like our Newton solve
+    model.fit(F.normalize(support.double(), dim=1).numpy(), labels.numpy())
+    normalised_query = F.normalize(query.double(), dim=1).numpy()
+    np.testing.assert_allclose(torch.softmax(logits, dim=1), model.predict_proba(normalised_query), atol=1e-6)
     np.testing.assert_array_equal(logits.argmax(dim=1), model.predict(normalised_query))
 
 

@@ -208,6 +208,29 @@ def test_early_stopping_keeps_the_best_epoch(data, monkeypatch):
     assert not torch.equal(snapshots[1]["conv1.0.weight"], snapshots[3]["conv1.0.weight"])
 
 
+def test_keep_last_hands_on_the_last_epoch_and_never_stops_early(data, monkeypatch):
+    train, val, spec = data
+    scripted = iter([0.9, 0.3, 0.2, 0.1])  # would stop early and keep epoch 1 in the "best" mode
+    monkeypatch.setattr(
+        pretrain_module,
+        "_validate",
+        lambda *a, **k: {"val_loss": 1.0, "val_accuracy": 0.5, "val_balanced_accuracy": next(scripted)},
+    )
+    backbone = fresh_backbone(spec)
+    snapshots = []
+
+    def snapshot(metrics: dict[str, float], epoch: int) -> None:
+        snapshots.append({k: v.clone() for k, v in backbone.state_dict().items()})
+
+    settings = quick(epochs=4, early_stopping_patience=1, steps_per_epoch=1, keep="last")
+    result = pretrain(backbone, spec, train, val, settings, CPU, log_metrics=snapshot)
+    assert not result.stopped_early and len(result.history) == 4
+    assert result.best_epoch == 4 and result.best_val_balanced_accuracy == 0.1
+    for key, value in result.backbone.state_dict().items():
+        assert torch.equal(value, snapshots[3][key]), key
+    assert not torch.equal(snapshots[0]["conv1.0.weight"], snapshots[3]["conv1.0.weight"])
+
+
 def test_balanced_sampling_draws_classes_equally_often():
     labels = np.repeat(np.arange(4), [600, 200, 50, 10])
     rows = epoch_indices(labels, True, 40_000, np.random.default_rng(0))

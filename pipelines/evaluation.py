@@ -1,0 +1,404 @@
+"""The evaluation stage: every method on the fixed test episodes, calibrated, plotted and tracked.
+
+Per method and K: the uncalibrated results, then one row per configured calibrator (a temperature fitted
+on val-split episodes, and a per-episode temperature from leave-one-out on the support set). The
+oracle and the generalised (base + novel) setting follow the guide's protocol. Everything goes to
+MLflow: summary metrics named ``test.<K>shot.<method>[.<calibration>].<metric>`` on the pipeline run
+(and without the method on its nested run, so the compare view lines methods up), per-episode CSVs,
+the episode lists, plots, and the summary table as markdown and CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fewshot_med import tracking
+from fewshot_med.config import Config, EvaluationConfig, MethodConfig
+from fewshot_med.data import ClassSubset, EpisodeList, sample_episodes
+from fewshot_med.data.transforms import to_model_input
+from fewshot_med.errors import FewshotMedError
+from fewshot_med.evaluation import (
+    EpisodeResults,
+    evaluate_frozen,
+    evaluate_generalised,
+    evaluate_images,
+    evaluate_oracle,
+)
+from fewshot_med.evaluation.calibration import (
+    calibrate_with_support_leave_one_out,
+    calibrate_with_val_episodes,
+)
+from fewshot_med.evaluation.report import (
+    best_calibration_table,
+    markdown_table,
+    paired_difference_table,
+    summary_csv,
+    summary_rows,
+)
+from fewshot_med.evaluation.selective import risk_coverage_curve
+from fewshot_med.methods import METHODS, MethodContext, create_method
+from fewshot_med.models import BackboneSpec, embed
+from pipelines.stages import Data
+
+GENERALISED_TABLE = ("base_accuracy", "novel_recall", "harmonic_mean")
+
+
+@dataclass
+class EvaluationReport:
+    """Everything the evaluation stage measured (``validation``: uncalibrated results on the val
+    episodes by (method, test K), which calibration and model selection use)."""
+
+    few_shot: list[EpisodeResults]
+    generalised: list[EpisodeResults]
+    validation: dict[tuple[str, int], EpisodeResults] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Markdown: few-shot results, the best calibrator per setting, then generalised results."""
+        text = markdown_table(self.few_shot)
+        if any(result.calibration != "none" for result in self.few_shot):
+            text += "\n\nLowest test ECE per method and K:\n\n" + best_calibration_table(self.few_shot)
+        text += "\n\nPaired differences on the same episodes (uncalibrated):\n\n"
+        text += paired_difference_table(self.few_shot)
+        if self.generalised:
+            text += "\n\nGeneralised (base + novel classes):\n\n"
+            text += markdown_table(self.generalised, GENERALISED_TABLE)
+        return text
+
+
+@dataclass(frozen=True)
+class _Episodes:
+    """The fixed episode lists of a run, per K: test, and val (for calibration; ``None`` if unused)."""
+
+    test: dict[int, EpisodeList]
+    val: dict[int, EpisodeList] | None
+
+
+def validation_shots(pool: ClassSubset, k_shot: int) -> int:
+    """Shots of the val episodes that stand in for ``k_shot``: ``k_shot``, capped so that the smallest
+    val class keeps at least as many queries as shots (HAM10000's val split has 10 df images, so
+    K = 10 is calibrated on 5-shot val episodes)."""
+    smallest = int(np.bincount(pool.labels, minlength=len(pool.class_names)).min())
+    if smallest < 2:
+        raise FewshotMedError(
+            f"evaluation.calibration has val_temperature, but the {pool.split} split holds {smallest} "
+            f"image(s) of a novel class {list(pool.class_names)}; val episodes need 2 per class. Remove "
+            "val_temperature from evaluation.calibration or give the split more images"
+        )
+    return min(k_shot, smallest // 2)
+
+
+def _episodes(config: Config, pools: dict[str, ClassSubset], n_way: int) -> _Episodes:
+    protocol = config.episodes
+    test = {
+        k: sample_episodes(pools["test"], n_way, k, protocol.n_query, protocol.n_test_episodes, protocol.seed)
+        for k in protocol.shots
+    }
+    val = None
+    if "val_temperature" in config.evaluation.calibration:
+        val_pool = pools["val"]
+        val = {
+            k: sample_episodes(
+                val_pool,
+                n_way,
+                validation_shots(val_pool, k),
+                protocol.n_query,
+                protocol.n_val_episodes,
+                protocol.seed,
+            )
+            for k in protocol.shots
+        }
+    return _Episodes(test, val)
+
+
+def _prefix(episodes: EpisodeList, limit: int | None) -> EpisodeList:
+    """The first ``limit`` episodes (the same tasks every method sees first)."""
+    if limit is None or limit >= len(episodes):
+        return episodes
+    return dataclasses.replace(episodes, episodes=episodes.episodes[:limit])
+
+
+def calibrated_variants(
+    test: EpisodeResults, val: EpisodeResults | None, settings: EvaluationConfig
+) -> list[EpisodeResults]:
+    """``test`` re-scored by every configured calibrator that applies (val results present for
+    ``val_temperature``; leave-one-out logits present, i.e. K ≥ 2 and frozen features, for
+    ``loo_temperature``)."""
+    t_min, t_max = settings.temperature_bounds
+    variants = []
+    if "val_temperature" in settings.calibration and val is not None:
+        variants.append(calibrate_with_val_episodes(test, val, t_min=t_min, t_max=t_max))
+    if "loo_temperature" in settings.calibration and test.support_logits is not None:
+        variants.append(calibrate_with_support_leave_one_out(test, t_min=t_min, t_max=t_max))
+    return variants
+
+
+def evaluate_stage(
+    config: Config, data: Data, backbone: nn.Module, spec: BackboneSpec, device: torch.device
+) -> EvaluationReport:
+    """Every configured method on the fixed test episodes of every K, calibrated, plus the oracle and
+    the generalised rows.
+
+    Frozen-feature methods use embeddings computed once per image and fit all episodes in one batched
+    call; fine-tuning methods get images, one episode at a time.
+    """
+    subsets = {
+        f"{role}_{split}": data.subset(split, role)
+        for role, split in (
+            ("base", "train"),
+            ("base", "test"),
+            ("novel", "train"),
+            ("novel", "val"),
+            ("novel", "test"),
+        )
+    }
+    features = {
+        name: embed(backbone, subset.images, spec, device, config.evaluation.batch_size)
+        for name, subset in tqdm(subsets.items(), desc="embedding", leave=False, disable=None)
+    }
+    context = MethodContext(
+        base_feature_mean=features["base_train"].mean(dim=0),
+        backbone=backbone,
+        spec=spec,
+        device=device,
+        seed=config.seed,
+    )
+    n_way = config.episodes.n_way or len(data.roles.novel)
+    episodes = _episodes(config, {"test": subsets["novel_test"], "val": subsets["novel_val"]}, n_way)
+    report = EvaluationReport(few_shot=[], generalised=[])
+    with tracking.stage_run("evaluate", params=_evaluation_params(config)):
+        tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
+        if episodes.val is not None:
+            tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.novel)
+        for k, test_episodes in episodes.test.items():
+            tracking.log_dict_artifact(test_episodes, f"episodes/test_{k}shot.json")
+            if episodes.val is not None:
+                tracking.log_dict_artifact(episodes.val[k], f"episodes/val_{k}shot.json")
+        for method in config.methods:
+            results, generalised, validation = _evaluate_method(
+                method, context, features, subsets, episodes, config
+            )
+            _log_method(method.display_name, results, generalised, config.evaluation)
+            report.few_shot += results
+            report.generalised += generalised
+            report.validation.update(validation)
+        if config.evaluation.oracle:
+            oracle = _evaluate_oracle(features, subsets, episodes, config.evaluation)
+            _log_method("oracle", oracle, [], config.evaluation)
+            report.few_shot += oracle
+        _log_report(report, config.evaluation)
+    return report
+
+
+def _evaluate_method(
+    method: MethodConfig,
+    context: MethodContext,
+    features: dict[str, torch.Tensor],
+    subsets: dict[str, ClassSubset],
+    episodes: _Episodes,
+    config: Config,
+) -> tuple[list[EpisodeResults], list[EpisodeResults], dict[tuple[str, int], EpisodeResults]]:
+    """One method over every K: few-shot results with their calibrated variants, generalised results
+    (frozen-feature methods), and the val-episode results (when val episodes are drawn)."""
+    label = method.display_name
+    create_method(method.name, context, **method.params)  # refuse bad names/params before any work
+    factory = lambda: create_method(method.name, context, **method.params)  # noqa: E731
+    settings = config.evaluation
+    scoring: dict[str, Any] = {"label": label, "coverage": settings.coverage, "n_bins": settings.ece_bins}
+    frozen = METHODS[method.name].inputs == "features"
+    spec, device = context.spec, context.device
+    to_input = lambda images: to_model_input(images, spec.mean, spec.std, spec.in_chans, device)  # noqa: E731
+    test_pool, val_pool = subsets["novel_test"], subsets["novel_val"]
+    results, generalised, validation = [], [], {}
+    for k, all_test in episodes.test.items():
+        test_episodes = _prefix(all_test, method.max_episodes)
+        val_episodes = None if episodes.val is None else _prefix(episodes.val[k], method.max_episodes)
+        val = None
+        if frozen:
+            leave_one_out = "loo_temperature" in settings.calibration and k >= 2
+            test = evaluate_frozen(
+                factory,
+                features["novel_test"],
+                test_pool,
+                test_episodes,
+                leave_one_out=leave_one_out,
+                **scoring,
+            )
+            if val_episodes is not None:
+                val = evaluate_frozen(factory, features["novel_val"], val_pool, val_episodes, **scoring)
+        else:
+            test = evaluate_images(factory, test_pool.images, test_pool, test_episodes, to_input, **scoring)
+            if val_episodes is not None:
+                val = evaluate_images(factory, val_pool.images, val_pool, val_episodes, to_input, **scoring)
+        results += [test, *calibrated_variants(test, val, settings)]
+        if val is not None:
+            validation[label, k] = val
+        if settings.generalised and frozen:
+            generalised.append(
+                evaluate_generalised(
+                    factory,
+                    features["base_train"],
+                    subsets["base_train"].labels,
+                    features["base_test"],
+                    subsets["base_test"].labels,
+                    features["novel_test"],
+                    test_pool,
+                    test_episodes,
+                    base_shots=settings.generalised_base_shots or k,
+                    n_episodes=settings.generalised_episodes,
+                    seed=config.seed,
+                    label=label,
+                    base_class_names=subsets["base_train"].class_names,
+                )
+            )
+    return results, generalised, validation
+
+
+def _evaluate_oracle(
+    features: dict[str, torch.Tensor],
+    subsets: dict[str, ClassSubset],
+    episodes: _Episodes,
+    settings: EvaluationConfig,
+) -> list[EpisodeResults]:
+    """The oracle probe on every K's test episodes (its queries), calibrated on the val episodes."""
+    scoring: dict[str, Any] = {"coverage": settings.coverage, "n_bins": settings.ece_bins}
+    train, labels = features["novel_train"], subsets["novel_train"].labels
+    results = []
+    for k, test_episodes in episodes.test.items():
+        test = evaluate_oracle(
+            train, labels, features["novel_test"], subsets["novel_test"], test_episodes, **scoring
+        )
+        val = None
+        if episodes.val is not None:
+            val = evaluate_oracle(
+                train, labels, features["novel_val"], subsets["novel_val"], episodes.val[k], **scoring
+            )
+        results += [test, *calibrated_variants(test, val, settings)]
+    return results
+
+
+def _evaluation_params(config: Config) -> dict[str, Any]:
+    settings = config.evaluation.model_dump()
+    settings["calibration"] = ",".join(settings["calibration"])
+    return {**settings, "episodes": config.episodes.model_dump()}
+
+
+def _metric_prefix(result: EpisodeResults, split: str = "test") -> tuple[str, ...]:
+    calibration = () if result.calibration == "none" else (result.calibration,)
+    return (split, f"{result.k_shot}shot", *calibration)
+
+
+def _per_episode_csv(result: EpisodeResults) -> str:
+    """Per-episode metric values as CSV text."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["episode", *result.metrics])
+    for index, row in enumerate(zip(*result.metrics.values(), strict=True)):
+        writer.writerow([index, *(float(value) for value in row)])
+    return buffer.getvalue()
+
+
+def _log_method(
+    label: str, results: list[EpisodeResults], generalised: list[EpisodeResults], settings: EvaluationConfig
+) -> None:
+    """A nested run for the method: metrics, calibrator parameters, per-episode CSVs and plots; its
+    summaries also go on the pipeline run under the method's name."""
+    shots = sorted({result.k_shot for result in results})
+    with tracking.stage_run(f"method:{label}", tags={"method": label, "shots": ",".join(map(str, shots))}):
+        for result in results:
+            tracking.log_metrics(tracking.summary_metrics(result.summary(), *_metric_prefix(result)))
+            if result.calibrator:
+                names = ("calibration", f"{result.k_shot}shot", result.calibration)
+                tracking.log_metrics(
+                    {tracking.metric_key(*names, key): value for key, value in result.calibrator.items()}
+                )
+            suffix = "" if result.calibration == "none" else f"_{result.calibration}"
+            tracking.log_text_artifact(
+                _per_episode_csv(result), f"per_episode/test_{result.k_shot}shot{suffix}.csv"
+            )
+        for result in generalised:
+            tracking.log_metrics(
+                tracking.summary_metrics(result.summary(), "generalised", f"{result.k_shot}shot")
+            )
+        if settings.plots:
+            _log_method_plots(label, results, generalised, settings.ece_bins)
+    pipeline_run = tracking.pipeline_run_id()
+    for result in results:
+        summary = tracking.summary_metrics(
+            result.summary(), *_metric_prefix(result)[:2], label, *_metric_prefix(result)[2:]
+        )
+        tracking.log_metrics(summary, run_id=pipeline_run)
+    for result in generalised:
+        summary = tracking.summary_metrics(result.summary(), "generalised", f"{result.k_shot}shot", label)
+        tracking.log_metrics(summary, run_id=pipeline_run)
+
+
+def _log_method_plots(
+    label: str, results: list[EpisodeResults], generalised: list[EpisodeResults], n_bins: int
+) -> None:
+    """Per K: a reliability diagram (before and after the val-episode temperature, else the first
+    calibrator) and a confusion matrix over the novel classes; the generalised confusion matrix."""
+    from fewshot_med.evaluation.plots import confusion_matrix_figure, reliability_diagram
+
+    for k in sorted({result.k_shot for result in results}):
+        at_k = {result.calibration: result for result in results if result.k_shot == k}
+        raw = at_k["none"]
+        calibrated = at_k.get("val_temperature") or next((r for r in at_k.values() if r is not raw), None)
+        n_classes = raw.logits.shape[-1]
+        title = f"{label}, {k}-shot" + (f" ({calibrated.calibration} on the right)" if calibrated else "")
+        figure = reliability_diagram(
+            raw.probs.reshape(-1, n_classes),
+            raw.labels.ravel(),
+            calibrated_probs=None if calibrated is None else calibrated.probs.reshape(-1, n_classes),
+            n_bins=n_bins,
+            title=title,
+        )
+        tracking.log_figure(figure, f"plots/reliability_{k}shot.png")
+        true, predicted = raw.pooled_class_labels()
+        figure = confusion_matrix_figure(
+            true, predicted, raw.class_names, title=f"{label}, {k}-shot, test episodes"
+        )
+        tracking.log_figure(figure, f"plots/confusion_{k}shot.png")
+    for result in generalised:
+        if result.class_names:
+            true, predicted = result.pooled_class_labels()
+            title = f"{label}, {result.k_shot}-shot, base + novel classes"
+            figure = confusion_matrix_figure(true, predicted, result.class_names, title=title)
+            tracking.log_figure(figure, f"plots/generalised_confusion_{result.k_shot}shot.png")
+
+
+def _log_report(report: EvaluationReport, settings: EvaluationConfig) -> None:
+    """The summary tables (markdown, CSV, JSON) and the cross-method plots, on the evaluate run."""
+    tracking.log_text_artifact(report.table(), "results.md")
+    tracking.log_text_artifact(summary_csv(report.few_shot + report.generalised), "results.csv")
+    tracking.log_dict_artifact(summary_rows(report.few_shot + report.generalised), "results.json")
+    pipeline_run = tracking.pipeline_run_id()
+    tracking.log_text_artifact(report.table(), "results.md", run_id=pipeline_run)
+    tracking.log_text_artifact(
+        summary_csv(report.few_shot + report.generalised), "results.csv", run_id=pipeline_run
+    )
+    if not settings.plots:
+        return
+    from fewshot_med.evaluation.plots import accuracy_vs_shots_figure, risk_coverage_figure
+
+    raw = [result for result in report.few_shot if result.calibration == "none"]
+    rows = [(r.method, r.k_shot, *r.summary()["accuracy"]) for r in raw]
+    figure = accuracy_vs_shots_figure(rows, title="Test accuracy (mean ± 95% CI over episodes)")
+    tracking.log_figure(figure, "plots/accuracy_vs_shots.png", run_id=pipeline_run)
+    for k in sorted({result.k_shot for result in raw}):
+        curves = {}
+        for result in (r for r in raw if r.k_shot == k):
+            coverage, risk = risk_coverage_curve(result.probs, result.labels)
+            curves[result.method] = (coverage, risk.mean(axis=0))
+        title = f"{k}-shot: risk of the most confident queries (mean over episodes)"
+        tracking.log_figure(
+            risk_coverage_figure(curves, title=title), f"plots/risk_coverage_{k}shot.png", run_id=pipeline_run
+        )

@@ -1,0 +1,127 @@
+"""The registration stage: adapt the best method to labelled cases and register it in MLflow.
+
+Selection rule (stated in every registered version's description): among the evaluated methods, the
+one with the highest mean accuracy on the val episodes at the registered shot count (the test
+episodes are never used to choose). The classifier is that method fitted on K images per novel
+class drawn from the train split (seeded), with the temperature fitted on the val episodes, so the
+test-episode metrics of that method, K and calibration describe it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewshot_med import tracking
+from fewshot_med.config import Config
+from fewshot_med.errors import ConfigError
+from fewshot_med.evaluation import EpisodeResults
+from fewshot_med.evaluation.report import markdown_table
+from fewshot_med.methods import MethodContext, create_method
+from fewshot_med.models import BackboneSpec, embed
+from fewshot_med.models.classifier import fit_classifier
+from fewshot_med.tracking import Registration
+from pipelines.evaluation import EvaluationReport
+from pipelines.stages import Data
+
+
+def _selected(report: EvaluationReport, k_shot: int) -> tuple[str, EpisodeResults]:
+    """The method with the highest mean val-episode accuracy at test ``k_shot``, and those results."""
+    at_k = {method: val for (method, k), val in report.validation.items() if k == k_shot}
+    if not at_k:
+        raise ConfigError(
+            f"tracking.registered_model needs val-episode results at K={k_shot}: keep val_temperature in "
+            "evaluation.calibration and K in episodes.shots (or set tracking.register_k_shot)"
+        )
+    method = max(at_k, key=lambda name: at_k[name].summary()["accuracy"][0])
+    return method, at_k[method]
+
+
+def register_stage(
+    config: Config,
+    data: Data,
+    backbone: nn.Module,
+    spec: BackboneSpec,
+    device: torch.device,
+    report: EvaluationReport,
+) -> Registration | None:
+    """Select, adapt, log and register the classifier (nothing when no model name is configured)."""
+    name = config.tracking.registered_model
+    if name is None or not config.tracking.enabled:
+        return None
+    k_shot = config.tracking.register_k_shot or max(config.episodes.shots)
+    label, chosen = _selected(report, k_shot)
+    method_config = next(m for m in config.methods if m.display_name == label)
+    test = {r.calibration: r for r in report.few_shot if r.method == label and r.k_shot == k_shot}
+    calibrated = test.get("val_temperature", test["none"])
+    temperature = calibrated.calibrator.get("temperature", 1.0)
+
+    pool = data.subset("train", "novel")
+    rng = np.random.default_rng([config.seed, k_shot])
+    rows = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(pool.labels == c), k_shot, replace=False)
+            for c in range(len(pool.class_names))
+        ]
+    )
+    base_train = data.subset("train", "base")
+    context = MethodContext(
+        base_feature_mean=embed(backbone, base_train.images, spec, device).mean(dim=0),
+        backbone=backbone,
+        spec=spec,
+        device=device,
+        seed=config.seed,
+    )
+    method = create_method(method_config.name, context, **method_config.params)
+    classifier = fit_classifier(
+        backbone, spec, method, pool.images[rows], pool.labels[rows], pool.class_names, temperature, device
+    )
+    score_name = f"val.{chosen.k_shot}shot.accuracy"
+    score = chosen.summary()["accuracy"][0]
+    description = _description(
+        config, data, chosen, calibrated, test["none"], k_shot, temperature, score_name
+    )
+    with tracking.stage_run("register", tags={"method": label, "k_shot": str(k_shot)}):
+        tracking.log_text_artifact(description, "model_card.md")
+        uri = tracking.log_classifier(classifier)
+        registration = tracking.register_model(
+            uri, name, description, score, score_name, alias=config.tracking.model_alias
+        )
+        tracking.set_tags(
+            {
+                "registered_model": name,
+                "registered_version": registration.version,
+                f"holds_{registration.alias}": str(registration.holds_alias).lower(),
+            }
+        )
+    return registration
+
+
+def _description(
+    config: Config,
+    data: Data,
+    chosen: EpisodeResults,
+    calibrated: EpisodeResults,
+    uncalibrated: EpisodeResults,
+    k_shot: int,
+    temperature: float,
+    score_name: str,
+) -> str:
+    """The version's model card: what it is, how it was chosen, and its test-episode evaluation."""
+    classes = ", ".join(data.roles.novel)
+    run_id = tracking.pipeline_run_id()
+    accuracy, half_width = chosen.summary()["accuracy"]
+    rows = [uncalibrated] if calibrated is uncalibrated else [uncalibrated, calibrated]
+    return (
+        f"**{chosen.method}** on a `{config.model.backbone}` backbone, adapted on {k_shot} labelled "
+        f"images per class of the train split ({classes}; seed {config.seed}), temperature "
+        f"{temperature:.3f} (fitted on val episodes).\n\n"
+        f"Selection rule: highest mean accuracy on {len(chosen)} val episodes ({score_name} = "
+        f"{accuracy:.3f} ± {half_width:.3f}); the alias `{config.tracking.model_alias}` moves to a new "
+        "version that scores at least as well.\n\n"
+        f"Test episodes ({config.episodes.n_query} queries per class at most), mean ± 95% CI:\n\n"
+        f"{markdown_table(rows)}\n\n"
+        f"Data `{data.dataset.name}`, digest `{data.dataset.digest}`; pipeline run `{run_id}`; config "
+        f"`{config.name}`."
+    )
