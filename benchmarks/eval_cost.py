@@ -9,6 +9,7 @@ Run: ``python -m benchmarks.eval_cost [--data ham10000] [--methods simpleshot lo
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -24,10 +25,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="ham10000")
     parser.add_argument("--backbone", default="resnet10t")
-    parser.add_argument("--methods", nargs="+", default=["simpleshot", "protonet", "r2d2", "logreg"])
+    parser.add_argument("--methods", nargs="+", default=["simpleshot", "protonet", "r2d2", "logreg", "anil"])
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timings per method; the median is printed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -40,22 +42,29 @@ def main() -> None:
     spec = BackboneSpec(args.backbone, 3, dataset.image_shape[0], mean, std)
     backbone = create_backbone(spec.name, 3, spec.image_size).eval()
     embed(backbone, pool.images[:8], spec, device)  # warm-up
-    start = time.perf_counter()
-    features = embed(backbone, pool.images, spec, device)
-    forward = time.perf_counter() - start
+    forwards = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        features = embed(backbone, pool.images, spec, device)
+        forwards.append(time.perf_counter() - start)
+    forward = statistics.median(forwards)
     episodes = sample_episodes(pool, len(roles.novel), args.shots, 15, args.episodes, seed=0)
     start = time.perf_counter()
     assert len(episodes.arrays.support_rows) == args.episodes  # stacked once per list, shared by methods
     stacking = time.perf_counter() - start
     context = MethodContext(base_feature_mean=features.mean(dim=0))
     print(f"data={args.data} pool={len(pool)} images, {args.episodes} {args.shots}-shot episodes")
-    print(
-        f"one forward pass over the pool: {forward:.3f} s; stacking the episode list once: {stacking:.3f} s"
-    )
+    print(f"one forward pass over the pool: {forward:.3f} s (medians of {args.repeats} timings)")
+    print(f"stacking the episode list (once, shared by all methods): {stacking:.3f} s")
     for name in args.methods:
-        start = time.perf_counter()
-        evaluate_frozen(lambda name=name: create_method(name, context), features, pool, episodes, label=name)
-        seconds = time.perf_counter() - start
+        timings = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            evaluate_frozen(
+                lambda name=name: create_method(name, context), features, pool, episodes, label=name
+            )
+            timings.append(time.perf_counter() - start)
+        seconds = statistics.median(timings)
         ratio = (forward + seconds) / forward
         print(f"{name:>11}: episodes {seconds:.3f} s; (forward + episodes) / forward = {ratio:.2f}")
 

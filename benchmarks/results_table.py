@@ -16,6 +16,31 @@ from mlflow import MlflowClient
 from fewshot_med import tracking
 
 
+def _lowest_pooled_ece(metrics: dict[str, float]) -> str:
+    """Per (method, K) on the pipeline run: the calibration with the lowest pooled test ECE."""
+    found: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
+    pattern = re.compile(r"^test\.(\d+)shot\.(.+?)(?:\.(val_temperature|loo_temperature))?\.ece_pooled$")
+    for key, value in metrics.items():
+        match = pattern.match(key)
+        if match:
+            k_shot, method, calibration = int(match[1]), match[2], match[3] or "none"
+            found.setdefault((method, k_shot), {})[calibration] = (value, metrics[f"{key}_ci95"])
+    lines = [
+        "| method | K | lowest ece_pooled | ece_pooled | uncalibrated ece_pooled |",
+        "|---|---|---|---|---|",
+    ]
+    order = list(dict.fromkeys(method for method, _ in found))
+    for method, k_shot in sorted(found, key=lambda key: (order.index(key[0]), key[1])):
+        values = found[method, k_shot]
+        best = min(values, key=lambda name: values[name][0])
+        raw = values.get("none", (float("nan"), float("nan")))
+        lines.append(
+            f"| {method} | {k_shot} | {best} | {values[best][0]:.3f} ± {values[best][1]:.3f} "
+            f"| {raw[0]:.3f} ± {raw[1]:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def section(run_id: str) -> tuple[str, str]:
     """``(experiment name, markdown section)`` for a finished pipeline run."""
     client = MlflowClient(tracking.store_uri())
@@ -25,6 +50,14 @@ def section(run_id: str) -> tuple[str, str]:
     if evaluate is None:
         raise SystemExit(f"run {run_id} has no finished evaluate stage")
     table = Path(client.download_artifacts(evaluate, "results.md")).read_text().strip()
+    table = re.sub(
+        r"Lowest (pooled )?test ECE per method and K:\n\n.*?\n\n",
+        lambda _: (
+            "Lowest pooled test ECE per method and K:\n\n" + _lowest_pooled_ece(run.data.metrics) + "\n\n"
+        ),
+        table,
+        flags=re.S,
+    )
     tags, metrics = run.data.tags, run.data.metrics
     times = ", ".join(
         f"{key.removeprefix('time.').removesuffix('_seconds')} {value / 60:.1f} min"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -280,8 +281,17 @@ def report_command(
     console.print(str(path), markup=False, highlight=False)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a batch scheduler's time limit) ends runs like Ctrl-C: MLflow runs are marked
+    KILLED with what they logged, training checkpoints stay for ``--resume``, and the exit status is
+    130 (typer's for an interrupt)."""
+    print("interrupted (SIGTERM): MLflow runs end KILLED; continue with --resume", file=sys.stderr)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and a non-zero exit status."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except FewshotMedError as error:
@@ -289,9 +299,6 @@ def main() -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     except Exception as error:
         if _state["debug"]:
             raise

@@ -33,10 +33,7 @@ from fewshot_med.evaluation import (
     evaluate_images,
     evaluate_oracle,
 )
-from fewshot_med.evaluation.calibration import (
-    calibrate_with_support_leave_one_out,
-    calibrate_with_val_episodes,
-)
+from fewshot_med.evaluation.calibration import CALIBRATION_SETTINGS
 from fewshot_med.evaluation.report import (
     best_calibration_table,
     markdown_table,
@@ -65,7 +62,7 @@ class EvaluationReport:
         """Markdown: few-shot results, the best calibrator per setting, then generalised results."""
         text = markdown_table(self.few_shot)
         if any(result.calibration != "none" for result in self.few_shot):
-            text += "\n\nLowest test ECE per method and K:\n\n" + best_calibration_table(self.few_shot)
+            text += "\n\nLowest pooled test ECE per method and K:\n\n" + best_calibration_table(self.few_shot)
         text += "\n\nPaired differences on the same episodes (uncalibrated):\n\n"
         text += paired_difference_table(self.few_shot)
         if self.generalised:
@@ -133,12 +130,8 @@ def calibrated_variants(
     ``val_temperature``; leave-one-out logits present, i.e. K ≥ 2 and frozen features, for
     ``loo_temperature``)."""
     t_min, t_max = settings.temperature_bounds
-    variants = []
-    if "val_temperature" in settings.calibration and val is not None:
-        variants.append(calibrate_with_val_episodes(test, val, t_min=t_min, t_max=t_max))
-    if "loo_temperature" in settings.calibration and test.support_logits is not None:
-        variants.append(calibrate_with_support_leave_one_out(test, t_min=t_min, t_max=t_max))
-    return variants
+    variants = (CALIBRATION_SETTINGS[name](test, val, t_min, t_max) for name in settings.calibration)
+    return [variant for variant in variants if variant is not None]
 
 
 def evaluate_stage(

@@ -108,3 +108,29 @@ def test_too_many_shots_leaves_no_file(tmp_path):
     result = run("episodes", "configs/quickstart.yaml", "--shots", "500", "--out", str(out))
     assert_one_line_error(result, "500-shot episodes need at least 501")
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_sigterm_marks_runs_killed_and_keeps_the_checkpoint(tmp_path, tiny_pipeline):
+    import time
+
+    import yaml
+    from mlflow import MlflowClient
+
+    config = {**tiny_pipeline, "pretrain": {"epochs": 200, "batch_size": 32, "steps_per_epoch": 3}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-c", "from fewshot_med.cli import main; main()", "run", "tiny.yaml"]
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "outputs" / "tiny" / "pretrain.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "pretraining wrote no checkpoint"
+    process.terminate()
+    status, stderr = process.wait(timeout=60), process.stderr.read()
+    assert status == 130, stderr
+    assert "interrupted (SIGTERM): MLflow runs end KILLED; continue with --resume" in stderr, stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert {run.info.run_name: run.info.status for run in runs} == {"tiny": "KILLED", "pretrain": "KILLED"}

@@ -72,3 +72,13 @@ def test_missing_config_and_missing_roles(tmp_path):
     config = load_config(_write(tmp_path, "name: x\ndata: {source: /some/folder}\n"))
     with pytest.raises(ConfigError, match=r"data\.base_classes and data\.novel_classes are required"):
         config.roles()
+
+
+def test_calibration_choices_are_the_registered_settings():
+    import typing
+
+    from fewshot_med.config import EvaluationConfig
+    from fewshot_med.evaluation.calibration import CALIBRATION_SETTINGS
+
+    annotation = EvaluationConfig.model_fields["calibration"].annotation
+    assert set(typing.get_args(typing.get_args(annotation)[0])) == set(CALIBRATION_SETTINGS)

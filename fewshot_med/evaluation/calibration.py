@@ -24,6 +24,7 @@ its own support set).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from fewshot_med.evaluation.runner import EpisodeResults
 
 __all__ = [
+    "CALIBRATION_SETTINGS",
     "CALIBRATORS",
     "TemperatureScaling",
     "calibrate_with_support_leave_one_out",
@@ -419,3 +421,28 @@ def calibrate_with_support_leave_one_out(
         "fraction_at_bound": float(at_bound.mean()),
     }
     return test.with_logits(test.logits / temperatures[:, None, None], "loo_temperature", params)
+
+
+def _with_val_episodes(
+    test: EpisodeResults, val: EpisodeResults | None, t_min: float, t_max: float
+) -> EpisodeResults | None:
+    return None if val is None else calibrate_with_val_episodes(test, val, t_min=t_min, t_max=t_max)
+
+
+def _with_support_leave_one_out(
+    test: EpisodeResults, val: EpisodeResults | None, t_min: float, t_max: float
+) -> EpisodeResults | None:
+    if test.support_logits is None:
+        return None
+    return calibrate_with_support_leave_one_out(test, t_min=t_min, t_max=t_max)
+
+
+#: Few-shot calibration settings by name (``evaluation.calibration``): each takes the test results,
+#: the val-episode results (or ``None``) and the temperature bounds, and returns the calibrated test
+#: results, or ``None`` where it does not apply (no val results; no leave-one-out logits).
+CALIBRATION_SETTINGS: dict[
+    str, Callable[[EpisodeResults, EpisodeResults | None, float, float], EpisodeResults | None]
+] = {
+    "val_temperature": _with_val_episodes,
+    "loo_temperature": _with_support_leave_one_out,
+}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot_med.methods.base import FewShotMethod, register_method, require_positive
+from fewshot_med.methods.base import FewShotMethod, episode_matmul, register_method, require_positive
 
 
 @register_method("anil")
@@ -55,4 +55,6 @@ class ANIL(FewShotMethod):
             self.bias_ -= self.lr * grad_logits.sum(dim=1)
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        return query.float().to(self.weight_.device) @ self.weight_.transpose(1, 2) + self.bias_.unsqueeze(1)
+        return episode_matmul(
+            query.float().to(self.weight_.device), self.weight_.transpose(1, 2)
+        ) + self.bias_.unsqueeze(1)

@@ -262,6 +262,14 @@ def class_means(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
     return (one_hot.transpose(-1, -2) @ features) / one_hot.sum(dim=-2).unsqueeze(-1)
 
 
+def episode_matmul(queries: Tensor, weights: Tensor) -> Tensor:
+    """``(E, n, D) @ (E, D, m) -> (E, n, m)``; queries ``(1, n, D)`` shared by all episodes run as one
+    ``(n, D) @ (D, E·m)`` matrix product instead of ``E`` copies of them."""
+    if queries.shape[0] == 1 and weights.shape[0] > 1:
+        return torch.einsum("nd,edm->enm", queries[0], weights)
+    return queries @ weights
+
+
 def euclidean_distances(queries: Tensor, centres: Tensor, squared: bool = False) -> Tensor:
     """Distances from ``(..., n, D)`` queries to ``(..., m, D)`` centres -> ``(..., n, m)``.
 
@@ -271,7 +279,7 @@ def euclidean_distances(queries: Tensor, centres: Tensor, squared: bool = False)
     squares = (
         queries.square().sum(dim=-1, keepdim=True)
         + centres.square().sum(dim=-1).unsqueeze(-2)
-        - 2 * queries @ centres.transpose(-1, -2)
+        - 2 * episode_matmul(queries, centres.transpose(-1, -2))
     ).clamp(min=0)
     return squares if squared else squares.sqrt()
 

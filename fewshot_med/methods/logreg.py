@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
-from fewshot_med.methods.base import FewShotMethod, register_method, require_positive
+from fewshot_med.methods.base import FewShotMethod, episode_matmul, register_method, require_positive
 
 #: episodes per Newton solve are chunked so that ``E · m²`` stays below this many float64 entries
 _MAX_SYSTEM_ENTRIES = 25_000_000
@@ -33,7 +33,8 @@ class LogReg(FewShotMethod):
     the unknowns are ``n · n_way + n_way - 1`` numbers (``b_0 = 0`` fixes the softmax's free shift)
     instead of ``D · n_way``. Newton's method on these optimality conditions takes the same steps as
     Newton on the convex objective; a backtracking line search on the objective makes it converge
-    from zero. Solved in float64.
+    from zero. The Newton solve runs in float64 on the Gram matrices (computed in float32, like the
+    weights ``Xᵀ A`` and the query scores: float32 is the precision of the returned logits).
 
     Shapes: support ``(E, n_support, D)``, query ``(E, n_query, D)``, logits ``(E, n_query, n_way)``
     (``E`` episodes, each solved separately; one episode may drop the axis).
@@ -45,7 +46,7 @@ class LogReg(FewShotMethod):
 
     Attributes:
         dual_coef_: ``(E, n_support, n_way)`` the dual coefficients ``A``.
-        coef_: ``(E, D, n_way)`` the weights ``Wᵀ = Xᵀ A``.
+        coef_: ``(E, D, n_way)`` float32 weights ``Wᵀ = Xᵀ A``.
         intercept_: ``(E, n_way)`` the intercepts ``b`` (``b_0 = 0``).
         n_iter_: Newton iterations used (the most over episodes).
     """
@@ -63,19 +64,20 @@ class LogReg(FewShotMethod):
         require_positive("tol", self.tol)
 
     def _fit(self, support: Tensor, labels: Tensor) -> None:
-        x = F.normalize(support.double(), dim=-1)
+        x = F.normalize(support.float(), dim=-1)
+        gram = (x @ x.transpose(1, 2)).double()  # the solve needs only the (E, n, n) Gram matrices
         targets = F.one_hot(labels, self.n_way_).double()
         n_unknowns = x.shape[1] * self.n_way_ + self.n_way_ - 1
         chunk = max(1, _MAX_SYSTEM_ENTRIES // n_unknowns**2)
-        solved = [self._solve(x[i : i + chunk], targets[i : i + chunk]) for i in range(0, len(x), chunk)]
+        solved = [self._solve(gram[i : i + chunk], targets[i : i + chunk]) for i in range(0, len(x), chunk)]
         self.dual_coef_ = torch.cat([a for a, _, _ in solved])
         self.intercept_ = torch.cat([b for _, b, _ in solved])
         self.n_iter_ = max(n for _, _, n in solved)
-        self.coef_ = x.transpose(1, 2) @ self.dual_coef_
+        self.coef_ = x.transpose(1, 2) @ self.dual_coef_.float()
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        q = F.normalize(query.double().to(self.coef_.device), dim=-1)
-        return q @ self.coef_ + self.intercept_.unsqueeze(1)
+        q = F.normalize(query.float().to(self.coef_.device), dim=-1)
+        return episode_matmul(q, self.coef_) + self.intercept_.float().unsqueeze(1)
 
     def _penalty_inverse(self) -> float:
         """The ``C`` of the multinomial objective: ``C / 2`` for two classes (see the class docstring)."""
@@ -87,14 +89,14 @@ class LogReg(FewShotMethod):
         cross_entropy = -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=(1, 2))
         return self._penalty_inverse() * cross_entropy + 0.5 * (a * (gram @ a)).sum(dim=(1, 2))
 
-    def _solve(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
-        """Newton with backtracking for ``E`` episodes: ``(A (E, n, W), b (E, W), iterations)``."""
+    def _solve(self, gram: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Newton with backtracking for ``E`` episodes from their ``(E, n, n)`` float64 Gram matrices:
+        ``(A (E, n, W), b (E, W), iterations)``."""
         n_episodes, n, n_way = targets.shape
         c = self._penalty_inverse()
-        gram = x @ x.transpose(1, 2)
         a = torch.zeros_like(targets)
-        b = torch.zeros(n_episodes, n_way, dtype=x.dtype, device=x.device)
-        eye = torch.eye(n * n_way, dtype=x.dtype, device=x.device)
+        b = torch.zeros(n_episodes, n_way, dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(n * n_way, dtype=gram.dtype, device=gram.device)
         for iteration in range(1, self.max_iter + 1):
             probs = torch.softmax(gram @ a + b.unsqueeze(1), dim=-1)
             residual = torch.cat(

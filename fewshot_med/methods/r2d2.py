@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot_med.methods.base import FewShotMethod, register_method, require_positive
+from fewshot_med.methods.base import FewShotMethod, episode_matmul, register_method, require_positive
 
 
 @register_method("r2d2")
@@ -18,7 +18,8 @@ class R2D2(FewShotMethod):
     ``(n, n_way)``, the ridge weights ``W = (XᵀX + λI)⁻¹ XᵀY`` equal, by the Woodbury identity,
     ``W = Xᵀ (XXᵀ + λI)⁻¹ Y``: an ``n x n`` system instead of ``D x D``, since ``n ≪ D`` in few-shot
     tasks. Logits are ``scale · normalise(Q) W``; R2-D2 learns this scale during meta-training, here it
-    is fixed. Solved in float64.
+    is fixed. The ``n x n`` systems are solved in float64; features, weights and query scores are
+    float32 (the precision of the returned logits).
 
     Shapes: support ``(E, n_support, D)``, query ``(E, n_query, D)``, logits ``(E, n_query, n_way)``
     (``E`` episodes, each solved separately; one episode may drop the axis).
@@ -42,11 +43,13 @@ class R2D2(FewShotMethod):
         require_positive("scale", self.scale)
 
     def _fit(self, support: Tensor, labels: Tensor) -> None:
-        x = F.normalize(support.double(), dim=-1)
+        x = F.normalize(support.float(), dim=-1)
         targets = F.one_hot(labels, self.n_way_).double()
-        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-        gram = x @ x.transpose(1, 2) + self.lam * eye
-        self.coef_ = x.transpose(1, 2) @ torch.linalg.solve(gram, targets)
+        eye = torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+        gram = (x @ x.transpose(1, 2)).double() + self.lam * eye
+        self.coef_ = x.transpose(1, 2) @ torch.linalg.solve(gram, targets).float()
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        return self.scale * F.normalize(query.double().to(self.coef_.device), dim=-1) @ self.coef_
+        return self.scale * episode_matmul(
+            F.normalize(query.float().to(self.coef_.device), dim=-1), self.coef_
+        )
