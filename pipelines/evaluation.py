@@ -27,6 +27,7 @@ from fewshot_med.data import ClassSubset, EpisodeList, sample_episodes
 from fewshot_med.data.transforms import to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import (
+    GENERALISED_METRICS,
     EpisodeResults,
     evaluate_frozen,
     evaluate_generalised,
@@ -46,17 +47,17 @@ from fewshot_med.methods import METHODS, MethodContext, create_method
 from fewshot_med.models import BackboneSpec, embed
 from pipelines.stages import Data
 
-GENERALISED_TABLE = ("base_accuracy", "novel_recall", "harmonic_mean")
-
 
 @dataclass
 class EvaluationReport:
     """Everything the evaluation stage measured (``validation``: uncalibrated results on the val
-    episodes by (method, test K), which calibration and model selection use)."""
+    episodes by (method, test K), which calibration and model selection use; ``base_feature_mean``:
+    the ``(D,)`` mean base-class train feature the methods were given)."""
 
     few_shot: list[EpisodeResults]
     generalised: list[EpisodeResults]
     validation: dict[tuple[str, int], EpisodeResults] = field(default_factory=dict)
+    base_feature_mean: torch.Tensor | None = None
 
     def table(self) -> str:
         """Markdown: few-shot results, the best calibrator per setting, then generalised results."""
@@ -67,7 +68,7 @@ class EvaluationReport:
         text += paired_difference_table(self.few_shot)
         if self.generalised:
             text += "\n\nGeneralised (base + novel classes):\n\n"
-            text += markdown_table(self.generalised, GENERALISED_TABLE)
+            text += markdown_table(self.generalised, GENERALISED_METRICS)
         return text
 
 
@@ -166,7 +167,7 @@ def evaluate_stage(
     )
     n_way = config.episodes.n_way or len(data.roles.novel)
     episodes = _episodes(config, {"test": subsets["novel_test"], "val": subsets["novel_val"]}, n_way)
-    report = EvaluationReport(few_shot=[], generalised=[])
+    report = EvaluationReport(few_shot=[], generalised=[], base_feature_mean=context.base_feature_mean)
     with tracking.stage_run("evaluate", params=_evaluation_params(config)):
         tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
         if episodes.val is not None:

@@ -19,7 +19,7 @@ from fewshot_med.errors import ConfigError
 from fewshot_med.evaluation import EpisodeResults
 from fewshot_med.evaluation.report import markdown_table
 from fewshot_med.methods import MethodContext, create_method
-from fewshot_med.models import BackboneSpec, embed
+from fewshot_med.models import BackboneSpec
 from fewshot_med.models.classifier import fit_classifier
 from fewshot_med.tracking import Registration
 from pipelines.evaluation import EvaluationReport
@@ -58,16 +58,19 @@ def register_stage(
     temperature = calibrated.calibrator.get("temperature", 1.0)
 
     pool = data.subset("train", "novel")
+    counts = np.bincount(pool.labels, minlength=len(pool.class_names))
+    if counts.min() < k_shot:
+        scarce = pool.class_names[int(counts.argmin())]
+        raise ConfigError(
+            f"tracking.registered_model: the train split holds {counts.min()} image(s) of '{scarce}', fewer "
+            f"than the {k_shot} the classifier is fitted on; set tracking.register_k_shot lower"
+        )
     rng = np.random.default_rng([config.seed, k_shot])
     rows = np.concatenate(
-        [
-            rng.choice(np.flatnonzero(pool.labels == c), k_shot, replace=False)
-            for c in range(len(pool.class_names))
-        ]
+        [rng.choice(np.flatnonzero(pool.labels == c), k_shot, replace=False) for c in range(len(counts))]
     )
-    base_train = data.subset("train", "base")
     context = MethodContext(
-        base_feature_mean=embed(backbone, base_train.images, spec, device).mean(dim=0),
+        base_feature_mean=report.base_feature_mean,
         backbone=backbone,
         spec=spec,
         device=device,
