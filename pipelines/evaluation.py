@@ -371,14 +371,12 @@ def _log_method_plots(
 
 def _log_report(report: EvaluationReport, settings: EvaluationConfig) -> None:
     """The summary tables (markdown, CSV, JSON) and the cross-method plots, on the evaluate run."""
-    tracking.log_text_artifact(report.table(), "results.md")
-    tracking.log_text_artifact(summary_csv(report.few_shot + report.generalised), "results.csv")
-    tracking.log_dict_artifact(summary_rows(report.few_shot + report.generalised), "results.json")
+    table, table_csv = report.table(), summary_csv(report.few_shot + report.generalised)
     pipeline_run = tracking.pipeline_run_id()
-    tracking.log_text_artifact(report.table(), "results.md", run_id=pipeline_run)
-    tracking.log_text_artifact(
-        summary_csv(report.few_shot + report.generalised), "results.csv", run_id=pipeline_run
-    )
+    for run_id in (None, pipeline_run):  # the evaluate run, then the pipeline run
+        tracking.log_text_artifact(table, "results.md", run_id=run_id)
+        tracking.log_text_artifact(table_csv, "results.csv", run_id=run_id)
+    tracking.log_dict_artifact(summary_rows(report.few_shot + report.generalised), "results.json")
     if not settings.plots:
         return
     from fewshot_med.evaluation.plots import accuracy_vs_shots_figure, risk_coverage_figure

@@ -77,6 +77,9 @@ class EpisodeResults:
     support_labels: np.ndarray | None = None
     coverage: float = DEFAULT_COVERAGE
     n_bins: int = 15
+    _summary: dict[str, tuple[float, float]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,11 +92,13 @@ class EpisodeResults:
     def summary(self) -> dict[str, tuple[float, float]]:
         """``{metric: (mean, ci95_half_width)}`` over episodes, plus ``ece_pooled``: the ECE of all
         queries pooled, with a bootstrap interval over episodes (``pooled_ece``), when the results
-        hold class probabilities of several classes."""
-        summary = summarize(self.metrics)
-        if "ece" in self.metrics:
-            summary["ece_pooled"] = pooled_ece(self.probs, self.labels, self.n_bins)
-        return summary
+        hold class probabilities of several classes. Computed once (the bootstrap is the costly part);
+        each call returns a copy."""
+        if self._summary is None:
+            self._summary = summarize(self.metrics)
+            if "ece" in self.metrics:
+                self._summary["ece_pooled"] = pooled_ece(self.probs, self.labels, self.n_bins)
+        return dict(self._summary)
 
     def values(self, metric: str) -> np.ndarray:
         """``(E,)`` values of one metric, e.g. for ``paired_difference_ci95``."""
