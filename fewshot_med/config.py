@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -70,6 +71,26 @@ class ModelConfig(StrictModel):
     weights: str | None = Field(None, description="local state_dict or checkpoint file to start from")
 
 
+class SwagConfig(StrictModel):
+    """A SWAG posterior over the backbone from the last pretraining epochs (Maddox et al., NeurIPS 2019),
+    the informative prior of Bayesian transfer (Shwartz-Ziv et al., NeurIPS 2022)."""
+
+    enabled: bool = Field(False, description="collect SWAG moments and log the posterior with the backbone")
+    start_epoch: PositiveInt | None = Field(
+        None, description="first epoch (1-based) whose weights are snapshotted; ceil(0.75 * epochs) if unset"
+    )
+    rank: int = Field(
+        20, ge=2, description="deviations kept (the last ones): rank of the low-rank covariance"
+    )
+    snapshots_per_epoch: PositiveInt = Field(
+        1, description="snapshots per epoch, evenly spaced over its steps, the last after its last step"
+    )
+
+    def first_epoch(self, epochs: int) -> int:
+        """The first snapshotted epoch (1-based) of a run of ``epochs`` epochs."""
+        return self.start_epoch if self.start_epoch is not None else math.ceil(0.75 * epochs)
+
+
 class PretrainConfig(StrictModel):
     """Supervised pretraining on the base classes of the train split."""
 
@@ -91,6 +112,29 @@ class PretrainConfig(StrictModel):
         "last epoch (the end of the schedule; for transfer, base-class accuracy is a noisy proxy)",
     )
     steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (quick runs)")
+    swag: SwagConfig = Field(
+        SwagConfig(),
+        description="SWAG posterior over the snapshots of the last epochs, whichever epoch keep hands on",
+    )
+
+    @model_validator(mode="after")
+    def _swag_schedule_fits(self) -> PretrainConfig:
+        if not self.swag.enabled:
+            return self
+        start = self.swag.first_epoch(self.epochs)
+        if start > self.epochs:
+            raise ValueError(f"swag.start_epoch {start} is after the last epoch ({self.epochs})")
+        if (self.epochs - start + 1) * self.swag.snapshots_per_epoch < 2:
+            raise ValueError(
+                f"swag.start_epoch {start} of {self.epochs} epochs with {self.swag.snapshots_per_epoch} "
+                "snapshot(s) per epoch gives 1 snapshot; SWAG needs 2 or more: start earlier or snapshot more"
+            )
+        if self.early_stopping_patience is not None and self.keep == "best":
+            raise ValueError(
+                "swag.enabled needs the run to reach its last epochs; set early_stopping_patience: null "
+                "or keep: last"
+            )
+        return self
 
 
 class MetaTrainConfig(StrictModel):

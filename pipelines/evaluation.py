@@ -45,6 +45,7 @@ from fewshot_med.evaluation.report import (
 from fewshot_med.evaluation.selective import risk_coverage_curve
 from fewshot_med.methods import METHODS, MethodContext, create_method
 from fewshot_med.models import BackboneSpec, embed
+from fewshot_med.priors import SwagPosterior
 from pipelines.stages import Data
 
 
@@ -73,7 +74,7 @@ class EvaluationReport:
 
 
 @dataclass(frozen=True)
-class _Episodes:
+class Episodes:
     """The fixed episode lists of a run, per K: test, and val (for calibration; ``None`` if unused)."""
 
     test: dict[int, EpisodeList]
@@ -94,7 +95,9 @@ def validation_shots(pool: ClassSubset, k_shot: int) -> int:
     return min(k_shot, smallest // 2)
 
 
-def _episodes(config: Config, pools: dict[str, ClassSubset], n_way: int) -> _Episodes:
+def draw_episodes(config: Config, pools: dict[str, ClassSubset], n_way: int) -> Episodes:
+    """The seeded test episodes of every K (from ``pools["test"]``), and the val episodes (from
+    ``pools["val"]``) when ``val_temperature`` calibration needs them."""
     protocol = config.episodes
     test = {
         k: sample_episodes(pools["test"], n_way, k, protocol.n_query, protocol.n_test_episodes, protocol.seed)
@@ -114,7 +117,7 @@ def _episodes(config: Config, pools: dict[str, ClassSubset], n_way: int) -> _Epi
             )
             for k in protocol.shots
         }
-    return _Episodes(test, val)
+    return Episodes(test, val)
 
 
 def _prefix(episodes: EpisodeList, limit: int | None) -> EpisodeList:
@@ -135,25 +138,28 @@ def calibrated_variants(
     return [variant for variant in variants if variant is not None]
 
 
-def evaluate_stage(
-    config: Config, data: Data, backbone: nn.Module, spec: BackboneSpec, device: torch.device
-) -> EvaluationReport:
-    """Every configured method on the fixed test episodes of every K, calibrated, plus the oracle and
-    the generalised rows.
+#: The (role, split) image sets the evaluation embeds, keyed ``<role>_<split>``.
+EVALUATION_SUBSETS = (
+    ("base", "train"),
+    ("base", "test"),
+    ("novel", "train"),
+    ("novel", "val"),
+    ("novel", "test"),
+)
 
-    Frozen-feature methods use embeddings computed once per image and fit all episodes in one batched
-    call; fine-tuning methods get images, one episode at a time.
-    """
-    subsets = {
-        f"{role}_{split}": data.subset(split, role)
-        for role, split in (
-            ("base", "train"),
-            ("base", "test"),
-            ("novel", "train"),
-            ("novel", "val"),
-            ("novel", "test"),
-        )
-    }
+
+def embed_subsets(
+    config: Config,
+    data: Data,
+    backbone: nn.Module,
+    spec: BackboneSpec,
+    device: torch.device,
+    swag: SwagPosterior | None = None,
+) -> tuple[dict[str, ClassSubset], dict[str, torch.Tensor], MethodContext]:
+    """Embed every image the evaluation uses once: the subsets (``EVALUATION_SUBSETS``), their
+    ``(n, D)`` features, and the methods' context (base-class mean feature, backbone, device, seed,
+    and the pretraining's SWAG posterior ``swag`` if any)."""
+    subsets = {f"{role}_{split}": data.subset(split, role) for role, split in EVALUATION_SUBSETS}
     features = {
         name: embed(backbone, subset.images, spec, device, config.evaluation.batch_size)
         for name, subset in tqdm(subsets.items(), desc="embedding", leave=False, disable=None)
@@ -164,20 +170,39 @@ def evaluate_stage(
         spec=spec,
         device=device,
         seed=config.seed,
+        swag=swag,
     )
+    return subsets, features, context
+
+
+def evaluate_stage(
+    config: Config,
+    data: Data,
+    backbone: nn.Module,
+    spec: BackboneSpec,
+    device: torch.device,
+    swag: SwagPosterior | None = None,
+) -> EvaluationReport:
+    """Every configured method on the fixed test episodes of every K, calibrated, plus the oracle and
+    the generalised rows; ``swag`` (the pretraining's SWAG posterior) reaches the methods' context.
+
+    Frozen-feature methods use embeddings computed once per image and fit all episodes in one batched
+    call; fine-tuning methods get images, one episode at a time.
+    """
+    subsets, features, context = embed_subsets(config, data, backbone, spec, device, swag)
     n_way = config.episodes.n_way or len(data.roles.novel)
-    episodes = _episodes(config, {"test": subsets["novel_test"], "val": subsets["novel_val"]}, n_way)
+    episodes = draw_episodes(config, {"test": subsets["novel_test"], "val": subsets["novel_val"]}, n_way)
     report = EvaluationReport(few_shot=[], generalised=[], base_feature_mean=context.base_feature_mean)
     with tracking.stage_run("evaluate", params=_evaluation_params(config)):
         tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
         if episodes.val is not None:
             tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.novel)
         for k, test_episodes in episodes.test.items():
-            tracking.log_dict_artifact(test_episodes, f"episodes/test_{k}shot.json")
+            tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
             if episodes.val is not None:
-                tracking.log_dict_artifact(episodes.val[k], f"episodes/val_{k}shot.json")
+                tracking.log_dict_artifact(episodes.val[k].to_dict(), f"episodes/val_{k}shot.json")
         for method in config.methods:
-            results, generalised, validation = _evaluate_method(
+            results, generalised, validation = evaluate_method(
                 method, context, features, subsets, episodes, config
             )
             _log_method(method.display_name, results, generalised, config.evaluation)
@@ -185,19 +210,19 @@ def evaluate_stage(
             report.generalised += generalised
             report.validation.update(validation)
         if config.evaluation.oracle:
-            oracle = _evaluate_oracle(features, subsets, episodes, config.evaluation)
+            oracle = evaluate_oracle_rows(features, subsets, episodes, config.evaluation)
             _log_method("oracle", oracle, [], config.evaluation)
             report.few_shot += oracle
         _log_report(report, config.evaluation)
     return report
 
 
-def _evaluate_method(
+def evaluate_method(
     method: MethodConfig,
     context: MethodContext,
     features: dict[str, torch.Tensor],
     subsets: dict[str, ClassSubset],
-    episodes: _Episodes,
+    episodes: Episodes,
     config: Config,
 ) -> tuple[list[EpisodeResults], list[EpisodeResults], dict[tuple[str, int], EpisodeResults]]:
     """One method over every K: few-shot results with their calibrated variants, generalised results
@@ -256,10 +281,10 @@ def _evaluate_method(
     return results, generalised, validation
 
 
-def _evaluate_oracle(
+def evaluate_oracle_rows(
     features: dict[str, torch.Tensor],
     subsets: dict[str, ClassSubset],
-    episodes: _Episodes,
+    episodes: Episodes,
     settings: EvaluationConfig,
 ) -> list[EpisodeResults]:
     """The oracle probe on every K's test episodes (its queries), calibrated on the val episodes."""

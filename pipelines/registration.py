@@ -21,6 +21,7 @@ from fewshot_med.evaluation.report import markdown_table
 from fewshot_med.methods import MethodContext, create_method
 from fewshot_med.models import BackboneSpec
 from fewshot_med.models.classifier import fit_classifier
+from fewshot_med.priors import SwagPosterior
 from fewshot_med.tracking import Registration
 from pipelines.evaluation import EvaluationReport
 from pipelines.stages import Data
@@ -45,8 +46,10 @@ def register_stage(
     spec: BackboneSpec,
     device: torch.device,
     report: EvaluationReport,
+    swag: SwagPosterior | None = None,
 ) -> Registration | None:
-    """Select, adapt, log and register the classifier (nothing when no model name is configured)."""
+    """Select, adapt, log and register the classifier (nothing when no model name is configured);
+    ``swag``, the pretraining's SWAG posterior, goes into the method's context as in the evaluation."""
     name = config.tracking.registered_model
     if name is None or not config.tracking.enabled:
         return None
@@ -75,6 +78,7 @@ def register_stage(
         spec=spec,
         device=device,
         seed=config.seed,
+        swag=swag,
     )
     method = create_method(method_config.name, context, **method_config.params)
     classifier = fit_classifier(

@@ -23,6 +23,7 @@ from fewshot_med.data import (
 from fewshot_med.data.transforms import channel_stats
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, create_backbone
+from fewshot_med.priors import SwagPosterior
 from fewshot_med.training.meta import meta_train
 from fewshot_med.training.pretrain import pretrain
 
@@ -44,16 +45,26 @@ def checkpoint_dir(config: Config) -> Path:
     return Path(config.runtime.output_dir) / config.name
 
 
-def pretrain_stage(
-    config: Config, data: Data, device: torch.device, resume: bool
-) -> tuple[nn.Module, BackboneSpec]:
-    """Build the backbone and train it on the base classes of the train split; log it as a model."""
+@dataclass(frozen=True)
+class Pretrained:
+    """What the pretrain stage hands on: the backbone, its spec, and the SWAG posterior over its
+    weights (``None`` unless ``pretrain.swag.enabled``)."""
+
+    backbone: nn.Module
+    spec: BackboneSpec
+    swag: SwagPosterior | None = None
+
+
+def pretrain_stage(config: Config, data: Data, device: torch.device, resume: bool) -> Pretrained:
+    """Build the backbone and train it on the base classes of the train split; log it as a model,
+    with its SWAG posterior (``pretrain.swag``) beside it."""
     base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
     mean, std = channel_stats(base_train.images)
     spec = BackboneSpec(config.model.backbone, 3, data.dataset.image_shape[0], mean, std)
     backbone = create_backbone(
         spec.name, spec.in_chans, spec.image_size, config.model.pretrained, config.model.weights
     )
+    swag = None
     with tracking.stage_run("pretrain", tags={"backbone": spec.name}, params=config.pretrain.model_dump()):
         tracking.log_dataset_input(data.dataset, "training", "train", data.roles.base)
         tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.base)
@@ -76,9 +87,12 @@ def pretrain_stage(
                 "best_epoch": result.best_epoch,
             }
             tracking.log_metrics({f"pretrain.{key}": value for key, value in best.items()})
+            swag = result.swag
+            if swag is not None:
+                tracking.log_swag(swag)
         tracking.log_dict_artifact(spec.to_dict(), "backbone_spec.json")
         tracking.log_backbone(backbone, spec)
-    return backbone, spec
+    return Pretrained(backbone, spec, swag)
 
 
 def meta_train_stage(
@@ -130,3 +144,11 @@ def backbone_from_run(run_id: str, config: Config) -> tuple[nn.Module, BackboneS
             f"run {run_id} holds no backbone model ({type(error).__name__}); pass the id of a run "
             "that ran the pretrain or meta-train stage (see `fewshot-med ui`)"
         ) from None
+
+
+def swag_from_run(run_id: str, config: Config) -> SwagPosterior | None:
+    """The SWAG posterior an earlier run's pretrain stage logged, or ``None`` if it logged none.
+
+    ``run_id`` may be a pipeline run or its pretrain stage run (as for ``backbone_from_run``).
+    """
+    return tracking.load_swag(run_id, settings=config.tracking)

@@ -25,7 +25,7 @@ from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.tracking import Registration
 from pipelines.evaluation import EvaluationReport, evaluate_stage
 from pipelines.registration import register_stage
-from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage
+from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage, swag_from_run
 
 STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
 
@@ -61,7 +61,8 @@ def run_stages(
         config: the validated config.
         stages: which of ``pretrain``, ``meta_train``, ``evaluate`` to run; ``meta_train`` runs only
             when ``config.meta_train.enabled`` or when it is asked for alone.
-        from_run: an earlier MLflow run whose backbone the stages start from (instead of pretraining).
+        from_run: an earlier MLflow run whose backbone the stages start from (instead of pretraining);
+            the evaluation also gets the SWAG posterior of its pretrain stage, if it logged one.
         resume: continue interrupted training from the stage's checkpoint.
     """
     if from_run is None and "pretrain" not in stages:
@@ -75,12 +76,16 @@ def run_stages(
     data = load_data(config)
     tags = {"stages": ",".join(stages), **({"from_run": from_run} if from_run else {})}
     seconds: dict[str, float] = {}
+    swag = None
     with tracking.pipeline_run(config, run_name=config.name, tags=tags) as run:
         if from_run is not None:
             backbone, spec = backbone_from_run(from_run, config)
+            if "evaluate" in stages:
+                swag = swag_from_run(from_run, config)
         if "pretrain" in stages:
             with _timed("pretrain", seconds):
-                backbone, spec = pretrain_stage(config, data, device, resume)
+                pretrained = pretrain_stage(config, data, device, resume)
+            backbone, spec, swag = pretrained.backbone, pretrained.spec, pretrained.swag
         if "meta_train" in stages and (config.meta_train.enabled or list(stages) == ["meta_train"]):
             with _timed("meta_train", seconds):
                 backbone = meta_train_stage(config, data, backbone, spec, device, resume)
@@ -88,10 +93,10 @@ def run_stages(
         registration = None
         if "evaluate" in stages:
             with _timed("evaluate", seconds):
-                report = evaluate_stage(config, data, backbone, spec, device)
+                report = evaluate_stage(config, data, backbone, spec, device, swag)
             if config.tracking.registered_model:
                 with _timed("register", seconds):
-                    registration = register_stage(config, data, backbone, spec, device, report)
+                    registration = register_stage(config, data, backbone, spec, device, report, swag)
         tracking.log_metrics({f"time.{stage}_seconds": value for stage, value in seconds.items()})
     return PipelineOutcome(run.run_id, report, seconds, registration)
 

@@ -59,6 +59,26 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
             [],
             r"data: Value error, split_fractions \[0\.5, 0\.5, 0\.5\] must be",
         ),
+        (
+            "name: x\ndata: {source: demo}\n",
+            ["pretrain.swag={enabled: true, start_epoch: 31}", "pretrain.keep=last"],
+            r"pretrain: Value error, swag\.start_epoch 31 is after the last epoch \(30\)",
+        ),
+        (
+            "name: x\ndata: {source: demo}\npretrain: {epochs: 1, keep: last, swag: {enabled: true}}\n",
+            [],
+            r"pretrain: Value error, swag\.start_epoch 1 of 1 epochs with 1 snapshot\(s\) per epoch gives 1",
+        ),
+        (
+            "name: x\ndata: {source: demo}\n",
+            ["pretrain.swag.enabled=true"],
+            r"pretrain: Value error, swag\.enabled needs the run to reach its last epochs; set early_",
+        ),
+        (
+            "name: x\ndata: {source: demo}\n",
+            ["pretrain.swag.rank=1"],
+            r"pretrain\.swag\.rank: Input should be",
+        ),
     ],
 )
 def test_bad_configs_name_file_and_key(tmp_path, text, overrides, message):

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -104,10 +104,13 @@ class EpisodeList:
             query_labels=np.stack([e.query_labels() for e in self.episodes]),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form ``save`` writes (and pipelines log as artifacts), with its format version."""
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
     def save(self, path: str | Path) -> None:
         """Write the list as JSON (atomically: a crash leaves no partial file)."""
-        payload = {"format_version": FORMAT_VERSION, **asdict(self)}
-        write_text_atomic(Path(path), json.dumps(payload, separators=(",", ":")))
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), separators=(",", ":")))
 
     @classmethod
     def load(cls, path: str | Path) -> EpisodeList:

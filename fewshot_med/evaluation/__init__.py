@@ -19,6 +19,7 @@ from fewshot_med.evaluation.metrics import (
 from fewshot_med.evaluation.runner import (
     GENERALISED_METRICS,
     EpisodeResults,
+    evaluate_episodewise,
     evaluate_frozen,
     evaluate_generalised,
     evaluate_images,
@@ -37,6 +38,7 @@ __all__ = [
     "classwise_ece",
     "compute_metrics",
     "ece",
+    "evaluate_episodewise",
     "evaluate_frozen",
     "evaluate_generalised",
     "evaluate_images",

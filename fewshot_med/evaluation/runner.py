@@ -12,7 +12,7 @@ any method runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -26,7 +26,7 @@ from fewshot_med.data.episodes import EpisodeList
 from fewshot_med.data.roles import ClassSubset
 from fewshot_med.errors import DataError
 from fewshot_med.evaluation.intervals import summarize
-from fewshot_med.evaluation.metrics import metrics_from_probs, pooled_ece, softmax
+from fewshot_med.evaluation.metrics import METRICS, metrics_from_probs, pooled_ece, softmax
 from fewshot_med.evaluation.selective import accuracy_at_coverage
 
 if TYPE_CHECKING:
@@ -96,9 +96,16 @@ class EpisodeResults:
         each call returns a copy."""
         if self._summary is None:
             self._summary = summarize(self.metrics)
-            if "ece" in self.metrics:
-                self._summary["ece_pooled"] = pooled_ece(self.probs, self.labels, self.n_bins)
+            finite = ~np.isnan(self.metrics["accuracy"]) if "accuracy" in self.metrics else None
+            if "ece" in self.metrics and finite is not None and finite.any():
+                probs, labels = self.probs[finite], self.labels[finite]
+                self._summary["ece_pooled"] = pooled_ece(probs, labels, self.n_bins)
         return dict(self._summary)
+
+    @property
+    def n_failed(self) -> int:
+        """Episodes whose logits were not finite (every metric NaN there; summaries skip them)."""
+        return int(np.isnan(self.metrics["accuracy"]).sum()) if "accuracy" in self.metrics else 0
 
     def values(self, metric: str) -> np.ndarray:
         """``(E,)`` values of one metric, e.g. for ``paired_difference_ci95``."""
@@ -135,15 +142,26 @@ def score_episodes(
 ) -> EpisodeResults:
     """Results with every ``METRICS`` value of ``(E, n_query, C)`` logits against ``(E, n_query)``
     labels (binned ones over ``n_bins`` bins), plus ``accuracy_at_coverage``: accuracy on the
-    ``coverage`` fraction of most confident queries of each episode (selective prediction)."""
+    ``coverage`` fraction of most confident queries of each episode (selective prediction).
+
+    An episode whose logits are not all finite (a method that broke down on it) gets NaN for every
+    metric, so it shows as failed (``EpisodeResults.n_failed``) instead of breaking the others."""
     if isinstance(logits, torch.Tensor):
         logits = logits.detach().cpu().double().numpy()
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     probs = softmax(logits)
-    metrics = {
-        name: np.atleast_1d(values) for name, values in metrics_from_probs(probs, labels, n_bins).items()
-    }
-    metrics["accuracy_at_coverage"] = np.atleast_1d(accuracy_at_coverage(probs, labels, coverage))
+    finite = np.isfinite(probs).all(axis=(-2, -1)).reshape(-1) if probs.ndim == 3 else np.array([True])
+    scored = probs[finite] if probs.ndim == 3 else probs
+    scored_labels = labels[finite] if probs.ndim == 3 else labels
+    values = metrics_from_probs(scored, scored_labels, n_bins) if finite.any() else dict.fromkeys(METRICS)
+    values["accuracy_at_coverage"] = (
+        accuracy_at_coverage(scored, scored_labels, coverage) if finite.any() else None
+    )
+    metrics = {}
+    for name, value in values.items():
+        metrics[name] = np.full(len(finite), np.nan)
+        if value is not None:
+            metrics[name][finite] = np.atleast_1d(value)
     return EpisodeResults(method, k_shot, logits, labels, metrics, coverage=coverage, n_bins=n_bins)
 
 
@@ -183,6 +201,19 @@ def _tasks(pool: ClassSubset, episodes: EpisodeList) -> _Tasks:
                 f"{list(pool.class_names)}; the episodes were drawn from other classes, redraw them"
             )
     return _Tasks(support, arrays.support_labels, query, arrays.query_labels, class_ids)
+
+
+def _one_by_one(tasks: _Tasks, label: str | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each episode's support positions, support labels and query positions, with a progress bar."""
+    return iter(
+        tqdm(
+            zip(tasks.support, tasks.support_labels, tasks.query, strict=True),
+            total=len(tasks.support),
+            desc=label,
+            disable=None,
+            leave=False,
+        )
+    )
 
 
 def _new_method(method_factory: MethodFactory, inputs: str) -> FewShotMethod:
@@ -355,13 +386,7 @@ def evaluate_images(
         return to_input(images[positions])
 
     tasks, logits, name = _tasks(pool, episodes), [], ""
-    for support, support_labels, query in tqdm(
-        zip(tasks.support, tasks.support_labels, tasks.query, strict=True),
-        total=len(tasks.support),
-        desc=label,
-        disable=None,
-        leave=False,
-    ):
+    for support, support_labels, query in _one_by_one(tasks, label):
         method = _new_method(method_factory, "images")
         name = type(method).__name__
         batch = gather(support)
@@ -370,6 +395,47 @@ def evaluate_images(
     results = score_episodes(
         label or name, episodes.k_shot, np.stack(logits), tasks.query_labels, coverage, n_bins
     )
+    results.class_ids, results.class_names = tasks.class_ids, tuple(pool.class_names)
+    return results
+
+
+EpisodeClassifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def evaluate_episodewise(
+    classify: EpisodeClassifier,
+    features: torch.Tensor,
+    pool: ClassSubset,
+    episodes: EpisodeList,
+    *,
+    label: str,
+    coverage: float = DEFAULT_COVERAGE,
+    n_bins: int = 15,
+) -> EpisodeResults:
+    """Evaluate a classifier that handles one episode at a time (another library's method, a
+    transductive one that needs the episode's queries) on the same episodes as every other method.
+
+    Args:
+        classify: ``(support (n_support, D), labels (n_support,), queries (n_query, D))`` -> ``(n_query,
+            n_way)`` logits (log-probabilities do). It sees one episode at a time and may use its queries.
+        features: ``(len(pool), D)`` embeddings, row ``i`` of ``pool.images[i]``.
+        pool: the images the episodes were drawn from.
+        episodes: the episode list (identical for every method compared).
+        label: name of the results.
+        coverage: kept fraction of the ``accuracy_at_coverage`` metric.
+        n_bins: bins of the binned calibration metrics.
+
+    Returns:
+        Per-episode metrics, logits and labels. Non-finite logits stay as they are, so a classifier
+        that fails on some episodes shows NaN metrics there instead of a silently repaired score.
+    """
+    _check_rows("features", features, pool)
+    tasks, logits = _tasks(pool, episodes), []
+    for support, support_labels, query in _one_by_one(tasks, label):
+        rows = lambda positions: features[torch.as_tensor(positions, device=features.device)]  # noqa: E731
+        labels = torch.as_tensor(support_labels, device=features.device)
+        logits.append(classify(rows(support), labels, rows(query)).detach().double().cpu().numpy())
+    results = score_episodes(label, episodes.k_shot, np.stack(logits), tasks.query_labels, coverage, n_bins)
     results.class_ids, results.class_names = tasks.class_ids, tuple(pool.class_names)
     return results
 

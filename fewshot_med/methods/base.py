@@ -25,6 +25,8 @@ from fewshot_med.models.backbone import BackboneSpec
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from fewshot_med.priors import SwagPosterior
+
 
 class NotFittedError(ValueError, AttributeError):
     """``predict_logits`` was called before ``fit`` (the same bases as scikit-learn's)."""
@@ -41,6 +43,8 @@ class MethodContext:
         spec: how the backbone's inputs were built (channels, size, normalisation).
         device: where image methods run.
         seed: the run's seed; the default ``random_state`` of randomised methods.
+        swag: the SWAG posterior over the pretrained backbone's weights (``pretrain.swag``), the
+            informative prior of prior-regularised fine-tuning; ``None`` when pretraining collected none.
     """
 
     base_feature_mean: Tensor | None = None
@@ -48,6 +52,7 @@ class MethodContext:
     spec: BackboneSpec | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    swag: SwagPosterior | None = None
 
 
 class FewShotMethod(ABC):
@@ -55,8 +60,9 @@ class FewShotMethod(ABC):
 
     Subclasses implement ``_fit`` and ``_predict_logits`` on validated tensors and, when they have
     parameters, ``check_params``. Names in ``context_params`` are ``__init__`` arguments filled from
-    the ``MethodContext`` field of the same name rather than from the config. ``name`` is the registry
-    name, set by ``register_method``.
+    the ``MethodContext`` field of the same name rather than from the config; names in
+    ``optional_context_params`` likewise, but only when the context has them (a field some parameter
+    values need: ``check_params`` says which). ``name`` is the registry name, set by ``register_method``.
 
     Frozen-feature methods (``inputs == "features"``) also take many episodes at once: support
     ``(E, n_support, D)`` with labels ``(E, n_support)`` fits ``E`` independent classifiers, and query
@@ -73,6 +79,7 @@ class FewShotMethod(ABC):
     name: ClassVar[str]
     inputs: ClassVar[Literal["features", "images"]]
     context_params: ClassVar[tuple[str, ...]] = ()
+    optional_context_params: ClassVar[tuple[str, ...]] = ()
 
     n_way_: int
     input_shape_: tuple[int, ...]
@@ -80,7 +87,8 @@ class FewShotMethod(ABC):
 
     @classmethod
     def from_context(cls, context: MethodContext, **params: Any) -> Self:
-        """Build the method from config ``params`` and the context fields named in ``context_params``."""
+        """Build the method from config ``params``, the context fields named in ``context_params`` and
+        those named in ``optional_context_params`` that the context holds."""
         values = {name: getattr(context, name) for name in cls.context_params}
         missing = [name for name, value in values.items() if value is None]
         if missing:
@@ -88,6 +96,8 @@ class FewShotMethod(ABC):
                 f"method '{cls.name}' needs the pipeline to provide {', '.join(missing)}; "
                 "it is not available in this run"
             )
+        optional = {name: getattr(context, name) for name in cls.optional_context_params}
+        values.update({name: value for name, value in optional.items() if value is not None})
         return cls(**values, **params)
 
     @classmethod
@@ -95,7 +105,8 @@ class FewShotMethod(ABC):
         """The ``__init__`` arguments a config may set (all but the context parameters)."""
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
         named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        return [p.name for p in parameters if p.kind in named and p.name not in cls.context_params]
+        from_context = {*cls.context_params, *cls.optional_context_params}
+        return [p.name for p in parameters if p.kind in named and p.name not in from_context]
 
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters as set (defaults included), e.g. for logging."""
@@ -290,6 +301,12 @@ def require_positive(name: str, value: object, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
         expected = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def require_non_negative(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
+        raise ValueError(f"{name} must be a number ≥ 0, got {value!r}")
 
 
 def require_choice(name: str, value: object, choices: Sequence[object]) -> None:

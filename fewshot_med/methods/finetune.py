@@ -1,4 +1,5 @@
-"""Per-task fine-tuning of a copy of the backbone on the support images, with augmentation."""
+"""Per-task fine-tuning of a copy of the backbone on the support images, with augmentation, optionally
+MAP under a Gaussian prior on the backbone's weights (L2-SP or a SWAG posterior of pretraining)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ from fewshot_med.methods.base import (
     register_method,
     require_bool,
     require_choice,
+    require_non_negative,
     require_positive,
 )
 from fewshot_med.models import autocast
+from fewshot_med.priors import L2SPPrior, SwagPosterior, SwagPrior
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 MODES = ("head", "last_block", "full")
+PRIORS = ("none", "l2sp", "swag")
 
 
 def last_stage(backbone: nn.Module) -> str:
@@ -66,6 +70,33 @@ class FineTune(FewShotMethod):
     The context backbone is never modified: the method trains a deep copy. Forward passes run
     under ``autocast(device)``.
 
+    ``prior`` puts a Gaussian prior on the trainable backbone parameters θ ``(P,)`` (flattened in
+    ``named_parameters()`` order), so fine-tuning finds a MAP estimate; the loss is the support
+    cross-entropy (a mean over the ``n`` support images) plus a penalty:
+
+    - ``l2sp``: ``prior_weight/2 · ‖θ - θ₀‖²``, θ₀ the weights fine-tuning starts from (the context
+      backbone): L2-SP of Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer Learning with
+      Convolutional Networks", ICML 2018 (``prior_weight`` is their alpha).
+    - ``swag``: ``½(θ - θ̄)ᵀ(prior_scale·Σ)⁻¹(θ - θ̄) / n``, the negative log density (up to a constant)
+      of the SWAG posterior of pretraining, N(θ̄, prior_scale·Σ) with Σ = ½·diag(σ²) + ½·DᵀD/(K - 1),
+      θ̄ and σ² ``(P,)``, D ``(K, P)`` (``SwagPosterior``, from the context), as the informative
+      prior of Shwartz-Ziv, Goldblum, Souri, Kapoor, Zhu, LeCun & Wilson, "Pre-Train Your Loss: Easy
+      Bayesian Transfer Learning with Informative Priors", NeurIPS 2022. The division by ``n`` makes it
+      a per-image term like the mean cross-entropy, as in their reference implementation (mean
+      cross-entropy - log p(θ)/N, N training images). Only the trainable parameters the posterior
+      covers (matched by name) get the prior, its marginal on them; ``SwagPrior`` evaluates it
+      through the Woodbury identity in ``O(P·K)`` a step. They rescale the covariance by a large
+      factor (searching 1e0 … 1e10): tune ``prior_scale`` on validation episodes. The posterior is
+      over the pretrained weights, also after meta-training moved the backbone.
+
+    AdamW's decoupled weight decay (torch's default, 0.01) pulls every parameter towards 0, an
+    implicit zero-mean prior; the parameters under a prior get none (L2-SP's point is decay towards
+    θ₀, not 0), all others (the head, and backbone parameters a SWAG posterior does not cover) keep
+    it. ``prior="none"`` trains exactly as without these parameters. Adam's steps are about
+    ``backbone_lr`` whatever the loss scale, so even a very strong prior holds the weights within
+    about one step of its mean, and it moves weights the cross-entropy leaves alone (at low
+    resolution, e.g. the outer taps of 3x3 kernels on 1x1 maps) by up to a step each.
+
     Shapes: support ``(n_support, C, H, W)`` normalised float images, query ``(n_query, C, H, W)``,
     logits ``(n_query, n_way)``.
 
@@ -81,6 +112,11 @@ class FineTune(FewShotMethod):
         train_bn: run the unfrozen backbone layers in train mode (batch statistics).
         batch_size: query images per forward pass when scoring.
         random_state: seed of the augmentation (defaults to the context's seed).
+        prior: ``none``, ``l2sp`` or ``swag``, on the trainable backbone parameters (not with
+            ``mode="head"``, which trains none).
+        prior_weight: the L2-SP weight alpha (≥ 0).
+        prior_scale: the SWAG prior's covariance factor (> 0).
+        swag: the SWAG posterior of pretraining (from the ``MethodContext``; needed by ``prior="swag"``).
 
     Attributes:
         backbone_: the fine-tuned copy of the backbone, in eval mode.
@@ -89,6 +125,7 @@ class FineTune(FewShotMethod):
 
     inputs = "images"
     context_params = ("backbone", "device")
+    optional_context_params = ("swag",)
 
     def __init__(
         self,
@@ -103,6 +140,10 @@ class FineTune(FewShotMethod):
         train_bn: bool = False,
         batch_size: int = 256,
         random_state: int = 0,
+        prior: str = "none",
+        prior_weight: float = 0.1,
+        prior_scale: float = 1.0,
+        swag: SwagPosterior | None = None,
     ) -> None:
         self.backbone = backbone
         self.device = device
@@ -115,6 +156,10 @@ class FineTune(FewShotMethod):
         self.train_bn = train_bn
         self.batch_size = batch_size
         self.random_state = random_state
+        self.prior = prior
+        self.prior_weight = prior_weight
+        self.prior_scale = prior_scale
+        self.swag = swag
 
     @classmethod
     def from_context(cls, context: MethodContext, **params: Any) -> Self:
@@ -134,6 +179,31 @@ class FineTune(FewShotMethod):
         require_positive("batch_size", self.batch_size, integer=True)
         if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
             raise ValueError(f"random_state must be an integer, got {self.random_state!r}")
+        require_choice("prior", self.prior, PRIORS)
+        require_non_negative("prior_weight", self.prior_weight)
+        require_positive("prior_scale", self.prior_scale)
+        if self.prior != "none" and self.mode == "head":
+            raise ValueError(
+                f"prior '{self.prior}' acts on the trainable backbone parameters and mode 'head' trains "
+                "none; use mode last_block or full"
+            )
+        if self.prior != "swag":
+            return
+        if not isinstance(self.swag, SwagPosterior):
+            raise ValueError(
+                "prior 'swag' needs the SWAG posterior of pretraining, which this run does not have; set "
+                "pretrain.swag.enabled: true (or start --from a run that pretrained with it)"
+            )
+        if not {name for name, _ in self.backbone.named_parameters()} & set(self.swag.names):
+            raise ValueError(
+                f"the SWAG posterior covers none of the backbone's parameters (it covers "
+                f"{', '.join(self.swag.names[:3])}, …): it comes from another architecture"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (and copy) without the SWAG posterior (``(K + 2)·P`` floats, used only by ``fit``), so
+        that a fitted method, e.g. in a registered classifier, does not carry it."""
+        return {**self.__dict__, "swag": None}
 
     @staticmethod
     def _embed(backbone: nn.Module, images: Tensor) -> Tensor:
@@ -145,15 +215,24 @@ class FineTune(FewShotMethod):
     def _logits(self, backbone: nn.Module, head: nn.Linear, images: Tensor) -> Tensor:
         return self.scale * head(self._embed(backbone, images))
 
-    def _unfreeze(self, backbone: nn.Module) -> list[nn.Parameter]:
-        """Set ``requires_grad`` and train/eval mode per ``mode``; return the trainable parameters."""
+    def _prior(self, params: list[tuple[str, nn.Parameter]]) -> L2SPPrior | SwagPrior | None:
+        """The ``prior`` on the named trainable ``params``, bound to them (``None`` without one)."""
+        if self.prior == "l2sp":
+            return L2SPPrior(params, self.prior_weight)
+        if self.prior == "swag":
+            assert self.swag is not None  # check_params
+            return SwagPrior(self.swag, params, self.prior_scale)
+        return None
+
+    def _unfreeze(self, backbone: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """Set ``requires_grad`` and train/eval mode per ``mode``; return the named trainable parameters."""
         backbone.requires_grad_(self.mode == "full").train(self.mode == "full" and self.train_bn)
         if self.mode == "last_block":
             modules = list(backbone.named_modules())
             start = [name for name, _ in modules].index(last_stage(backbone))
             for _, module in modules[start:]:  # the stage, its layers, and every module after it
                 module.requires_grad_(True).train(self.train_bn)
-        return [p for p in backbone.parameters() if p.requires_grad]
+        return [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
 
     def _fit(self, support: Tensor, labels: Tensor) -> None:
         device = torch.device(self.device)
@@ -172,13 +251,23 @@ class FineTune(FewShotMethod):
                 head.bias.zero_()
             groups = [{"params": list(head.parameters()), "lr": self.lr}]
             trainable = self._unfreeze(backbone)
-            if trainable:
-                groups.append({"params": trainable, "lr": self.backbone_lr})
+            prior = self._prior(trainable)
+            anchored = set(prior.names) if prior is not None else set()
+            # parameters under the prior get no decay towards 0 (see the class docstring)
+            for params, decay in (
+                ([p for name, p in trainable if name in anchored], {"weight_decay": 0.0}),
+                ([p for name, p in trainable if name not in anchored], {}),
+            ):
+                if params:
+                    groups.append({"params": params, "lr": self.backbone_lr, **decay})
             optimizer = torch.optim.AdamW(groups)
+            per_image = 1 / len(support) if self.prior == "swag" else 1.0
             generator = torch.Generator(device=device).manual_seed(self.random_state)
             for _ in range(self.steps):
                 batch = augment_batch(support, generator) if self.augment else support
                 loss = F.cross_entropy(self._logits(backbone, head, batch), labels)
+                if prior is not None:
+                    loss = loss + per_image * prior.penalty()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

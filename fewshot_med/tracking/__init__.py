@@ -11,11 +11,13 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from fewshot_med.tracking._store import tracking_uri, ui_command
-from fewshot_med.tracking.models import load_backbone, log_backbone, log_classifier
+from fewshot_med.tracking.models import load_backbone, load_swag, log_backbone, log_classifier, log_swag
 from fewshot_med.tracking.registry import Registration, register_model
 from fewshot_med.tracking.review import CalibratorFit, ReportPlot, RunReview, collect_run
 from fewshot_med.tracking.runs import (
     RunHandle,
+    benchmark_run,
+    download_stage_artifact,
     find_stage_run,
     flatten_params,
     log_dataset_input,
@@ -31,6 +33,7 @@ from fewshot_med.tracking.runs import (
     stage_run,
     store_uri,
     summary_metrics,
+    version_tags,
 )
 
 __all__ = [
@@ -39,10 +42,13 @@ __all__ = [
     "ReportPlot",
     "RunHandle",
     "RunReview",
+    "benchmark_run",
     "collect_run",
+    "download_stage_artifact",
     "find_stage_run",
     "flatten_params",
     "load_backbone",
+    "load_swag",
     "log_backbone",
     "log_classifier",
     "log_dataset_input",
@@ -50,6 +56,7 @@ __all__ = [
     "log_figure",
     "log_file_artifact",
     "log_metrics",
+    "log_swag",
     "log_text_artifact",
     "metric_key",
     "pipeline_run",
@@ -61,4 +68,5 @@ __all__ = [
     "summary_metrics",
     "tracking_uri",
     "ui_command",
+    "version_tags",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -121,3 +123,20 @@ def ui_command(
     if root is not None:
         argv += ["--default-artifact-root", root.as_uri(), "--artifacts-destination", root.as_uri()]
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+@contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI at ``uri`` for the block, then restore it (and
+    ``$MLFLOW_TRACKING_URI``): ``runs:/`` model URIs resolve through the global URI, not through a
+    ``tracking_uri`` argument, so loading outside a pipeline run would otherwise read (and create)
+    ``./mlflow.db`` of the working directory."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if environment is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = environment

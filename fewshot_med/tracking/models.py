@@ -1,5 +1,5 @@
-"""Models in MLflow: backbones as PyTorch models (reloaded as trainable timm modules) and adapted
-few-shot classifiers as pyfunc models that take images."""
+"""Models in MLflow: backbones as PyTorch models (reloaded as trainable timm modules), their SWAG
+posteriors as artifacts beside them, and adapted few-shot classifiers as pyfunc models that take images."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fewshot_med.tracking.runs import _target, store_uri
+from fewshot_med.tracking._store import using_store
+from fewshot_med.tracking.runs import _target, find_stage_run, log_metrics, store_uri
 
 if TYPE_CHECKING:
     from torch import nn
@@ -17,11 +18,14 @@ if TYPE_CHECKING:
     from fewshot_med.config import TrackingConfig
     from fewshot_med.models import BackboneSpec
     from fewshot_med.models.classifier import FewShotClassifier
+    from fewshot_med.priors import SwagPosterior
 
 #: Key of the ``BackboneSpec`` in the logged model's ``MLmodel`` metadata.
 SPEC_METADATA_KEY = "fewshot_med_backbone_spec"
 #: Batch size of the input example; 2, because ``torch.export`` fixes a batch dimension of size 1.
 _EXAMPLE_BATCH = 2
+#: Artifact path of a logged SWAG posterior (``SwagPosterior.state_dict()`` saved with ``torch.save``).
+SWAG_ARTIFACT = "swag/posterior.pt"
 
 
 def _pinned(package: str) -> str:
@@ -91,13 +95,62 @@ def load_backbone(
     from fewshot_med.models import BackboneSpec, create_backbone
 
     uri = run_id_or_uri if ":" in run_id_or_uri else f"runs:/{run_id_or_uri}/{name}"
-    with tempfile.TemporaryDirectory(prefix="fewshot-med-backbone-") as folder:
-        local = mlflow.artifacts.download_artifacts(uri, dst_path=folder, tracking_uri=store_uri(settings))
+    store = store_uri(settings)
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-backbone-") as folder, using_store(store):
+        local = mlflow.artifacts.download_artifacts(uri, dst_path=folder, tracking_uri=store)
         spec = BackboneSpec.from_dict(Model.load(local).metadata[SPEC_METADATA_KEY])
         exported = mlflow.pytorch.load_model(local, map_location="cpu")
     backbone = create_backbone(spec.name, in_chans=spec.in_chans, image_size=spec.image_size)
     backbone.load_state_dict(exported.state_dict())
     return backbone, spec
+
+
+def log_swag(posterior: SwagPosterior) -> None:
+    """Log a SWAG posterior to the current run as ``swag/posterior.pt``, with metrics ``swag.rank`` (the
+    deviations kept, ``K``) and ``swag.n_snapshots``; nothing when tracking is off.
+
+    The file holds ``posterior.state_dict()`` (tensors and lists: ``torch.load(…, weights_only=True)``
+    reads it); ``load_swag`` reads it back.
+    """
+    target = _target()
+    if target is None:
+        return
+    import tempfile
+
+    import mlflow
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-swag-") as folder:
+        local = Path(folder) / Path(SWAG_ARTIFACT).name
+        torch.save(posterior.state_dict(), local)
+        mlflow.log_artifact(str(local), str(Path(SWAG_ARTIFACT).parent), run_id=target)
+    log_metrics({"swag.rank": posterior.rank, "swag.n_snapshots": posterior.n_snapshots}, run_id=target)
+
+
+def load_swag(run_id: str, settings: TrackingConfig | None = None) -> SwagPosterior | None:
+    """The SWAG posterior logged by ``log_swag`` in a run's pretrain stage, or ``None`` if it has none.
+
+    Args:
+        run_id: a pipeline run (its latest finished ``pretrain`` stage run is read) or the stage run
+            itself. The posterior is over the pretrained backbone, before any meta-training.
+        settings: the tracking section of a config (which store to read); see ``store_uri``.
+    """
+    import tempfile
+
+    import torch
+    from mlflow import MlflowClient
+
+    from fewshot_med.priors import SwagPosterior
+
+    client = MlflowClient(store_uri(settings))
+    target = find_stage_run(run_id, "pretrain", settings) or run_id
+    logged = client.list_artifacts(target, str(Path(SWAG_ARTIFACT).parent))
+    if SWAG_ARTIFACT not in {item.path for item in logged}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-swag-") as folder:
+        local = client.download_artifacts(target, SWAG_ARTIFACT, folder)
+        state = torch.load(local, map_location="cpu", weights_only=True)
+    return SwagPosterior.from_state_dict(state)
 
 
 def log_classifier(classifier: FewShotClassifier, name: str = "classifier") -> str | None:

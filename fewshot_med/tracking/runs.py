@@ -133,6 +133,38 @@ def pipeline_run(
 
 
 @contextmanager
+def benchmark_run(
+    name: str,
+    experiment: str = "benchmarks",
+    tags: Mapping[str, str] | None = None,
+    settings: TrackingConfig | None = None,
+) -> Iterator[RunHandle]:
+    """Open the top-level run of a benchmark suite, tagged with the git commit and package versions;
+    pipeline runs opened inside it (in the same experiment) nest under it.
+
+    Args:
+        name: run name (the suite).
+        experiment: MLflow experiment.
+        tags: extra run tags (machine, options).
+        settings: which store (``tracking_uri``); the default store when ``None``.
+
+    Yields:
+        The run's handle; an exception ends it FAILED, ``KeyboardInterrupt`` KILLED.
+    """
+    import mlflow
+
+    uri = tracking_uri(settings)
+    prepare_store(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment_key = experiment_id(mlflow.MlflowClient(uri), experiment, uri)
+    run = mlflow.start_run(
+        experiment_id=experiment_key, run_name=name, tags={**version_tags(), **(tags or {})}
+    )
+    with _activate(RunHandle(run.info.run_id, experiment_key), pipeline=True) as handle:
+        yield handle
+
+
+@contextmanager
 def stage_run(
     name: str, tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None
 ) -> Iterator[RunHandle]:
@@ -197,6 +229,24 @@ def find_stage_run(parent_run_id: str, stage: str, settings: TrackingConfig | No
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def download_stage_artifact(
+    run_id: str, stage: str, artifact_path: str, destination: Path, settings: TrackingConfig | None = None
+) -> Path | None:
+    """Download a file that the ``stage`` run of pipeline run ``run_id`` logged (e.g. an evaluate run's
+    ``episodes/test_5shot.json``) into ``destination``; ``None`` if there is no such stage or file."""
+    from mlflow import MlflowClient
+
+    stage_run_id = find_stage_run(run_id, stage, settings)
+    if stage_run_id is None:
+        return None
+    client = MlflowClient(store_uri(settings))
+    folder, _, name = artifact_path.rpartition("/")
+    if name not in {Path(info.path).name for info in client.list_artifacts(stage_run_id, folder or None)}:
+        return None
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(stage_run_id, artifact_path, str(destination)))
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str | None = None) -> None:
@@ -383,12 +433,17 @@ def _plain(obj: Any) -> Any:
 
 def _context_tags(config: Config) -> dict[str, str]:
     """Tags that make a run reproducible: code version, package versions, seed, backbone, data source."""
-    tags = {
+    return {
         "seed": str(config.seed),
         "backbone": config.model.backbone,
         "data.source": config.data.source,
-        **_git_tags(),
+        **version_tags(),
     }
+
+
+def version_tags() -> dict[str, str]:
+    """The git commit (``git_commit``, ``git_dirty``) and ``version.<package>`` of ``VERSIONED_PACKAGES``."""
+    tags = _git_tags()
     for package in VERSIONED_PACKAGES:
         try:
             tags[f"version.{package.replace('-', '_')}"] = metadata.version(package)

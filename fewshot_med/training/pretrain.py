@@ -5,7 +5,8 @@ head on the pooled features, AdamW (or Nesterov SGD) without weight decay on nor
 per-step linear warmup then cosine schedule, label smoothing, class-balanced sampling (HAM10000's
 ``nv`` is 60% of the base images) and batched on-device augmentation. Model selection is by the
 balanced accuracy on the base classes of the val split, with early stopping, or the last epoch
-(``keep="last"``).
+(``keep="last"``). Optionally, SWAG moments of the backbone's weights are collected over the last
+epochs (``settings.swag``): the posterior that serves as an informative prior downstream.
 
 The loop is lean on purpose: batches are indexed from uint8 arrays on the CPU, moved as uint8 and
 normalised/augmented on the device, and losses are accumulated on the device, so the host syncs
@@ -35,6 +36,7 @@ from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, autocast, load_checkpoint, save_checkpoint
+from fewshot_med.priors import SwagCollector, SwagPosterior
 from fewshot_med.training._resume import (
     check_resumable,
     cpu_copy,
@@ -63,6 +65,9 @@ class PretrainResult:
         best_epoch: 1-based epoch whose weights were kept.
         best_val_balanced_accuracy: val balanced accuracy of that epoch.
         stopped_early: whether early stopping ended training before ``settings.epochs``.
+        swag: with ``settings.swag.enabled``, the SWAG posterior over the backbone's trainable
+            parameters from the snapshots of the last epochs (see ``snapshot_steps``), whichever
+            epoch ``best_epoch`` is; otherwise ``None``.
     """
 
     backbone: nn.Module
@@ -72,6 +77,7 @@ class PretrainResult:
     best_epoch: int
     best_val_balanced_accuracy: float
     stopped_early: bool
+    swag: SwagPosterior | None = None
 
 
 def epoch_indices(labels: np.ndarray, balanced: bool, n: int, generator: np.random.Generator) -> np.ndarray:
@@ -112,6 +118,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def snapshot_steps(steps: int, per_epoch: int) -> frozenset[int]:
+    """The 0-based steps of an epoch after which SWAG snapshots the weights.
+
+    ``per_epoch`` snapshots evenly spaced over ``steps`` steps, the last after the last step: after
+    step ``ceil(j * steps / per_epoch) - 1`` for ``j = 1 … per_epoch``; at most one per step.
+    """
+    return frozenset(math.ceil(j * steps / per_epoch) - 1 for j in range(1, per_epoch + 1))
 
 
 def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
@@ -156,6 +171,12 @@ def pretrain(
     On CUDA, training runs in bfloat16 autocast; on CUDA and the CPU, the model and batches are
     channels_last (the faster layout for convolutions on both; about 10% on a 2-core CPU).
 
+    With ``settings.swag.enabled``, the backbone's weights are snapshotted into a ``SwagCollector``
+    (Maddox et al., NeurIPS 2019) after the ``snapshot_steps`` of every epoch from
+    ``settings.swag.first_epoch(epochs)`` on; snapshots only read the weights, so the trajectory is
+    the same as without them, and the collector is part of the checkpoint, so a resumed run ends with
+    the same moments.
+
     A fresh run seeds torch's global generator with ``seed`` (dropout, drop-path and head
     initialisation); batch sampling and augmentation use their own generators derived from ``seed``.
 
@@ -175,7 +196,7 @@ def pretrain(
         seed: seeds the run.
 
     Returns:
-        The best-epoch backbone and head with the training history.
+        The best-epoch backbone and head with the training history (and the SWAG posterior).
 
     Raises:
         FewshotMedError: unusable inputs, or a checkpoint that does not belong to this run.
@@ -196,6 +217,14 @@ def pretrain(
     steps = len(train) // batch_size
     if settings.steps_per_epoch is not None:
         steps = min(steps, settings.steps_per_epoch)
+    swag = SwagCollector(settings.swag.rank) if settings.swag.enabled else None
+    swag_start = settings.swag.first_epoch(settings.epochs)
+    swag_steps = snapshot_steps(steps, settings.swag.snapshots_per_epoch)
+    if swag is not None and (settings.epochs - swag_start + 1) * len(swag_steps) < 2:
+        raise FewshotMedError(
+            f"pretrain: SWAG would take 1 snapshot (epochs {swag_start}-{settings.epochs}, {steps} step(s) "
+            "each); it needs 2 or more: set pretrain.swag.start_epoch earlier"
+        )
     warmup_steps = settings.warmup_epochs * steps
     total_steps = settings.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -216,6 +245,8 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(state["rng"], sampler, augment_generator, device)
+        if swag is not None:
+            swag.load_state_dict(state["swag"])
         history = state["history"]
         best = {"epoch": state["best_epoch"], "metric": state["best_metric"]}
         best.update(backbone=state["backbone"], head=state["head"])
@@ -258,6 +289,8 @@ def pretrain(
             if step == steps - 1:
                 lr = optimizer.param_groups[0]["lr"]  # the rate the epoch's last step used
             scheduler.step()
+            if swag is not None and epoch + 1 >= swag_start and step in swag_steps:
+                swag.collect(backbone)
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(dim=1) == targets).sum()
         train_loss, train_correct = loss_sum.item() / steps, correct.item()  # the epoch's one sync
@@ -305,6 +338,7 @@ def pretrain(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_states(sampler, augment_generator, device),
+                    "swag": swag.state_dict() if swag is not None else None,
                     "epoch": epoch + 1,
                     "history": history,
                     "best_epoch": best["epoch"],
@@ -337,6 +371,7 @@ def pretrain(
         best_epoch=int(best["epoch"]),
         best_val_balanced_accuracy=float(best["metric"]),
         stopped_early=bool(stopped_early),
+        swag=swag.posterior() if swag is not None else None,
     )
 
 

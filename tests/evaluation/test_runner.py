@@ -249,3 +249,38 @@ def test_batched_logits_equal_one_fit_per_episode(dim):
             support, torch.tensor(episode.support_labels())
         )
         np.testing.assert_allclose(results.logits[index], method.predict_logits(query).double(), rtol=1e-5)
+
+
+def test_episodewise_runner_sees_each_episode_and_matches_the_batched_one():
+    pool, features = _pool(seed=3)
+    features = features + torch.randn_like(features) * 6  # overlapping classes: not every query right
+    episodes = sample_episodes(pool, n_way=3, k_shot=2, n_query=5, n_episodes=9, seed=2)
+    seen = []
+
+    def classify(support, labels, queries):
+        seen.append((support.shape, labels.tolist(), queries.shape))
+        return NearestCentroid().fit(support.unsqueeze(0), labels.unsqueeze(0)).predict_logits(queries)[0]
+
+    one_by_one = runner.evaluate_episodewise(classify, features, pool, episodes, label="peer")
+    batched = evaluate_frozen(NearestCentroid, features, pool, episodes)
+    assert seen == [(torch.Size([6, 8]), [0, 0, 1, 1, 2, 2], torch.Size([15, 8]))] * 9
+    assert one_by_one.method == "peer" and 0 < one_by_one.summary()["accuracy"][0] < 1
+    np.testing.assert_allclose(one_by_one.logits, batched.logits, rtol=1e-6)
+    np.testing.assert_array_equal(one_by_one.class_ids, batched.class_ids)
+
+
+def test_episodes_with_non_finite_logits_are_failed_not_fatal():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(6, 15, 3)), rng.integers(0, 3, (6, 15))
+    broken = logits.copy()
+    broken[2, 4] = np.nan  # e.g. a Sinkhorn iteration that divided 0 by 0
+    results = runner.score_episodes("m", 5, broken, labels)
+    intact = runner.score_episodes("m", 5, np.delete(logits, 2, axis=0), np.delete(labels, 2, axis=0))
+    assert results.n_failed == 1 and intact.n_failed == 0
+    for name, values in results.metrics.items():
+        assert np.isnan(values[2])
+        np.testing.assert_allclose(np.delete(values, 2), intact.metrics[name])
+    assert results.summary() == intact.summary()  # pooled ECE and intervals over the 5 finite episodes
+    assert np.isnan(
+        runner.score_episodes("m", 5, np.full((2, 3, 3), np.nan), labels[:2, :3]).metrics["nll"]
+    ).all()

@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 
 from fewshot_med.config import Config
-from fewshot_med.data import select_classes
+from fewshot_med.data import EpisodeList, select_classes
 from fewshot_med.data.demo import DEMO_NOVEL_CLASSES, make_demo_dataset
 from fewshot_med.errors import ConfigError
 from pipelines.transfer import run_stages
@@ -65,6 +65,14 @@ def test_pipeline_run_tree_metrics_artifacts_and_model(workdir, tiny_pipeline):
     assert {"results.md", "results.csv", "results.json", "episodes"} <= artifacts
     episode_files = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id, "episodes")}
     assert episode_files == {f"episodes/{split}_{k}shot.json" for split in ("test", "val") for k in (1, 5)}
+    saved = EpisodeList.load(
+        client.download_artifacts(stages["evaluate"].info.run_id, "episodes/test_5shot.json")
+    )
+    assert (saved.k_shot, saved.split, len(saved)) == (
+        5,
+        "test",
+        4,
+    )  # the artifact is a loadable episode list
     csv = client.download_artifacts(methods["method:simpleshot"].info.run_id, "per_episode/test_5shot.csv")
     assert len(Path(csv).read_text().strip().splitlines()) == 1 + 4  # header + one row per episode
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from importlib import metadata
@@ -146,7 +147,7 @@ def test_pipeline_run_holds_tree_params_tags_metrics_inputs_and_artifacts(store,
 
 
 @pytest.mark.slow
-def test_logged_backbone_reloads_with_same_outputs(store):
+def test_logged_backbone_reloads_with_same_outputs(store, cwd, monkeypatch):
     torch.manual_seed(0)
     backbone = create_backbone("resnet10t", image_size=16)
     with tracking.pipeline_run(tiny_config()), tracking.stage_run("pretrain") as stage:
@@ -171,6 +172,15 @@ def test_logged_backbone_reloads_with_same_outputs(store):
     assert f"torch=={metadata.version('torch').split('+')[0]}" in requirements
     (logged,) = store.search_logged_models([store.get_run(stage.run_id).info.experiment_id])
     assert logged.source_run_id == stage.run_id
+
+    # a fresh process that never opened a run: MLflow's global URI is unset
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with torch.no_grad():
+        reloaded, _ = tracking.load_backbone(stage.run_id)
+        assert torch.allclose(reloaded.eval()(images), expected, atol=1e-6)
+    assert not (cwd / "mlflow.db").exists()  # nothing read from (or created in) MLflow's default store
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Supervised pretraining: it learns, resumes bit for bit, stops early, balances classes, logs."""
+"""Supervised pretraining: it learns, resumes bit for bit, stops early, balances classes, logs, and
+collects SWAG moments on schedule."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot_med.config import PretrainConfig
+from fewshot_med.config import PretrainConfig, SwagConfig
 from fewshot_med.data.demo import DEMO_BASE_CLASSES, make_demo_dataset
 from fewshot_med.data.roles import ClassSubset, select_classes
 from fewshot_med.data.transforms import channel_stats
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, backbone_from_state, create_backbone, embed, load_checkpoint
 from fewshot_med.training import pretrain as pretrain_module
-from fewshot_med.training.pretrain import PretrainResult, epoch_indices, pretrain
+from fewshot_med.training.pretrain import PretrainResult, epoch_indices, pretrain, snapshot_steps
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -176,6 +177,110 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_weights(data, tm
     last_whole, last_resumed = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(path)
     for key, value in last_whole["current"]["backbone"].items():
         assert torch.equal(value, last_resumed["current"]["backbone"][key]), key
+
+
+def trainable(module: torch.nn.Module) -> np.ndarray:
+    """The module's trainable parameters flattened in ``named_parameters()`` order, float64."""
+    return (
+        torch.cat([p.detach().reshape(-1) for p in module.parameters() if p.requires_grad]).double().numpy()
+    )
+
+
+def test_swag_snapshots_the_last_epochs_whichever_epoch_is_kept(data, monkeypatch):
+    train, val, spec = data
+    scripted = iter([0.9, 0.3, 0.2])  # keep="best" hands on epoch 1, before SWAG starts
+    monkeypatch.setattr(
+        pretrain_module,
+        "_validate",
+        lambda *a, **k: {"val_loss": 1.0, "val_accuracy": 0.5, "val_balanced_accuracy": next(scripted)},
+    )
+    swag = SwagConfig(enabled=True, start_epoch=2, rank=2)
+    settings = quick(epochs=3, steps_per_epoch=2, early_stopping_patience=None, swag=swag)
+    backbone = fresh_backbone(spec)
+    at_epoch_end = {}
+
+    def record(metrics: dict[str, float], epoch: int) -> None:
+        at_epoch_end[epoch] = trainable(backbone)
+
+    result = pretrain(backbone, spec, train, val, settings, CPU, log_metrics=record)
+    posterior = result.swag
+    assert result.best_epoch == 1
+    assert posterior is not None and posterior.n_snapshots == 2 and posterior.rank == 2
+    assert list(posterior.names) == [n for n, p in backbone.named_parameters() if p.requires_grad]
+    snapshots = np.stack([at_epoch_end[2], at_epoch_end[3]])  # one snapshot per epoch, after its last step
+    np.testing.assert_allclose(posterior.mean.numpy(), snapshots.mean(axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        posterior.variance.numpy(), np.maximum(snapshots.var(axis=0), 1e-30), rtol=1e-4, atol=1e-12
+    )
+    np.testing.assert_allclose(trainable(result.backbone), at_epoch_end[1])
+
+
+def test_swag_schedule():
+    assert SwagConfig().first_epoch(30) == 23 and SwagConfig(start_epoch=5).first_epoch(30) == 5
+    assert snapshot_steps(10, 3) == {3, 6, 9} and snapshot_steps(3, 2) == {1, 2}
+    assert snapshot_steps(5, 1) == {4} and snapshot_steps(2, 5) == {0, 1}
+
+
+def test_swag_needs_two_snapshots_of_the_actual_steps(data):
+    train, val, spec = data
+    swag = SwagConfig(enabled=True, start_epoch=1, snapshots_per_epoch=2)
+    settings = quick(epochs=1, steps_per_epoch=1, early_stopping_patience=None, swag=swag)
+    with pytest.raises(FewshotMedError, match=r"SWAG would take 1 snapshot \(epochs 1-1, 1 step\(s\) each\)"):
+        pretrain(fresh_backbone(spec), spec, train, val, settings, CPU)
+
+
+def test_swag_leaves_the_trajectory_alone_and_resumes_to_the_same_moments(data, tmp_path):
+    train, val, spec = data
+    plain = quick(epochs=3, steps_per_epoch=2, early_stopping_patience=None)
+    swag = SwagConfig(enabled=True, start_epoch=2, rank=3, snapshots_per_epoch=2)  # 4 snapshots, 3 kept
+    settings = plain.model_copy(update={"swag": swag})
+    without = pretrain(fresh_backbone(spec), spec, train, val, plain, CPU)
+    whole = pretrain(fresh_backbone(spec), spec, train, val, settings, CPU, checkpoint_path=tmp_path / "a.pt")
+    assert without.swag is None
+    assert_same_weights(whole.backbone, without.backbone)
+    assert whole.swag is not None and whole.swag.n_snapshots == 4 and whole.swag.rank == 3
+
+    def interrupt_after_second_epoch(metrics: dict[str, float], epoch: int) -> None:
+        if epoch == 2:
+            raise Interrupted
+
+    path = tmp_path / "b.pt"
+    with pytest.raises(Interrupted):
+        pretrain(
+            fresh_backbone(spec),
+            spec,
+            train,
+            val,
+            settings,
+            CPU,
+            checkpoint_path=path,
+            log_metrics=interrupt_after_second_epoch,
+        )
+    assert load_checkpoint(path)["swag"]["n_snapshots"] == 2
+    resumed = pretrain(
+        create_backbone("resnet10t", image_size=SIZE),
+        spec,
+        train,
+        val,
+        settings,
+        CPU,
+        checkpoint_path=path,
+        resume=True,
+    )
+    finished = pretrain(
+        create_backbone("resnet10t", image_size=SIZE),
+        spec,
+        train,
+        val,
+        settings,
+        CPU,
+        checkpoint_path=path,
+        resume=True,
+    )
+    for again in (resumed, finished):
+        assert again.swag is not None and again.swag.n_snapshots == 4
+        for field in ("mean", "variance", "deviations"):
+            assert torch.equal(getattr(again.swag, field), getattr(whole.swag, field)), field
 
 
 def test_early_stopping_keeps_the_best_epoch(data, monkeypatch):

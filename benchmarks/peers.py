@@ -1,0 +1,679 @@
+"""The peers suite: this toolkit's methods beside easyfsl's and scikit-learn's, on identical episodes.
+
+Per dataset (HAM10000 and PBC, the guide's protocol, section 3) one backbone, the pipeline's own
+(pretrained, then meta-trained when its config says so), trained here or reused from an earlier run
+(``--from``), embeds every image once. Then, on the same saved test episodes for K ∈ {1, 5, 10}:
+
+1. every method of the dataset's config, calibrated by its val-episode temperature, and every peer of
+   ``peer_methods.PEERS`` (its feature preprocessing chosen on val episodes): accuracy, balanced
+   accuracy, pooled ECE, NLL with 95% CIs, and the paired accuracy difference against the best peer;
+2. temperature scaling here against netcal's on the same logits (fitted on val episodes, scored on
+   test episodes): ECE, NLL and fit time, and our ECE against netcal's ECE on the same probabilities;
+3. the oracle (a probe on all novel-class train images) and accuracy against shots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.peer_methods import PEERS, PREPROCESSING, Peer
+from benchmarks.suite import SuiteOptions, SuiteReport, episode_list_digest, require_modules
+from fewshot_med import tracking
+from fewshot_med.config import Config, load_config
+from fewshot_med.data import EpisodeList, sample_episodes
+from fewshot_med.errors import FewshotMedError
+from fewshot_med.evaluation import EpisodeResults, evaluate_episodewise, evaluate_frozen, softmax
+from fewshot_med.evaluation.calibration import TemperatureScaling
+from fewshot_med.evaluation.intervals import paired_difference_ci95
+from fewshot_med.evaluation.metrics import ece
+from fewshot_med.methods import METHODS, MethodContext, create_method
+from fewshot_med.models import BackboneSpec
+from fewshot_med.runtime import resolve_device, seed_everything
+from pipelines.evaluation import Episodes, draw_episodes, embed_subsets, evaluate_method, evaluate_oracle_rows
+from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage
+from pipelines.transfer import load_data
+
+REPO = Path(__file__).resolve().parents[1]
+#: Dataset name -> the pipeline config whose backbone, episodes and methods the suite uses.
+DATASETS = {"ham10000": REPO / "configs/ham10000.yaml", "pbc": REPO / "configs/pbc.yaml"}
+#: Applied to every config: the suite's own MLflow experiment; no generalised rows, plots or registry.
+SUITE_OVERRIDES = (
+    "tracking.experiment=benchmarks",
+    "tracking.registered_model=null",
+    "evaluation.generalised=false",
+    "evaluation.plots=false",
+)
+#: A smoke run: minutes on 2 cores; its numbers mean nothing.
+QUICK_OVERRIDES = (
+    "pretrain.epochs=1",
+    "pretrain.steps_per_epoch=4",
+    "pretrain.warmup_epochs=0",
+    "meta_train.enabled=false",
+    "methods=[{name: simpleshot}, {name: logreg}]",
+    "episodes.shots=[1, 5]",
+    "episodes.n_test_episodes=12",
+    "episodes.n_val_episodes=8",
+)
+QUICK_DATA = {"ham10000": "data.source=ham10000-28"}
+#: Shots of the accuracy-against-shots curve (frozen-feature methods and the oracle).
+CURVE_SHOTS = (1, 2, 3, 5, 10)
+QUICK_CURVE_SHOTS = (1, 2, 5)
+#: Peer libraries the suite runs (the ``bench`` extra).
+REQUIRES = ("easyfsl", "netcal")
+#: Shots of the val episodes on which each peer's feature preprocessing is chosen.
+SELECTION_SHOTS = 5
+
+
+@dataclass
+class PeerChoice:
+    """A peer's preprocessing picked on val episodes (``val_accuracy``: mean per option, NaN when it
+    failed on some episode) and the seconds the selection took."""
+
+    preprocessing: str
+    val_accuracy: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class DatasetBenchmark:
+    """Everything measured on one dataset."""
+
+    name: str
+    config: Config
+    run_id: str | None
+    backbone_source: str
+    data_digest: str
+    episode_source: str
+    episode_digests: dict[int, str]
+    ours: list[EpisodeResults] = field(default_factory=list)
+    oracle: list[EpisodeResults] = field(default_factory=list)
+    peers: list[EpisodeResults] = field(default_factory=list)
+    peer_choices: dict[str, PeerChoice] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    curve: list[EpisodeResults] = field(default_factory=list)
+    netcal: list[dict[str, float | str | int]] = field(default_factory=list)
+
+
+def run(options: SuiteOptions) -> SuiteReport:
+    """The peers suite on every dataset of ``DATASETS``: tables, headline metrics and record."""
+    require_modules(REQUIRES)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    benchmarks = [benchmark_dataset(name, options) for name in DATASETS]
+    report = SuiteReport(markdown=_suite_markdown(benchmarks, options.quick))
+    for bench in benchmarks:
+        report.record.update(_record(bench))
+        report.metrics.update(_headline_metrics(bench))
+        report.tables[f"peers_{bench.name}.csv"] = _rows_csv(bench)
+        report.figures[f"accuracy_vs_shots_{bench.name}.png"] = _curve_figure(bench)
+    return report
+
+
+def benchmark_dataset(name: str, options: SuiteOptions) -> DatasetBenchmark:
+    """Backbone, episodes, our methods, the oracle, the peers, the curve and the netcal comparison on
+    one dataset, under an MLflow run ``peers:<name>`` nested in the suite's run."""
+    overrides = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}"]
+    if options.quick:
+        overrides += [*QUICK_OVERRIDES, *filter(None, [QUICK_DATA.get(name)])]
+    config = load_config(DATASETS[name], overrides)
+    device = resolve_device(config.runtime.device)
+    seed_everything(config.seed)
+    data = load_data(config)
+    from_run = options.backbone_runs.get(name)
+    tags = {"suite": "peers", **({"from_run": from_run} if from_run else {})}
+    with tracking.pipeline_run(config, run_name=f"peers:{name}", tags=tags) as run:
+        backbone, spec, backbone_source = _backbone(config, data, device, from_run)
+        subsets, features, context = embed_subsets(config, data, backbone, spec, device)
+        n_way = config.episodes.n_way or len(data.roles.novel)
+        pools = {"test": subsets["novel_test"], "val": subsets["novel_val"]}
+        episodes, episode_source = _episodes(config, pools, n_way, from_run)
+        tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
+        for k, test_episodes in episodes.test.items():
+            tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
+        bench = DatasetBenchmark(
+            name=name,
+            config=config,
+            run_id=run.run_id,
+            backbone_source=backbone_source,
+            data_digest=data.dataset.digest,
+            episode_source=episode_source,
+            episode_digests={k: episode_list_digest(e) for k, e in episodes.test.items()},
+        )
+        validation = _evaluate_ours(bench, context, features, subsets, episodes)
+        bench.oracle = evaluate_oracle_rows(features, subsets, episodes, config.evaluation)
+        _evaluate_peers(bench, context, features, subsets, episodes)
+        bench.curve = _accuracy_against_shots(bench, context, features, subsets, episodes, options.quick)
+        bench.netcal = _netcal_comparison(bench, validation)
+        tracking.log_text_artifact(_dataset_markdown(bench), "peers.md")
+        tracking.log_text_artifact(_rows_csv(bench), "peers.csv")
+        tracking.log_metrics(_headline_metrics(bench))
+    return bench
+
+
+def _backbone(
+    config: Config, data: Data, device: torch.device, from_run: str | None
+) -> tuple[torch.nn.Module, BackboneSpec, str]:
+    """The run's backbone: reused from ``from_run``, else trained by the pipeline's own stages."""
+    if from_run is not None:
+        backbone, spec = backbone_from_run(from_run, config)
+        return backbone.to(device), spec, f"reused from MLflow run `{from_run}`"
+    pretrained = pretrain_stage(config, data, device, resume=False)
+    backbone, spec = pretrained.backbone, pretrained.spec
+    stages = "pretrained"
+    if config.meta_train.enabled:
+        backbone = meta_train_stage(config, data, backbone, spec, device, resume=False)
+        stages += f" then meta-trained ({config.meta_train.algorithm})"
+    return backbone, spec, f"{stages} in this run ({config.pretrain.epochs} epochs)"
+
+
+def _episodes(config: Config, pools: dict, n_way: int, from_run: str | None) -> tuple[Episodes, str]:
+    """The seeded episode lists; with ``from_run``, checked to be the very test lists that run saved
+    (so every number here is on the episodes of that run's own evaluation)."""
+    drawn = draw_episodes(config, pools, n_way)
+    if from_run is None:
+        return drawn, f"drawn with seed {config.episodes.seed}"
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-episodes-") as folder:
+        for k, episodes in drawn.test.items():
+            path = tracking.download_stage_artifact(
+                from_run, "evaluate", f"episodes/test_{k}shot.json", Path(folder), config.tracking
+            )
+            if path is None:
+                return drawn, f"drawn with seed {config.episodes.seed} (run `{from_run}` saved none)"
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            saved.pop("format_version", None)  # runs before format-versioned artifacts lack it
+            if saved != json.loads(json.dumps(dataclasses.asdict(episodes))):
+                raise FewshotMedError(
+                    f"the {k}-shot test episodes saved by run {from_run} differ from those this config draws "
+                    f"(seed {config.episodes.seed}); pass a run of the same config and seed to --from"
+                )
+    return drawn, f"drawn with seed {config.episodes.seed}, identical to those saved by run `{from_run}`"
+
+
+def _evaluate_ours(
+    bench: DatasetBenchmark,
+    context: MethodContext,
+    features: dict[str, torch.Tensor],
+    subsets: dict,
+    episodes: Episodes,
+) -> dict[tuple[str, int], EpisodeResults]:
+    """Every method of the config, as the pipeline's evaluate stage runs it; returns the val results."""
+    validation: dict[tuple[str, int], EpisodeResults] = {}
+    for method in bench.config.methods:
+        start = time.perf_counter()
+        results, _, val = evaluate_method(method, context, features, subsets, episodes, bench.config)
+        bench.seconds[method.display_name] = time.perf_counter() - start
+        bench.ours += results
+        validation.update(val)
+    return validation
+
+
+def _evaluate_peers(
+    bench: DatasetBenchmark,
+    context: MethodContext,
+    features: dict[str, torch.Tensor],
+    subsets: dict,
+    episodes: Episodes,
+) -> None:
+    """Each peer: preprocessing chosen on the val episodes, then every K's test episodes."""
+    if episodes.val is None:
+        raise ValueError("the peers suite needs val episodes: keep val_temperature in evaluation.calibration")
+    val_episodes = episodes.val[
+        max((k for k in episodes.val if k <= SELECTION_SHOTS), default=min(episodes.val))
+    ]
+    centring = context.base_feature_mean
+    for label, peer in PEERS.items():
+        choice = _choose_preprocessing(
+            peer, centring, features["novel_val"], subsets["novel_val"], val_episodes
+        )
+        bench.peer_choices[label] = choice
+        centre, normalise = PREPROCESSING[choice.preprocessing]
+        classify = peer.make(centring if centre else None, normalise)
+        start = time.perf_counter()
+        for test_episodes in episodes.test.values():
+            bench.peers.append(
+                evaluate_episodewise(
+                    classify,
+                    features["novel_test"],
+                    subsets["novel_test"],
+                    test_episodes,
+                    label=label,
+                    coverage=bench.config.evaluation.coverage,
+                    n_bins=bench.config.evaluation.ece_bins,
+                )
+            )
+        bench.seconds[label] = time.perf_counter() - start
+
+
+def _choose_preprocessing(
+    peer: Peer, centring: torch.Tensor, features: torch.Tensor, pool: object, episodes: EpisodeList
+) -> PeerChoice:
+    """The preprocessing with the best mean val accuracy among those that never failed."""
+    start, scores = time.perf_counter(), {}
+    for name, (centre, normalise) in PREPROCESSING.items():
+        classify = peer.make(centring if centre else None, normalise)
+        results = evaluate_episodewise(classify, features, pool, episodes, label=peer.label)
+        scores[name] = float("nan") if results.n_failed else results.summary()["accuracy"][0]
+    finite = {name: score for name, score in scores.items() if np.isfinite(score)}
+    chosen = max(finite, key=finite.__getitem__) if finite else "l2"
+    return PeerChoice(chosen, scores, time.perf_counter() - start)
+
+
+def _accuracy_against_shots(
+    bench: DatasetBenchmark,
+    context: MethodContext,
+    features: dict[str, torch.Tensor],
+    subsets: dict,
+    episodes: Episodes,
+    quick: bool,
+) -> list[EpisodeResults]:
+    """Uncalibrated frozen-feature methods and the oracle at every curve K (test episodes of the
+    protocol where they exist, else drawn with the same seed)."""
+    protocol = bench.config.episodes
+    pool = subsets["novel_test"]
+    frozen = [m for m in bench.config.methods if METHODS[m.name].inputs == "features"]
+    curve = []
+    for k in QUICK_CURVE_SHOTS if quick else CURVE_SHOTS:
+        if k in episodes.test:
+            curve += [r for r in bench.ours + bench.oracle if r.k_shot == k and r.calibration == "none"]
+            continue
+        drawn = sample_episodes(
+            pool, len(pool.class_names), k, protocol.n_query, protocol.n_test_episodes, protocol.seed
+        )
+        for method in frozen:
+            factory = lambda method=method: create_method(method.name, context, **method.params)  # noqa: E731
+            curve.append(
+                evaluate_frozen(factory, features["novel_test"], pool, drawn, label=method.display_name)
+            )
+        curve += evaluate_oracle_rows(features, subsets, Episodes({k: drawn}, None), bench.config.evaluation)
+    return [r for r in curve if r.method == "oracle" or r.method in {m.display_name for m in frozen}]
+
+
+def _netcal_comparison(
+    bench: DatasetBenchmark, validation: dict[tuple[str, int], EpisodeResults]
+) -> list[dict[str, float | str | int]]:
+    """Temperature scaling here and netcal's, fitted on the same pooled val-episode logits of each
+    frozen-feature method and K, scored on its test episodes."""
+    from netcal.metrics import ECE
+    from netcal.scaling import TemperatureScaling as NetcalTemperatureScaling
+
+    settings = bench.config.evaluation
+    t_min, t_max = settings.temperature_bounds
+    rows = []
+    for result in bench.ours:
+        val = validation.get((result.method, result.k_shot))
+        if result.calibration != "none" or val is None:
+            continue
+        n_classes = result.logits.shape[-1]
+        fit_logits, fit_labels = val.logits.reshape(-1, n_classes), val.labels.ravel()
+        start = time.perf_counter()
+        ours = TemperatureScaling(t_min=t_min, t_max=t_max).fit(fit_logits, fit_labels)
+        ours_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        netcal = NetcalTemperatureScaling()
+        netcal.fit(softmax(fit_logits), fit_labels, tensorboard=False)
+        netcal_seconds = time.perf_counter() - start
+        test_logits = result.logits.reshape(-1, n_classes)
+        netcal_probs = np.asarray(netcal.transform(softmax(test_logits)), dtype=np.float64)
+        netcal_logits = np.log(np.clip(netcal_probs, 1e-12, None)).reshape(result.logits.shape)
+        ours_scored = result.with_logits(ours.transform(test_logits).reshape(result.logits.shape), "ours", {})
+        netcal_scored = result.with_logits(netcal_logits, "netcal", {})
+        raw_probs = softmax(test_logits)
+        rows.append(
+            {
+                "method": result.method,
+                "k_shot": result.k_shot,
+                "ece_raw": result.summary()["ece_pooled"][0],
+                "ece_ours": ours_scored.summary()["ece_pooled"][0],
+                "ece_netcal": netcal_scored.summary()["ece_pooled"][0],
+                "nll_raw": result.summary()["nll"][0],
+                "nll_ours": ours_scored.summary()["nll"][0],
+                "nll_netcal": netcal_scored.summary()["nll"][0],
+                "temperature_ours": ours.temperature_,
+                "fit_ms_ours": 1000 * ours_seconds,
+                "fit_ms_netcal": 1000 * netcal_seconds,
+                "ece_metric_gap": abs(
+                    float(ece(raw_probs, result.labels.ravel(), settings.ece_bins))
+                    - float(ECE(bins=settings.ece_bins).measure(raw_probs, result.labels.ravel()))
+                ),
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _best(results: list[EpisodeResults]) -> EpisodeResults | None:
+    """The result with the highest mean test accuracy among those that never failed."""
+    usable = [r for r in results if r.n_failed == 0]
+    return max(usable, key=lambda r: r.summary()["accuracy"][0]) if usable else None
+
+
+def _on_all_episodes(bench: DatasetBenchmark, results: list[EpisodeResults]) -> list[EpisodeResults]:
+    """The results scored on every test episode (fine-tuning methods run on the first N only: picking
+    "our best" among rows of different sizes would favour the noisier ones)."""
+    return [r for r in results if len(r) == bench.config.episodes.n_test_episodes]
+
+
+def _paired(a: EpisodeResults, b: EpisodeResults) -> tuple[float, float]:
+    """Accuracy of ``a`` minus ``b`` on their common episodes (fine-tuning rows use the first N of
+    the same list), mean and 95% half-width."""
+    n = min(len(a), len(b))
+    return paired_difference_ci95(a.values("accuracy")[:n], b.values("accuracy")[:n])
+
+
+def _settings(bench: DatasetBenchmark) -> list[int]:
+    return sorted({r.k_shot for r in bench.peers})
+
+
+def _calibrated(bench: DatasetBenchmark, result: EpisodeResults) -> EpisodeResults | None:
+    return next(
+        (
+            r
+            for r in bench.ours + bench.oracle
+            if r.method == result.method and r.k_shot == result.k_shot and r.calibration == "val_temperature"
+        ),
+        None,
+    )
+
+
+def _cell(mean: float, half_width: float, digits: int = 1, scale: float = 100.0) -> str:
+    if not np.isfinite(mean):
+        return "NaN"
+    return f"{scale * mean:.{digits}f} ± {scale * half_width:.{digits}f}"
+
+
+def _setting_rows(bench: DatasetBenchmark, k: int) -> list[tuple[str, EpisodeResults, EpisodeResults | None]]:
+    """``(kind, raw, calibrated)`` rows of one K: ours, the oracle, then the peers."""
+    raw = [r for r in bench.ours + bench.oracle if r.k_shot == k and r.calibration == "none"]
+    rows = [("oracle" if r.method == "oracle" else "ours", r, _calibrated(bench, r)) for r in raw]
+    return rows + [("peer", r, None) for r in bench.peers if r.k_shot == k]
+
+
+def _dataset_markdown(bench: DatasetBenchmark) -> str:
+    """Tables and notes of one dataset."""
+    config = bench.config
+    classes = ", ".join(config.roles().novel)
+    lines = [
+        f"### {bench.name}: {classes} ({len(config.roles().novel)}-way, test split)",
+        "",
+        f"- Backbone: {config.model.backbone}, {bench.backbone_source}. "
+        f"Data sha256 `{bench.data_digest[:16]}…`.",
+        f"- Episodes: {config.episodes.n_test_episodes} per K, {config.episodes.n_query} queries per class "
+        f"(capped by the split), {bench.episode_source}; sha256 "
+        + ", ".join(f"K={k} `{d[:12]}`" for k, d in bench.episode_digests.items())
+        + ".",
+        f"- Dataset run: MLflow `{bench.run_id}` (experiment `benchmarks`, nested in the suite run).",
+        "",
+    ]
+    for k in _settings(bench):
+        lines += _setting_table(bench, k)
+    lines += _peer_choice_table(bench)
+    lines += _netcal_table(bench)
+    lines += _curve_table(bench)
+    lines += _cost_table(bench)
+    return "\n".join(lines)
+
+
+def _setting_table(bench: DatasetBenchmark, k: int) -> list[str]:
+    rows = _setting_rows(bench, k)
+    peers = [r for kind, r, _ in rows if kind == "peer"]
+    best_peer, best_ours = (
+        _best(peers),
+        _best(_on_all_episodes(bench, [r for kind, r, _ in rows if kind == "ours"])),
+    )
+    best_inductive = _best([r for r in peers if not PEERS[r.method].transductive])
+    lines = [
+        f"#### {bench.name}, K = {k}",
+        "",
+        "| method | transductive | features / calibration | accuracy | balanced acc. | ECE | ECE calibrated "
+        "| NLL | NLL calibrated | Δ accuracy vs best peer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, raw, calibrated in rows:
+        summary = raw.summary()
+        if kind == "peer":
+            name = raw.method
+            transductive = "yes" if PEERS[raw.method].transductive else "no"
+            how = bench.peer_choices[raw.method].preprocessing
+        else:
+            name = f"**{raw.method}**" if kind == "ours" else "oracle (all novel train images)"
+            transductive = "no"
+            how = "val temperature" if calibrated is not None else "none"
+        if len(raw) < bench.config.episodes.n_test_episodes:
+            name += f" (first {len(raw)} episodes)"
+        cal = calibrated.summary() if calibrated is not None else None
+        if raw.n_failed:
+            name += f" — failed on {raw.n_failed} episodes"
+        delta = "—" if best_peer is None or raw is best_peer else _cell(*_paired(raw, best_peer))
+        lines.append(
+            f"| {name} | {transductive} | {how} | {_cell(*summary['accuracy'])} "
+            f"| {_cell(*summary['balanced_accuracy'])} "
+            f"| {_cell(*summary.get('ece_pooled', (np.nan, np.nan)), digits=3, scale=1)} "
+            f"| {_cell(*cal['ece_pooled'], digits=3, scale=1) if cal else '—'} "
+            f"| {_cell(*summary['nll'], digits=3, scale=1)} "
+            f"| {_cell(*cal['nll'], digits=3, scale=1) if cal else '—'} | {delta} |"
+        )
+    lines += ["", _verdict(bench, k, best_ours, best_peer, best_inductive), ""]
+    return lines
+
+
+def _verdict(
+    bench: DatasetBenchmark,
+    k: int,
+    best_ours: EpisodeResults | None,
+    best_peer: EpisodeResults | None,
+    best_inductive: EpisodeResults | None,
+) -> str:
+    """One sentence per setting: who wins accuracy (paired CI) and calibration (pooled ECE)."""
+    if best_ours is None or best_peer is None:
+        return "No comparison: a side has no usable result."
+    mean, half = _paired(best_ours, best_peer)
+    if mean - half > 0:
+        accuracy = f"**ours wins**: {best_ours.method} is ahead of {best_peer.method}"
+    elif mean + half < 0:
+        accuracy = f"**the peer wins**: {best_peer.method} is ahead of our best, {best_ours.method},"
+    else:
+        accuracy = f"**no significant difference** between {best_ours.method} and {best_peer.method}"
+    n_paired = min(len(best_ours), len(best_peer))
+    text = (
+        f"K = {k}: accuracy: {accuracy} (ours minus peer {_cell(mean, half)} points, paired over "
+        f"{n_paired} episodes)"
+    )
+    if best_inductive is not None and best_inductive is not best_peer:
+        mean_i, half_i = _paired(best_ours, best_inductive)
+        text += f"; ours minus the best inductive peer, {best_inductive.method}: {_cell(mean_i, half_i)}"
+    calibrated = [c for _, r, c in _setting_rows(bench, k) if c is not None and r.method != "oracle"]
+    peers = [r for r in bench.peers if r.k_shot == k and r.n_failed == 0]
+    if calibrated and peers:
+        ours_ece = min(calibrated, key=lambda r: r.summary()["ece_pooled"][0])
+        peer_ece = min(peers, key=lambda r: r.summary()["ece_pooled"][0])
+        a, b = ours_ece.summary()["ece_pooled"][0], peer_ece.summary()["ece_pooled"][0]
+        winner = "ours" if a < b else "the peer"
+        text += (
+            f". Calibration: lowest pooled ECE {a:.3f} ({ours_ece.method}, val temperature) against "
+            f"{b:.3f} ({peer_ece.method}); {winner} lower"
+        )
+    return text + "."
+
+
+def _peer_choice_table(bench: DatasetBenchmark) -> list[str]:
+    names = list(PREPROCESSING)
+    lines = [
+        f"#### {bench.name}: peer feature preprocessing, chosen on val episodes",
+        "",
+        "| peer | " + " | ".join(f"val accuracy, {n}" for n in names) + " | chosen |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for label, choice in bench.peer_choices.items():
+        cells = " | ".join(_cell(choice.val_accuracy[n], 0.0).split(" ±")[0] for n in names)
+        lines.append(f"| {label} | {cells} | {choice.preprocessing} |")
+    return [*lines, "", "NaN: the peer failed (non-finite output) on at least one val episode.", ""]
+
+
+def _netcal_table(bench: DatasetBenchmark) -> list[str]:
+    lines = [
+        f"#### {bench.name}: temperature scaling here vs netcal, same logits",
+        "",
+        "Both fitted on the pooled val-episode logits of the method and K, scored on the test episodes.",
+        "",
+        "| method | K | ECE raw | ECE ours | ECE netcal | NLL raw | NLL ours | NLL netcal | T ours "
+        "| fit ms ours | fit ms netcal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in bench.netcal:
+        lines.append(
+            f"| {row['method']} | {row['k_shot']} | {row['ece_raw']:.3f} | {row['ece_ours']:.3f} "
+            f"| {row['ece_netcal']:.3f} | {row['nll_raw']:.3f} | {row['nll_ours']:.3f} "
+            f"| {row['nll_netcal']:.3f} | {row['temperature_ours']:.3f} | {row['fit_ms_ours']:.1f} "
+            f"| {row['fit_ms_netcal']:.1f} |"
+        )
+    if bench.netcal:
+        gap = max(float(row["ece_metric_gap"]) for row in bench.netcal)
+        lines += [
+            "",
+            f"Our top-label ECE and netcal's `ECE(bins=15)` on the same probabilities differ by at most "
+            f"{gap:.1e}.",
+        ]
+    return [*lines, ""]
+
+
+def _curve_table(bench: DatasetBenchmark) -> list[str]:
+    shots = sorted({r.k_shot for r in bench.curve})
+    lines = [
+        f"#### {bench.name}: accuracy against shots, and the oracle",
+        "",
+        "| K | best of ours (uncalibrated) | accuracy | best peer | accuracy | oracle | ours / oracle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in shots:
+        ours = _best([r for r in bench.curve if r.k_shot == k and r.method != "oracle"])
+        oracle = next(r for r in bench.curve if r.k_shot == k and r.method == "oracle")
+        peer = _best([r for r in bench.peers if r.k_shot == k])
+        oracle_accuracy = oracle.summary()["accuracy"]
+        ratio = ours.summary()["accuracy"][0] / oracle_accuracy[0] if ours else float("nan")
+        peer_cells = f"{peer.method} | {_cell(*peer.summary()['accuracy'])}" if peer else "— | —"
+        lines.append(
+            f"| {k} | {ours.method if ours else '—'} | {_cell(*ours.summary()['accuracy']) if ours else '—'} "
+            f"| {peer_cells} | {_cell(*oracle_accuracy)} | {100 * ratio:.0f}% |"
+        )
+    return [
+        *lines,
+        "",
+        "Oracle: logistic regression on all the train split's novel-class images, scored on each "
+        "episode's queries.",
+        "",
+    ]
+
+
+def _cost_table(bench: DatasetBenchmark) -> list[str]:
+    n_settings = len(_settings(bench))
+    lines = [
+        f"#### {bench.name}: wall time of the comparison",
+        "",
+        "| method | seconds | what it covers |",
+        "|---|---|---|",
+    ]
+    for label, seconds in bench.seconds.items():
+        if label in PEERS:
+            choosing = bench.peer_choices[label].seconds
+            what = f"test episodes of {n_settings} K, one at a time (+{choosing:.0f} s choosing on val)"
+        else:
+            what = f"test and val episodes of {n_settings} K, calibrators included"
+        lines.append(f"| {label} | {seconds:.1f} | {what} |")
+    return [*lines, ""]
+
+
+def _suite_markdown(benchmarks: list[DatasetBenchmark], quick: bool) -> str:
+    lines = [
+        "## Peers: accuracy and calibration on identical episodes",
+        "",
+    ]
+    if quick:
+        lines += ["**Quick mode: tiny training and few episodes; these numbers mean nothing.**", ""]
+    lines += [
+        "Every row of a table ran on the same backbone features and the same saved test episodes. "
+        "Accuracy, balanced accuracy and NLL are means over episodes with 95% CIs; ECE is the pooled "
+        "top-label ECE (15 bins) of all test queries, with a bootstrap CI over episodes (per-episode "
+        "ECE of 45 queries has a floor near 0.16, see docs/evaluation.md). Δ is the paired difference "
+        "in accuracy points against the best peer of the setting, on the same episodes. Our methods "
+        "are inductive; transductive peers also read the episode's queries. Peers run with their "
+        "library defaults; only their feature preprocessing is chosen, on val episodes.",
+        "",
+    ]
+    for bench in benchmarks:
+        lines += [_dataset_markdown(bench), ""]
+    return "\n".join(lines)
+
+
+def _rows_csv(bench: DatasetBenchmark) -> str:
+    """Every row of every setting with its summary metrics, as CSV."""
+    header = ["dataset", "k_shot", "method", "kind", "calibration", "episodes", "failed"]
+    metrics = ["accuracy", "balanced_accuracy", "ece_pooled", "nll", "brier", "macro_auroc"]
+    lines = [",".join([*header, *(f"{m}{s}" for m in metrics for s in ("", "_ci95"))])]
+    for k in _settings(bench):
+        for kind, raw, calibrated in _setting_rows(bench, k):
+            for result in filter(None, (raw, calibrated)):
+                summary = result.summary()
+                values = [f"{v:.6g}" for m in metrics for v in summary.get(m, (np.nan, np.nan))]
+                cells = [
+                    bench.name,
+                    str(k),
+                    result.method,
+                    kind,
+                    result.calibration,
+                    str(len(result)),
+                    str(result.n_failed),
+                ]
+                lines.append(",".join([*cells, *values]))
+    return "\n".join(lines) + "\n"
+
+
+def _record(bench: DatasetBenchmark) -> dict[str, str]:
+    record = {
+        f"{bench.name}.run_id": str(bench.run_id),
+        f"{bench.name}.backbone": bench.backbone_source,
+        f"{bench.name}.data_sha256": bench.data_digest,
+        f"{bench.name}.episodes": bench.episode_source,
+        f"{bench.name}.seed": str(bench.config.seed),
+    }
+    record.update({f"{bench.name}.episodes_sha256.{k}shot": d for k, d in bench.episode_digests.items()})
+    return record
+
+
+def _headline_metrics(bench: DatasetBenchmark) -> dict[str, float]:
+    metrics = {}
+    for k in _settings(bench):
+        rows = _setting_rows(bench, k)
+        best_ours = _best(_on_all_episodes(bench, [r for kind, r, _ in rows if kind == "ours"]))
+        best_peer = _best([r for kind, r, _ in rows if kind == "peer"])
+        if best_ours is None or best_peer is None:
+            continue
+        mean, half = _paired(best_ours, best_peer)
+        metrics |= {
+            f"{bench.name}.{k}shot.best_ours_accuracy": best_ours.summary()["accuracy"][0],
+            f"{bench.name}.{k}shot.best_peer_accuracy": best_peer.summary()["accuracy"][0],
+            f"{bench.name}.{k}shot.delta_accuracy": mean,
+            f"{bench.name}.{k}shot.delta_accuracy_ci95": half,
+        }
+    return metrics
+
+
+def _curve_figure(bench: DatasetBenchmark):
+    from fewshot_med.evaluation.plots import accuracy_vs_shots_figure
+
+    rows = [(r.method, r.k_shot, *r.summary()["accuracy"]) for r in bench.curve]
+    for k in _settings(bench):
+        peer = _best([r for r in bench.peers if r.k_shot == k])
+        if peer is not None:
+            rows.append(("best peer", k, *peer.summary()["accuracy"]))
+    return accuracy_vs_shots_figure(rows, title=f"{bench.name}: test accuracy against shots (95% CI)")

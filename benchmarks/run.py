@@ -1,0 +1,170 @@
+"""Run benchmark suites, log them to MLflow and write their sections of ``docs/benchmarks.md``.
+
+    python -m benchmarks.run --suite peers            # easyfsl/scikit-learn/netcal peers (bench extra)
+    python -m benchmarks.run --suite speed            # throughput, evaluation time, memory, MLflow cost
+    python -m benchmarks.run --suite all --quick      # smoke run of every suite (numbers mean nothing)
+    python -m benchmarks.run --suite peers --from ham10000=<run id> --from pbc=<run id>
+
+Each suite opens an MLflow run (experiment ``benchmarks``) tagged with the machine, package versions,
+git commit and options, and logs its headline metrics, record (run ids, data and episode-list
+digests), tables and figures. Its section of the output file, between ``<!-- suite:<name> -->``
+markers, is replaced; other sections are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import peers, speed
+from benchmarks.suite import SuiteOptions, SuiteReport, environment, require_modules
+from fewshot_med import tracking
+from fewshot_med.errors import FewshotMedError
+
+#: Suites by name: ``run(options) -> SuiteReport`` and the peer libraries it imports.
+SUITES: dict[str, tuple[Callable[[SuiteOptions], SuiteReport], tuple[str, ...]]] = {
+    "peers": (peers.run, peers.REQUIRES),
+    "speed": (speed.run, speed.REQUIRES),
+}
+DOCUMENT = Path("docs/benchmarks.md")
+QUICK_DOCUMENT = Path("outputs/benchmarks-quick.md")
+PREAMBLE = """# Benchmarks
+
+Every number on this page is written by `python -m benchmarks.run` (see `benchmarks/`); each section
+says the command, machine, versions, seed, data and episode digests, and the MLflow run that holds
+its tables and plots. Rerun a suite to replace its section.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all", help="which suite (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: minutes, meaningless numbers")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training, episodes and methods")
+    parser.add_argument(
+        "--from",
+        dest="backbone_runs",
+        action="append",
+        default=[],
+        metavar="DATASET=RUN_ID",
+        help="reuse the backbone (and saved episodes) of an earlier pipeline run of that dataset",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"markdown file (default {DOCUMENT}; {QUICK_DOCUMENT} with --quick)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser.parse_args(argv)
+
+
+def backbone_runs(pairs: list[str]) -> dict[str, str]:
+    """``["ham10000=<id>", …]`` -> ``{"ham10000": "<id>"}``; raises ``FewshotMedError`` on bad input."""
+    runs = {}
+    for pair in pairs:
+        name, sep, run_id = pair.partition("=")
+        if not sep or not run_id or name not in peers.DATASETS:
+            raise FewshotMedError(
+                f"--from '{pair}' must be DATASET=RUN_ID with DATASET one of {', '.join(peers.DATASETS)}"
+            )
+        runs[name] = run_id
+    return runs
+
+
+def write_section(path: Path, suite: str, markdown: str) -> None:
+    """Replace (or append) the ``suite`` section of the markdown file ``path``."""
+    start, end = f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else PREAMBLE
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+def _footer(
+    command: str, env: dict[str, str], run_id: str | None, seconds: float, options: SuiteOptions
+) -> str:
+    versions = ", ".join(
+        f"{k.removeprefix('version.')} {v}" for k, v in env.items() if k.startswith("version.")
+    )
+    return (
+        f"\n*Regenerate:* `{command}` · {seconds / 60:.1f} min on {env['processor']} "
+        f"({env['cpu_cores']} cores, {env['torch_threads']} torch threads, GPU: {env['cuda']}) · "
+        f"seed {options.seed} · commit `{env.get('git_commit', 'unknown')[:10]}` · MLflow run `{run_id}` "
+        f"· Python {env['python']}, {versions}.\n"
+    )
+
+
+def run_suite(name: str, options: SuiteOptions, output: Path, command: str) -> SuiteReport:
+    """Run one suite inside its MLflow run, log what it returns and write its section to ``output``."""
+    env = {**environment(), **tracking.version_tags()}
+    tags = {"suite": name, "quick": str(options.quick).lower(), "command": command}
+    start = time.perf_counter()
+    with tracking.benchmark_run(name + ("-quick" if options.quick else ""), tags=tags) as run:
+        tracking.set_tags({f"env.{key}": value for key, value in environment().items()})
+        report = SUITES[name][0](options)
+        seconds = time.perf_counter() - start
+        tracking.log_metrics({**report.metrics, f"{name}.wall_seconds": seconds})
+        tracking.set_tags({f"record.{key}": value for key, value in report.record.items()})
+        for file_name, text in report.tables.items():
+            tracking.log_text_artifact(text, file_name)
+        for file_name, figure in report.figures.items():
+            tracking.log_figure(figure, file_name)
+        section = report.markdown.rstrip() + "\n" + _footer(command, env, run.run_id, seconds, options)
+        tracking.log_text_artifact(section, f"{name}.md")
+    write_section(output, name, section)
+    print(
+        f"{name}: {seconds / 60:.1f} min; section written to {output}; MLflow run {run.run_id}",
+        file=sys.stderr,
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        options = SuiteOptions(
+            quick=args.quick,
+            seed=args.seed,
+            backbone_runs=backbone_runs(args.backbone_runs),
+            threads=args.threads,
+        )
+        output = args.output or (QUICK_DOCUMENT if args.quick else DOCUMENT)
+        names = list(SUITES) if args.suite == "all" else [args.suite]
+        for name in names:  # refuse before any work when a peer library is missing
+            require_modules(SUITES[name][1])
+        for name in names:
+            run_suite(name, options, output, command)
+    except (FewshotMedError, ImportError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ImportError) else 1
+    except KeyboardInterrupt:
+        print("interrupted: the suite's MLflow runs end KILLED with what they logged", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a scheduler's time limit) ends a suite like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.exit(main())
