@@ -97,13 +97,15 @@ def write_section(path: Path, suite: str, markdown: str) -> None:
 def _footer(
     command: str, env: dict[str, str], run_id: str | None, seconds: float, options: SuiteOptions
 ) -> str:
+    dirty = " with uncommitted changes" if env.get("git_dirty") == "true" else ""
     versions = ", ".join(
         f"{k.removeprefix('version.')} {v}" for k, v in env.items() if k.startswith("version.")
     )
     return (
         f"\n*Regenerate:* `{command}` · {seconds / 60:.1f} min on {env['processor']} "
         f"({env['cpu_cores']} cores, {env['torch_threads']} torch threads, GPU: {env['cuda']}) · "
-        f"seed {options.seed} · commit `{env.get('git_commit', 'unknown')[:10]}` · MLflow run `{run_id}` "
+        f"seed {options.seed} · commit `{env.get('git_commit', 'unknown')[:10]}`{dirty} · "
+        f"MLflow run `{run_id}` "
         f"· Python {env['python']}, {versions}.\n"
     )
 
