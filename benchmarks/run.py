@@ -112,7 +112,8 @@ def _footer(
 
 def run_suite(name: str, options: SuiteOptions, output: Path, command: str) -> SuiteReport:
     """Run one suite inside its MLflow run, log what it returns and write its section to ``output``."""
-    env = {**environment(), **tracking.version_tags()}
+    commit = {key: value for key, value in tracking.version_tags().items() if key.startswith("git_")}
+    env = {**environment(), **commit}
     tags = {"suite": name, "quick": str(options.quick).lower(), "command": command}
     start = time.perf_counter()
     with tracking.benchmark_run(name + ("-quick" if options.quick else ""), tags=tags) as run:
