@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewshot_med.tracking._store import using_store
-from fewshot_med.tracking.runs import _target, find_stage_run, log_metrics, store_uri
+from fewshot_med.tracking.runs import _target, download_stage_artifact, log_metrics, store_uri
 
 if TYPE_CHECKING:
     from torch import nn
@@ -138,17 +138,13 @@ def load_swag(run_id: str, settings: TrackingConfig | None = None) -> SwagPoster
     import tempfile
 
     import torch
-    from mlflow import MlflowClient
 
     from fewshot_med.priors import SwagPosterior
 
-    client = MlflowClient(store_uri(settings))
-    target = find_stage_run(run_id, "pretrain", settings) or run_id
-    logged = client.list_artifacts(target, str(Path(SWAG_ARTIFACT).parent))
-    if SWAG_ARTIFACT not in {item.path for item in logged}:
-        return None
     with tempfile.TemporaryDirectory(prefix="fewshot-med-swag-") as folder:
-        local = client.download_artifacts(target, SWAG_ARTIFACT, folder)
+        local = download_stage_artifact(run_id, "pretrain", SWAG_ARTIFACT, Path(folder), settings)
+        if local is None:
+            return None
         state = torch.load(local, map_location="cpu", weights_only=True)
     return SwagPosterior.from_state_dict(state)
 

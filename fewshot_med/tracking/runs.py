@@ -234,13 +234,12 @@ def find_stage_run(parent_run_id: str, stage: str, settings: TrackingConfig | No
 def download_stage_artifact(
     run_id: str, stage: str, artifact_path: str, destination: Path, settings: TrackingConfig | None = None
 ) -> Path | None:
-    """Download a file that the ``stage`` run of pipeline run ``run_id`` logged (e.g. an evaluate run's
-    ``episodes/test_5shot.json``) into ``destination``; ``None`` if there is no such stage or file."""
+    """Download a file that the ``stage`` run of pipeline run ``run_id`` (or ``run_id`` itself, a stage
+    run) logged, e.g. an evaluate run's ``episodes/test_5shot.json``, into ``destination``; ``None`` if
+    there is no such file."""
     from mlflow import MlflowClient
 
-    stage_run_id = find_stage_run(run_id, stage, settings)
-    if stage_run_id is None:
-        return None
+    stage_run_id = find_stage_run(run_id, stage, settings) or run_id
     client = MlflowClient(store_uri(settings))
     folder, _, name = artifact_path.rpartition("/")
     if name not in {Path(info.path).name for info in client.list_artifacts(stage_run_id, folder or None)}:

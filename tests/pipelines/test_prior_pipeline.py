@@ -1,22 +1,11 @@
 """Fine-tuning under the SWAG prior of pretraining, end to end: the posterior reaches the evaluation
 and the registration from the pretrain stage of the same run, and from an earlier run (``--from``)."""
 
-from pathlib import Path
-
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from fewshot_med.config import Config
 from pipelines.transfer import run_stages
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.set_num_threads(1)
-    return tmp_path
 
 
 @pytest.mark.slow

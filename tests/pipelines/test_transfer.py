@@ -15,14 +15,6 @@ from fewshot_med.errors import ConfigError
 from pipelines.transfer import run_stages
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.set_num_threads(1)
-    return tmp_path
-
-
 def _children(client: MlflowClient, run) -> dict[str, object]:
     found = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"

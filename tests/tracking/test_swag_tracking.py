@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import mlflow
 import pytest
 import torch
-from mlflow import MlflowClient
 from torch import nn
 
 from fewshot_med import tracking
@@ -16,24 +12,6 @@ from fewshot_med.config import Config
 from fewshot_med.priors import SwagCollector, SwagPosterior
 from pipelines.stages import pretrain_stage
 from pipelines.transfer import load_data
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly migrated, empty MLflow database (creating one takes MLflow about 10 s)."""
-    database = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{database}").search_experiments()
-    return database
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> MlflowClient:
-    """The default store ``<tmp_path>/mlruns`` of a fresh working directory, from a copy of the empty one."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "mlruns").mkdir()
-    shutil.copy(empty_store, tmp_path / "mlruns" / "mlflow.db")
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
 
 
 def config(**sections: object) -> Config:

@@ -30,30 +30,6 @@ def tiny_config(**tracking_settings: object) -> Config:
     return Config.model_validate({"name": "t", "data": {"source": "demo"}, "tracking": tracking_settings})
 
 
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly migrated, empty MLflow database (creating one takes MLflow about 10 s)."""
-    database = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{database}").search_experiments()
-    return database
-
-
-@pytest.fixture
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty working directory, with no tracking URI in the environment."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
-
-
-@pytest.fixture
-def store(cwd: Path, empty_store: Path) -> MlflowClient:
-    """The default store ``<cwd>/mlruns``, started from a copy of the empty database."""
-    (cwd / "mlruns").mkdir()
-    shutil.copy(empty_store, cwd / "mlruns" / "mlflow.db")
-    return MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
-
-
 @pytest.fixture(scope="module")
 def dataset():
     return make_demo_dataset(image_size=16, images_per_common_class=40, images_per_rare_class=40)

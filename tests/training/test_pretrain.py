@@ -135,27 +135,27 @@ class Interrupted(Exception):
     pass
 
 
+def interrupt_after_second_epoch(data, settings: PretrainConfig, path: Path) -> None:
+    """Pretrain a fresh backbone with checkpoints at ``path`` and interrupt it after epoch 2."""
+    train, val, spec = data
+
+    def interrupt(metrics: dict[str, float], epoch: int) -> None:
+        if epoch == 2:
+            raise Interrupted  # the checkpoint of epoch 2 is written before the metrics are logged
+
+    with pytest.raises(Interrupted):
+        pretrain(
+            fresh_backbone(spec), spec, train, val, settings, CPU, checkpoint_path=path, log_metrics=interrupt
+        )
+
+
 def test_resume_after_interruption_reproduces_the_uninterrupted_weights(data, tmp_path):
     train, val, spec = data
     settings = quick()
     whole = pretrain(fresh_backbone(spec), spec, train, val, settings, CPU, checkpoint_path=tmp_path / "a.pt")
 
-    def interrupt_after_second_epoch(metrics: dict[str, float], epoch: int) -> None:
-        if epoch == 2:
-            raise Interrupted  # the checkpoint of epoch 2 is written before the metrics are logged
-
     path = tmp_path / "b.pt"
-    with pytest.raises(Interrupted):
-        pretrain(
-            fresh_backbone(spec),
-            spec,
-            train,
-            val,
-            settings,
-            CPU,
-            checkpoint_path=path,
-            log_metrics=interrupt_after_second_epoch,
-        )
+    interrupt_after_second_epoch(data, settings, path)
     assert load_checkpoint(path)["epoch"] == 2
     steps = []
     torch.manual_seed(123)  # the global RNG state is restored from the checkpoint, whatever it is now
@@ -240,22 +240,8 @@ def test_swag_leaves_the_trajectory_alone_and_resumes_to_the_same_moments(data, 
     assert_same_weights(whole.backbone, without.backbone)
     assert whole.swag is not None and whole.swag.n_snapshots == 4 and whole.swag.rank == 3
 
-    def interrupt_after_second_epoch(metrics: dict[str, float], epoch: int) -> None:
-        if epoch == 2:
-            raise Interrupted
-
     path = tmp_path / "b.pt"
-    with pytest.raises(Interrupted):
-        pretrain(
-            fresh_backbone(spec),
-            spec,
-            train,
-            val,
-            settings,
-            CPU,
-            checkpoint_path=path,
-            log_metrics=interrupt_after_second_epoch,
-        )
+    interrupt_after_second_epoch(data, settings, path)
     assert load_checkpoint(path)["swag"]["n_snapshots"] == 2
     resumed = pretrain(
         create_backbone("resnet10t", image_size=SIZE),

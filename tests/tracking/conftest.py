@@ -1,0 +1,29 @@
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly migrated, empty MLflow database (creating one takes MLflow about 10 s)."""
+    database = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()
+    return database
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory, with no tracking URI in the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def store(cwd: Path, empty_store: Path) -> MlflowClient:
+    """The default store ``<cwd>/mlruns``, started from a copy of the empty database."""
+    (cwd / "mlruns").mkdir()
+    shutil.copy(empty_store, cwd / "mlruns" / "mlflow.db")
+    return MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
