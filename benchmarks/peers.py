@@ -14,9 +14,6 @@ Per dataset (HAM10000 and PBC, the guide's protocol, section 3) one backbone, th
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,32 +22,30 @@ import numpy as np
 import torch
 
 from benchmarks.peer_methods import PEERS, PREPROCESSING, Peer
-from benchmarks.suite import SuiteOptions, SuiteReport, episode_list_digest, require_modules
+from benchmarks.suite import (
+    SUITE_OVERRIDES,
+    SuiteOptions,
+    SuiteReport,
+    embed_and_draw,
+    episode_list_digest,
+    pipeline_backbone,
+    require_modules,
+)
 from fewshot_med import tracking
 from fewshot_med.config import Config, load_config
 from fewshot_med.data import EpisodeList, sample_episodes
-from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import EpisodeResults, evaluate_episodewise, evaluate_frozen, softmax
 from fewshot_med.evaluation.calibration import TemperatureScaling
 from fewshot_med.evaluation.intervals import paired_difference_ci95
 from fewshot_med.evaluation.metrics import ece
 from fewshot_med.methods import METHODS, MethodContext, create_method
-from fewshot_med.models import BackboneSpec
 from fewshot_med.runtime import resolve_device, seed_everything
-from pipelines.evaluation import Episodes, draw_episodes, embed_subsets, evaluate_method, evaluate_oracle_rows
-from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage
+from pipelines.evaluation import Episodes, evaluate_method, evaluate_oracle_rows
 from pipelines.transfer import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 #: Dataset name -> the pipeline config whose backbone, episodes and methods the suite uses.
 DATASETS = {"ham10000": REPO / "configs/ham10000.yaml", "pbc": REPO / "configs/pbc.yaml"}
-#: Applied to every config: the suite's own MLflow experiment; no generalised rows, plots or registry.
-SUITE_OVERRIDES = (
-    "tracking.experiment=benchmarks",
-    "tracking.registered_model=null",
-    "evaluation.generalised=false",
-    "evaluation.plots=false",
-)
 #: A smoke run: minutes on 2 cores; its numbers mean nothing.
 QUICK_OVERRIDES = (
     "pretrain.epochs=1",
@@ -130,21 +125,21 @@ def benchmark_dataset(name: str, options: SuiteOptions) -> DatasetBenchmark:
     from_run = options.backbone_runs.get(name)
     tags = {"suite": "peers", **({"from_run": from_run} if from_run else {})}
     with tracking.pipeline_run(config, run_name=f"peers:{name}", tags=tags) as run:
-        backbone, spec, backbone_source = _backbone(config, data, device, from_run)
-        subsets, features, context = embed_subsets(config, data, backbone, spec, device)
-        n_way = config.episodes.n_way or len(data.roles.novel)
-        pools = {"test": subsets["novel_test"], "val": subsets["novel_val"]}
-        episodes, episode_source = _episodes(config, pools, n_way, from_run)
-        tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
-        for k, test_episodes in episodes.test.items():
-            tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
+        backbone, spec, _, backbone_source = pipeline_backbone(config, data, device, from_run)
+        embedded = embed_and_draw(config, data, backbone, spec, device, from_run)
+        subsets, features, context, episodes = (
+            embedded.subsets,
+            embedded.features,
+            embedded.context,
+            embedded.episodes,
+        )
         bench = DatasetBenchmark(
             name=name,
             config=config,
             run_id=run.run_id,
             backbone_source=backbone_source,
             data_digest=data.dataset.digest,
-            episode_source=episode_source,
+            episode_source=embedded.episode_source,
             episode_digests={k: episode_list_digest(e) for k, e in episodes.test.items()},
         )
         validation = _evaluate_ours(bench, context, features, subsets, episodes)
@@ -156,45 +151,6 @@ def benchmark_dataset(name: str, options: SuiteOptions) -> DatasetBenchmark:
         tracking.log_text_artifact(_rows_csv(bench), "peers.csv")
         tracking.log_metrics(_headline_metrics(bench))
     return bench
-
-
-def _backbone(
-    config: Config, data: Data, device: torch.device, from_run: str | None
-) -> tuple[torch.nn.Module, BackboneSpec, str]:
-    """The run's backbone: reused from ``from_run``, else trained by the pipeline's own stages."""
-    if from_run is not None:
-        backbone, spec = backbone_from_run(from_run, config)
-        return backbone.to(device), spec, f"reused from MLflow run `{from_run}`"
-    pretrained = pretrain_stage(config, data, device, resume=False)
-    backbone, spec = pretrained.backbone, pretrained.spec
-    stages = "pretrained"
-    if config.meta_train.enabled:
-        backbone = meta_train_stage(config, data, backbone, spec, device, resume=False)
-        stages += f" then meta-trained ({config.meta_train.algorithm})"
-    return backbone, spec, f"{stages} in this run ({config.pretrain.epochs} epochs)"
-
-
-def _episodes(config: Config, pools: dict, n_way: int, from_run: str | None) -> tuple[Episodes, str]:
-    """The seeded episode lists; with ``from_run``, checked to be the very test lists that run saved
-    (so every number here is on the episodes of that run's own evaluation)."""
-    drawn = draw_episodes(config, pools, n_way)
-    if from_run is None:
-        return drawn, f"drawn with seed {config.episodes.seed}"
-    with tempfile.TemporaryDirectory(prefix="fewshot-med-episodes-") as folder:
-        for k, episodes in drawn.test.items():
-            path = tracking.download_stage_artifact(
-                from_run, "evaluate", f"episodes/test_{k}shot.json", Path(folder), config.tracking
-            )
-            if path is None:
-                return drawn, f"drawn with seed {config.episodes.seed} (run `{from_run}` saved none)"
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            saved.pop("format_version", None)  # runs before format-versioned artifacts lack it
-            if saved != json.loads(json.dumps(dataclasses.asdict(episodes))):
-                raise FewshotMedError(
-                    f"the {k}-shot test episodes saved by run {from_run} differ from those this config draws "
-                    f"(seed {config.episodes.seed}); pass a run of the same config and seed to --from"
-                )
-    return drawn, f"drawn with seed {config.episodes.seed}, identical to those saved by run `{from_run}`"
 
 
 def _evaluate_ours(

@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --suite peers            # easyfsl/scikit-learn/netcal peers (bench extra)
     python -m benchmarks.run --suite speed            # throughput, evaluation time, memory, MLflow cost
+    python -m benchmarks.run --suite bayes            # informative priors, BMA, selection criteria
     python -m benchmarks.run --suite all --quick      # smoke run of every suite (numbers mean nothing)
     python -m benchmarks.run --suite peers --from ham10000=<run id> --from pbc=<run id>
 
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import peers, speed
+from benchmarks import bayes, peers, speed
 from benchmarks.suite import SuiteOptions, SuiteReport, environment, require_modules
 from fewshot_med import tracking
 from fewshot_med.errors import FewshotMedError
@@ -31,6 +32,7 @@ from fewshot_med.errors import FewshotMedError
 SUITES: dict[str, tuple[Callable[[SuiteOptions], SuiteReport], tuple[str, ...]]] = {
     "peers": (peers.run, peers.REQUIRES),
     "speed": (speed.run, speed.REQUIRES),
+    "bayes": (bayes.run, ()),
 }
 DOCUMENT = Path("docs/benchmarks.md")
 QUICK_DOCUMENT = Path("outputs/benchmarks-quick.md")

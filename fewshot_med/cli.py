@@ -173,6 +173,8 @@ def _run_pipeline(config_path: Path, overrides: list[str] | None, stages: tuple[
     outcome = run_stages(load_config(config_path, overrides), stages, **kwargs)
     if outcome.report is not None:
         console.print(outcome.report.table(), markup=False, highlight=False)
+    if outcome.selection is not None:
+        console.print(outcome.selection.table(), markup=False, highlight=False)
     if outcome.run_id:
         console.print(f"MLflow run {outcome.run_id}  (browse with: fewshot-med ui)")
 
@@ -216,6 +218,21 @@ def evaluate_command(
 ) -> None:
     """Evaluate the config's methods on the backbone of an earlier run."""
     _run_pipeline(config_path, overrides, ("evaluate",), from_run=from_run)
+
+
+@app.command("select")
+def select_command(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    from_run: Annotated[
+        str | None,
+        typer.Option("--from", help="MLflow run id whose backbone to use; without it, train one first."),
+    ] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Compare model-selection criteria that need no validation set (CLML, LML, leave-one-out, training
+    loss) on the config's `selection` candidates, against the test accuracy each candidate reaches."""
+    stages = ("select",) if from_run else ("pretrain", "meta_train", "select")
+    _run_pipeline(config_path, overrides, stages, from_run=from_run)
 
 
 @app.command("ui")

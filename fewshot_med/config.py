@@ -206,6 +206,26 @@ class EvaluationConfig(StrictModel):
         return self
 
 
+class SelectionConfig(StrictModel):
+    """Candidates and criteria of ``fewshot-med select``: the Bayesian linear head (``laplace_logreg``)
+    under every combination of feature transform and prior precision, ranked from support sets alone
+    (Lotfi et al., ICML 2022) and read against the test accuracy each candidate reaches."""
+
+    features: list[Literal["raw", "l2", "centred"]] = Field(
+        ["raw", "l2", "centred"], min_length=1, description="feature transforms to try"
+    )
+    prior_precision: list[PositiveFloat] = Field(
+        [0.01, 0.1, 1.0, 10.0, 100.0], min_length=1, description="prior precisions (weight decays) to try"
+    )
+    criteria: list[Literal["clml", "lml", "loo", "train_loss"]] = Field(
+        ["clml", "lml", "loo", "train_loss"], min_length=1, description="criteria to compare"
+    )
+    orderings: PositiveInt = Field(10, description="random orderings averaged by the CLML")
+    conditioning: float = Field(
+        0.8, gt=0, lt=1, description="fraction of the support set the CLML conditions on (m/n)"
+    )
+
+
 class TrackingConfig(StrictModel):
     """MLflow tracking."""
 
@@ -251,6 +271,7 @@ class Config(StrictModel):
     meta_train: MetaTrainConfig = MetaTrainConfig()
     methods: list[MethodConfig] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
     evaluation: EvaluationConfig = EvaluationConfig()
+    selection: SelectionConfig = SelectionConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

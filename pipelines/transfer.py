@@ -3,6 +3,9 @@
     data -> pretrain (base classes) -> meta-train (optional) -> evaluate (novel classes, fixed episodes)
          -> register (optional: the best adapted classifier, in the MLflow model registry)
 
+``select`` is a stage of its own (``fewshot-med select``): on the same backbone and test episodes, it
+compares model-selection criteria that need no validation set (``pipelines.selection``).
+
 One MLflow parent run per call, with a nested run per stage and per method. The stage commands of
 the CLI call ``run_stages`` with a subset of the stages and, optionally, an earlier run's backbone.
 """
@@ -25,6 +28,7 @@ from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.tracking import Registration
 from pipelines.evaluation import EvaluationReport, evaluate_stage
 from pipelines.registration import register_stage
+from pipelines.selection import SelectionReport, select_stage
 from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage, swag_from_run
 
 STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
@@ -33,12 +37,14 @@ STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
 @dataclass
 class PipelineOutcome:
     """What a pipeline call produced: MLflow run id (``None`` untracked), report, wall seconds per stage,
-    and where the adapted classifier was registered (when ``tracking.registered_model`` is set)."""
+    where the adapted classifier was registered (when ``tracking.registered_model`` is set), and the
+    selection study (when the ``select`` stage ran)."""
 
     run_id: str | None
     report: EvaluationReport | None
     seconds: dict[str, float]
     registration: Registration | None = None
+    selection: SelectionReport | None = None
 
 
 def load_data(config: Config) -> Data:
@@ -59,8 +65,8 @@ def run_stages(
 
     Args:
         config: the validated config.
-        stages: which of ``pretrain``, ``meta_train``, ``evaluate`` to run; ``meta_train`` runs only
-            when ``config.meta_train.enabled`` or when it is asked for alone.
+        stages: which of ``pretrain``, ``meta_train``, ``evaluate``, ``select`` to run; ``meta_train``
+            runs only when ``config.meta_train.enabled`` or when it is asked for alone.
         from_run: an earlier MLflow run whose backbone the stages start from (instead of pretraining);
             the evaluation also gets the SWAG posterior of its pretrain stage, if it logged one.
         resume: continue interrupted training from the stage's checkpoint.
@@ -97,8 +103,12 @@ def run_stages(
             if config.tracking.registered_model:
                 with _timed("register", seconds):
                     registration = register_stage(config, data, backbone, spec, device, report, swag)
+        selection = None
+        if "select" in stages:
+            with _timed("select", seconds):
+                selection = select_stage(config, data, backbone, spec, device)
         tracking.log_metrics({f"time.{stage}_seconds": value for stage, value in seconds.items()})
-    return PipelineOutcome(run.run_id, report, seconds, registration)
+    return PipelineOutcome(run.run_id, report, seconds, registration, selection)
 
 
 @contextmanager

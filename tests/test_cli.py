@@ -29,7 +29,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_help_lists_only_working_commands():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("datasets", "config", "episodes"):
+    for command in ("datasets", "config", "episodes", "select"):
         assert command in result.stdout
 
 
@@ -134,3 +134,10 @@ def test_sigterm_marks_runs_killed_and_keeps_the_checkpoint(tmp_path, tiny_pipel
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert {run.info.run_name: run.info.status for run in runs} == {"tiny": "KILLED", "pretrain": "KILLED"}
+
+
+def test_select_from_an_unknown_run_names_it_and_the_store(tmp_path):
+    result = run("select", str(ROOT / "configs/quickstart.yaml"), "--from", "0123abcd", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run 0123abcd is not in the MLflow store") and "mlruns" in last

@@ -25,6 +25,7 @@ from fewshot_med.evaluation.runner import (
     evaluate_images,
     evaluate_oracle,
     score_episodes,
+    support_sets,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "score_episodes",
     "softmax",
     "summarize",
+    "support_sets",
 ]

@@ -203,6 +203,17 @@ def _tasks(pool: ClassSubset, episodes: EpisodeList) -> _Tasks:
     return _Tasks(support, arrays.support_labels, query, arrays.query_labels, class_ids)
 
 
+def support_sets(
+    features: torch.Tensor, pool: ClassSubset, episodes: EpisodeList
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every episode's support set: features ``(E, n_support, D)`` and labels ``(E, n_support)``, from
+    the ``(len(pool), D)`` embeddings of the pool the episodes were drawn from."""
+    _check_rows("features", features, pool)
+    tasks = _tasks(pool, episodes)
+    positions = torch.as_tensor(tasks.support, device=features.device)
+    return features[positions], torch.as_tensor(tasks.support_labels, device=features.device)
+
+
 def _one_by_one(tasks: _Tasks, label: str | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Each episode's support positions, support labels and query positions, with a progress bar."""
     return iter(

@@ -5,7 +5,7 @@ Frozen-feature methods (``inputs == "features"``) fit on cached embeddings; fine
 """
 
 # Importing the method modules fills the registry.
-from fewshot_med.methods import anil, finetune, logreg, protonet, r2d2, simpleshot  # noqa: F401
+from fewshot_med.methods import anil, finetune, laplace_logreg, logreg, protonet, r2d2, simpleshot  # noqa: F401
 from fewshot_med.methods.base import (
     METHODS,
     FewShotMethod,

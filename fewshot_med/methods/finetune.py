@@ -1,5 +1,6 @@
 """Per-task fine-tuning of a copy of the backbone on the support images, with augmentation, optionally
-MAP under a Gaussian prior on the backbone's weights (L2-SP or a SWAG posterior of pretraining)."""
+MAP under a Gaussian prior on the backbone's weights (L2-SP or a SWAG posterior of pretraining), and
+optionally Bayesian model averaging over a SWAG posterior of the fine-tuning itself."""
 
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ from fewshot_med.methods.base import (
     require_positive,
 )
 from fewshot_med.models import autocast
-from fewshot_med.priors import L2SPPrior, SwagPosterior, SwagPrior
+from fewshot_med.priors import L2SPPrior, SwagCollector, SwagPosterior, SwagPrior
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 MODES = ("head", "last_block", "full")
 PRIORS = ("none", "l2sp", "swag")
+#: Most deviations the downstream SWAG posterior keeps (``K``), Maddox et al.'s rank.
+BMA_MAX_RANK = 20
 
 
 def last_stage(backbone: nn.Module) -> str:
@@ -97,6 +100,20 @@ class FineTune(FewShotMethod):
     about one step of its mean, and it moves weights the cross-entropy leaves alone (at low
     resolution, e.g. the outer taps of 3x3 kernels on 1x1 maps) by up to a step each.
 
+    ``bma_samples > 0`` turns on Bayesian model averaging at test time, as Shwartz-Ziv et al. (2022) do
+    downstream: fine-tuning also collects the SWAG moments (Maddox, Izmailov, Garipov, Vetrov & Wilson,
+    "A Simple Baseline for Bayesian Uncertainty in Deep Learning", NeurIPS 2019) of every trainable
+    parameter, the head's and the trainable backbone's, one snapshot after each of the last
+    ``bma_snapshots`` steps, keeping the last ``K = min(bma_snapshots, 20)`` deviations (20: Maddox et
+    al.'s rank). This changes nothing in training: the MAP weights are the same. Scoring draws
+    ``bma_samples`` weight vectors from N(θ̄, bma_scale·Σ), Σ = ½·diag(σ²) + ½·DᵀD/(K - 1) (see
+    ``SwagPosterior``; Maddox et al. sample with a factor 0.5), seeded by ``random_state``, and returns
+    log(mean over the samples of softmax(``scale · head(normalise(backbone(x)))``)): log-probabilities,
+    not logits. Batch norms keep the fine-tuned running statistics (not recomputed per sample). It
+    costs ``bma_samples`` forward passes over the queries, and the posterior, ``(K + 2)·P`` floats for
+    ``P`` trainable parameters, stays on the fitted method (CPU). ``bma_samples=0`` scores with the
+    MAP weights exactly as without these parameters.
+
     Shapes: support ``(n_support, C, H, W)`` normalised float images, query ``(n_query, C, H, W)``,
     logits ``(n_query, n_way)``.
 
@@ -116,11 +133,18 @@ class FineTune(FewShotMethod):
             ``mode="head"``, which trains none).
         prior_weight: the L2-SP weight alpha (≥ 0).
         prior_scale: the SWAG prior's covariance factor (> 0).
+        bma_samples: weight samples averaged at test time (≥ 0); 0 scores with the MAP weights.
+        bma_snapshots: SWAG snapshots of the downstream posterior, taken after each of the last this-many
+            steps (2 … ``steps`` when ``bma_samples > 0``); its rank is ``min(bma_snapshots, 20)``.
+        bma_scale: factor of the downstream posterior's covariance when sampling (> 0; 1 samples the
+            SWAG posterior as defined, Maddox et al. use 0.5).
         swag: the SWAG posterior of pretraining (from the ``MethodContext``; needed by ``prior="swag"``).
 
     Attributes:
         backbone_: the fine-tuned copy of the backbone, in eval mode.
         head_: ``nn.Linear(D, n_way)``, the fine-tuned head.
+        bma_posterior_: the downstream ``SwagPosterior`` over the trainable parameters, named
+            ``backbone.<name>`` and ``head.weight``, ``head.bias`` (``None`` when ``bma_samples=0``).
     """
 
     inputs = "images"
@@ -143,6 +167,9 @@ class FineTune(FewShotMethod):
         prior: str = "none",
         prior_weight: float = 0.1,
         prior_scale: float = 1.0,
+        bma_samples: int = 0,
+        bma_snapshots: int = 10,
+        bma_scale: float = 1.0,
         swag: SwagPosterior | None = None,
     ) -> None:
         self.backbone = backbone
@@ -159,6 +186,9 @@ class FineTune(FewShotMethod):
         self.prior = prior
         self.prior_weight = prior_weight
         self.prior_scale = prior_scale
+        self.bma_samples = bma_samples
+        self.bma_snapshots = bma_snapshots
+        self.bma_scale = bma_scale
         self.swag = swag
 
     @classmethod
@@ -182,6 +212,24 @@ class FineTune(FewShotMethod):
         require_choice("prior", self.prior, PRIORS)
         require_non_negative("prior_weight", self.prior_weight)
         require_positive("prior_scale", self.prior_scale)
+        if (
+            isinstance(self.bma_samples, bool)
+            or not isinstance(self.bma_samples, Integral)
+            or self.bma_samples < 0
+        ):
+            raise ValueError(f"bma_samples must be an integer ≥ 0, got {self.bma_samples!r}")
+        if (
+            isinstance(self.bma_snapshots, bool)
+            or not isinstance(self.bma_snapshots, Integral)
+            or self.bma_snapshots < 2
+        ):
+            raise ValueError(f"bma_snapshots must be an integer ≥ 2, got {self.bma_snapshots!r}")
+        if self.bma_samples > 0 and self.bma_snapshots > self.steps:
+            raise ValueError(
+                f"bma_snapshots must be at most steps ({self.steps}) when bma_samples > 0, "
+                f"got {self.bma_snapshots}"
+            )
+        require_positive("bma_scale", self.bma_scale)
         if self.prior != "none" and self.mode == "head":
             raise ValueError(
                 f"prior '{self.prior}' acts on the trainable backbone parameters and mode 'head' trains "
@@ -201,8 +249,9 @@ class FineTune(FewShotMethod):
             )
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle (and copy) without the SWAG posterior (``(K + 2)·P`` floats, used only by ``fit``), so
-        that a fitted method, e.g. in a registered classifier, does not carry it."""
+        """Pickle (and copy) without the SWAG posterior of pretraining (``(K + 2)·P`` floats, used only by
+        ``fit``), so that a fitted method, e.g. in a registered classifier, does not carry it. The
+        downstream posterior ``bma_posterior_`` stays: scoring needs it."""
         return {**self.__dict__, "swag": None}
 
     @staticmethod
@@ -263,7 +312,10 @@ class FineTune(FewShotMethod):
             optimizer = torch.optim.AdamW(groups)
             per_image = 1 / len(support) if self.prior == "swag" else 1.0
             generator = torch.Generator(device=device).manual_seed(self.random_state)
-            for _ in range(self.steps):
+            collector = SwagCollector(min(self.bma_snapshots, BMA_MAX_RANK)) if self.bma_samples > 0 else None
+            # exactly the trainable parameters: the collector skips those without requires_grad
+            trainable_module = nn.ModuleDict({"backbone": backbone, "head": head})
+            for step in range(self.steps):
                 batch = augment_batch(support, generator) if self.augment else support
                 loss = F.cross_entropy(self._logits(backbone, head, batch), labels)
                 if prior is not None:
@@ -271,14 +323,53 @@ class FineTune(FewShotMethod):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if collector is not None and step >= self.steps - self.bma_snapshots:
+                    collector.collect(trainable_module)
+        self.bma_posterior_ = collector.posterior() if collector is not None else None
         self.backbone_ = backbone.eval().requires_grad_(False)
         self.head_ = head.requires_grad_(False)
 
     @torch.inference_mode()
     def _predict_logits(self, query: Tensor) -> Tensor:
+        if self.bma_samples > 0:
+            return self._predict_bma(query)
         device = torch.device(self.device)
         chunks = [
             self._logits(self.backbone_, self.head_, query[start : start + self.batch_size].to(device))
             for start in range(0, len(query), self.batch_size)
         ]
         return torch.cat(chunks) if chunks else torch.zeros(0, self.n_way_)
+
+    def _predict_bma(self, query: Tensor) -> Tensor:
+        """``(n_query, n_way)`` log of the mean softmax over ``bma_samples`` weight vectors drawn from
+        ``bma_posterior_``; each is written into ``backbone_`` and ``head_``, whose MAP weights are
+        restored afterwards (also on an error)."""
+        posterior = self.bma_posterior_
+        if posterior is None:
+            raise ValueError(
+                f"finetune: bma_samples is {self.bma_samples} but the method was fitted with bma_samples=0, "
+                "so it has no downstream SWAG posterior; fit it again"
+            )
+        if len(query) == 0:
+            return torch.zeros(0, self.n_way_)
+        device = torch.device(self.device)
+        params = dict(nn.ModuleDict({"backbone": self.backbone_, "head": self.head_}).named_parameters())
+        map_weights = {name: params[name].detach().clone() for name in posterior.names}
+        generator = torch.Generator().manual_seed(self.random_state)  # the posterior lives on the CPU
+        total = torch.zeros(len(query), self.n_way_, dtype=torch.float64)
+        try:
+            for _ in range(self.bma_samples):
+                sample = posterior.unflatten(posterior.sample(self.bma_scale, generator))
+                for name, value in sample.items():
+                    params[name].copy_(value)
+                for start in range(0, len(query), self.batch_size):
+                    logits = self._logits(
+                        self.backbone_, self.head_, query[start : start + self.batch_size].to(device)
+                    )
+                    probs = logits.float().softmax(dim=1).to("cpu", torch.float64)
+                    total[start : start + self.batch_size] += probs
+        finally:
+            for name, value in map_weights.items():
+                params[name].copy_(value)
+        mean = total / self.bma_samples
+        return mean.clamp_min(torch.finfo(torch.float32).tiny).log().float()

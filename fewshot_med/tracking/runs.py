@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fewshot_med.errors import FewshotMedError
 from fewshot_med.tracking._store import experiment_id, prepare_store, tracking_uri
 
 if TYPE_CHECKING:
@@ -214,11 +215,23 @@ def store_uri(settings: TrackingConfig | None = None) -> str:
 
 
 def find_stage_run(parent_run_id: str, stage: str, settings: TrackingConfig | None = None) -> str | None:
-    """The latest FINISHED run of ``stage`` nested directly in ``parent_run_id``, or ``None``."""
-    from mlflow import MlflowClient
+    """The latest FINISHED run of ``stage`` nested directly in ``parent_run_id``, or ``None``.
 
-    client = MlflowClient(store_uri(settings))
-    parent = client.get_run(parent_run_id)
+    Raises:
+        FewshotMedError: the store holds no run ``parent_run_id``.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = store_uri(settings)
+    client = MlflowClient(uri)
+    try:
+        parent = client.get_run(parent_run_id)
+    except MlflowException:
+        raise FewshotMedError(
+            f"run {parent_run_id} is not in the MLflow store {uri}: pass a run id that `fewshot-med ui` "
+            "lists, or point tracking.tracking_uri (or MLFLOW_TRACKING_URI) at the store that holds it"
+        ) from None
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=(

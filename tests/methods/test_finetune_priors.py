@@ -27,16 +27,6 @@ def backbone() -> nn.Module:
     return create_backbone("resnet10t", image_size=IMAGE_SIZE).eval()
 
 
-@pytest.fixture(scope="module")
-def support() -> tuple[Tensor, Tensor, Tensor]:
-    """``(support, labels, query)``: 3-way 2-shot coloured images, 6 queries."""
-    generator = torch.Generator().manual_seed(0)
-    colours = 1.5 * torch.randn(3, 3, 1, 1, generator=generator)
-    labels = torch.arange(3).repeat_interleave(2)
-    images = colours[labels.repeat(2)] + 0.3 * torch.randn(12, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    return images[:6], labels, images[6:]
-
-
 def posterior_at(module: nn.Module, prefix: str, offset: float = 0.0, rank: int = 3) -> SwagPosterior:
     """A SWAG posterior over ``module``'s parameters whose names start with ``prefix``: mean at their
     values plus ``offset`` (every coordinate), variance 1e-4, small random deviations."""
