@@ -254,6 +254,14 @@ class FineTune(FewShotMethod):
         downstream posterior ``bma_posterior_`` stays: scoring needs it."""
         return {**self.__dict__, "swag": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, giving a method pickled before the BMA parameters existed (e.g. in a classifier
+        registered by an earlier version) their defaults, so it scores with its MAP weights as before."""
+        self.__dict__.update(
+            {"bma_samples": 0, "bma_snapshots": 10, "bma_scale": 1.0, "bma_posterior_": None}
+        )
+        self.__dict__.update(state)
+
     @staticmethod
     def _embed(backbone: nn.Module, images: Tensor) -> Tensor:
         """``(n, D)`` L2-normalised float32 features; the backbone runs under autocast."""

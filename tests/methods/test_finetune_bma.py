@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fewshot_med.errors import ConfigError
 from fewshot_med.methods import MethodContext, create_method
+from fewshot_med.methods.finetune import FineTune
 from fewshot_med.models import create_backbone
 
 IMAGE_SIZE = 16
@@ -163,3 +164,14 @@ def test_layers_stay_in_eval_mode(context, support) -> None:
     method.predict_logits(support[2])
     assert not any(module.training for module in method.backbone_.modules())
     assert isinstance(method.head_, nn.Linear)
+
+
+def test_a_method_pickled_before_bma_existed_scores_as_before(context, support):
+    method = fit(context, support)
+    expected = method.predict_logits(support[2])
+    state = method.__getstate__()
+    for name in ("bma_samples", "bma_snapshots", "bma_scale", "bma_posterior_"):
+        state.pop(name)  # what an earlier version pickled
+    restored = FineTune.__new__(FineTune)
+    restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert torch.equal(restored.predict_logits(support[2]), expected)
