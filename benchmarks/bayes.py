@@ -33,6 +33,7 @@ from benchmarks.suite import (
     SuiteReport,
     embed_and_draw,
     episode_list_digest,
+    paired_on_common_episodes,
     pipeline_backbone,
 )
 from fewshot_med import tracking
@@ -40,7 +41,6 @@ from fewshot_med.config import Config, MethodConfig, load_config
 from fewshot_med.data.transforms import to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import EpisodeResults, evaluate_images
-from fewshot_med.evaluation.intervals import paired_difference_ci95
 from fewshot_med.methods import MethodContext, create_method
 from fewshot_med.priors import SwagPosterior
 from fewshot_med.runtime import resolve_device, seed_everything
@@ -227,12 +227,6 @@ def _result(study: DatasetStudy, label: str, k: int, calibration: str = "none") 
     )
 
 
-def _paired(a: EpisodeResults, b: EpisodeResults, metric: str) -> tuple[float, float]:
-    """``a`` minus ``b`` on their common episodes (the first N of the same list)."""
-    n = min(len(a), len(b))
-    return paired_difference_ci95(a.values(metric)[:n], b.values(metric)[:n])
-
-
 def _cell(value: tuple[float, float], scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
     mean, half = value
     if not np.isfinite(mean):
@@ -262,14 +256,17 @@ def _prior_table(study: DatasetStudy, k: int) -> list[str]:
         summary = raw.summary()
         scaled = (calibrated or raw).summary()
         delta = (
-            _cell(_paired(raw, reference, "accuracy"), signed=True)
+            _cell(paired_on_common_episodes(raw, reference, "accuracy"), signed=True)
             if reference and label != REFERENCE
             else "—"
         )
         delta_ece = "—"
         if reference_calibrated is not None and calibrated is not None and label != REFERENCE:
             delta_ece = _cell(
-                _paired(calibrated, reference_calibrated, "ece"), scale=1.0, digits=3, signed=True
+                paired_on_common_episodes(calibrated, reference_calibrated, "ece"),
+                scale=1.0,
+                digits=3,
+                signed=True,
             )
         lines.append(
             f"| {label} | {len(raw)} | {_cell(summary['accuracy'])} | "
@@ -289,10 +286,10 @@ def _verdicts(study: DatasetStudy) -> list[str]:
             if not label.startswith(f"{REFERENCE}_") or reference is None:
                 continue
             raw, calibrated = _result(study, label, k), _result(study, label, k, "val_temperature")
-            accuracy = _paired(raw, reference, "accuracy")
+            accuracy = paired_on_common_episodes(raw, reference, "accuracy")
             parts = [f"accuracy {_cell(accuracy, signed=True)} points ({_significance(accuracy)})"]
             if calibrated is not None and reference_calibrated is not None:
-                error = _paired(calibrated, reference_calibrated, "ece")
+                error = paired_on_common_episodes(calibrated, reference_calibrated, "ece")
                 parts.append(f"ECE {_cell(error, 1.0, 3, signed=True)} ({_significance(error)})")
             lines.append(f"- K = {k}, {label} minus {REFERENCE}: " + "; ".join(parts) + ".")
     return lines
@@ -391,7 +388,7 @@ def _headline_metrics(study: DatasetStudy) -> dict[str, float]:
             raw = _result(study, label, k)
             if raw is None or reference is None or label == REFERENCE:
                 continue
-            mean, half = _paired(raw, reference, "accuracy")
+            mean, half = paired_on_common_episodes(raw, reference, "accuracy")
             metrics[f"{study.name}.{k}shot.{label}.delta_accuracy"] = mean
             metrics[f"{study.name}.{k}shot.{label}.delta_accuracy_ci95"] = half
     for result in study.selection:

@@ -28,6 +28,7 @@ from benchmarks.suite import (
     SuiteReport,
     embed_and_draw,
     episode_list_digest,
+    paired_on_common_episodes,
     pipeline_backbone,
     require_modules,
 )
@@ -36,7 +37,6 @@ from fewshot_med.config import Config, load_config
 from fewshot_med.data import EpisodeList, sample_episodes
 from fewshot_med.evaluation import EpisodeResults, evaluate_episodewise, evaluate_frozen, softmax
 from fewshot_med.evaluation.calibration import TemperatureScaling
-from fewshot_med.evaluation.intervals import paired_difference_ci95
 from fewshot_med.evaluation.metrics import ece
 from fewshot_med.methods import METHODS, MethodContext, create_method
 from fewshot_med.runtime import resolve_device, seed_everything
@@ -320,13 +320,6 @@ def _on_all_episodes(bench: DatasetBenchmark, results: list[EpisodeResults]) -> 
     return [r for r in results if len(r) == bench.config.episodes.n_test_episodes]
 
 
-def _paired(a: EpisodeResults, b: EpisodeResults) -> tuple[float, float]:
-    """Accuracy of ``a`` minus ``b`` on their common episodes (fine-tuning rows use the first N of
-    the same list), mean and 95% half-width."""
-    n = min(len(a), len(b))
-    return paired_difference_ci95(a.values("accuracy")[:n], b.values("accuracy")[:n])
-
-
 def _settings(bench: DatasetBenchmark) -> list[int]:
     return sorted({r.k_shot for r in bench.peers})
 
@@ -410,7 +403,11 @@ def _setting_table(bench: DatasetBenchmark, k: int) -> list[str]:
         cal = calibrated.summary() if calibrated is not None else None
         if raw.n_failed:
             name += f" — failed on {raw.n_failed} episodes"
-        delta = "—" if best_peer is None or raw is best_peer else _cell(*_paired(raw, best_peer))
+        delta = (
+            "—"
+            if best_peer is None or raw is best_peer
+            else _cell(*paired_on_common_episodes(raw, best_peer))
+        )
         lines.append(
             f"| {name} | {transductive} | {how} | {_cell(*summary['accuracy'])} "
             f"| {_cell(*summary['balanced_accuracy'])} "
@@ -433,7 +430,7 @@ def _verdict(
     """One sentence per setting: who wins accuracy (paired CI) and calibration (pooled ECE)."""
     if best_ours is None or best_peer is None:
         return "No comparison: a side has no usable result."
-    mean, half = _paired(best_ours, best_peer)
+    mean, half = paired_on_common_episodes(best_ours, best_peer)
     if mean - half > 0:
         accuracy = f"**ours wins**: {best_ours.method} is ahead of {best_peer.method}"
     elif mean + half < 0:
@@ -446,7 +443,7 @@ def _verdict(
         f"{n_paired} episodes)"
     )
     if best_inductive is not None and best_inductive is not best_peer:
-        mean_i, half_i = _paired(best_ours, best_inductive)
+        mean_i, half_i = paired_on_common_episodes(best_ours, best_inductive)
         text += f"; ours minus the best inductive peer, {best_inductive.method}: {_cell(mean_i, half_i)}"
     calibrated = [c for _, r, c in _setting_rows(bench, k) if c is not None and r.method != "oracle"]
     peers = [r for r in bench.peers if r.k_shot == k and r.n_failed == 0]
@@ -614,7 +611,7 @@ def _headline_metrics(bench: DatasetBenchmark) -> dict[str, float]:
         best_peer = _best([r for kind, r, _ in rows if kind == "peer"])
         if best_ours is None or best_peer is None:
             continue
-        mean, half = _paired(best_ours, best_peer)
+        mean, half = paired_on_common_episodes(best_ours, best_peer)
         metrics |= {
             f"{bench.name}.{k}shot.best_ours_accuracy": best_ours.summary()["accuracy"][0],
             f"{bench.name}.{k}shot.best_peer_accuracy": best_peer.summary()["accuracy"][0],

@@ -24,6 +24,8 @@ import torch
 from fewshot_med import tracking
 from fewshot_med.config import Config
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.evaluation import EpisodeResults
+from fewshot_med.evaluation.intervals import paired_difference_ci95
 from fewshot_med.methods import MethodContext
 from fewshot_med.models import BackboneSpec
 from fewshot_med.priors import SwagPosterior
@@ -217,3 +219,12 @@ def embed_and_draw(
     for k, test_episodes in episodes.test.items():
         tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
     return Embedded(subsets, features, context, episodes, episode_source)
+
+
+def paired_on_common_episodes(
+    a: EpisodeResults, b: EpisodeResults, metric: str = "accuracy"
+) -> tuple[float, float]:
+    """``metric`` of ``a`` minus ``b`` on their common episodes (fine-tuning rows run the first N of
+    the same list), mean and 95% half-width."""
+    n = min(len(a), len(b))
+    return paired_difference_ci95(a.values(metric)[:n], b.values(metric)[:n])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -92,12 +93,12 @@ class SelectionResult:
     results: list[EpisodeResults]
     outcomes: list[CriterionOutcome]
 
-    @property
+    @cached_property
     def accuracy(self) -> np.ndarray:
         """``(n_candidates, E)`` test accuracy in points."""
         return 100 * np.stack([result.values("accuracy") for result in self.results])
 
-    @property
+    @cached_property
     def best(self) -> int:
         """The candidate with the best mean test accuracy (the best in hindsight)."""
         return int(self.accuracy.mean(axis=1).argmax())

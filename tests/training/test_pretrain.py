@@ -42,6 +42,13 @@ def fresh_backbone(spec: BackboneSpec) -> torch.nn.Module:
     return create_backbone(spec.name, in_chans=spec.in_chans, image_size=spec.image_size)
 
 
+def resume_pretraining(path: Path, data, settings: PretrainConfig, **kwargs: object) -> PretrainResult:
+    """Pretraining resumed from the checkpoint at ``path``, on a freshly built backbone."""
+    train, val, spec = data
+    backbone = create_backbone("resnet10t", image_size=SIZE)
+    return pretrain(backbone, spec, train, val, settings, CPU, checkpoint_path=path, resume=True, **kwargs)
+
+
 def quick(**changes: object) -> PretrainConfig:
     """A few steps per epoch, augmentation and balanced sampling on: exercises every random source."""
     values = {"epochs": 4, "batch_size": 32, "steps_per_epoch": 3, "warmup_epochs": 1, "lr": 3e-3}
@@ -109,19 +116,9 @@ def test_log_metrics_gets_prefixed_keys_once_per_epoch(learned):
 
 def test_finished_checkpoint_is_returned_without_training(learned, data):
     result, _, path = learned
-    train, val, spec = data
+    spec = data[2]
     calls = []
-    again = pretrain(
-        create_backbone("resnet10t", image_size=SIZE),
-        spec,
-        train,
-        val,
-        LEARNING,
-        CPU,
-        checkpoint_path=path,
-        resume=True,
-        log_metrics=lambda metrics, step: calls.append(step),
-    )
+    again = resume_pretraining(path, data, LEARNING, log_metrics=lambda metrics, step: calls.append(step))
     assert calls == [] and again.history == result.history and again.best_epoch == result.best_epoch
     assert_same_weights(again.backbone, result.backbone)
     assert torch.equal(again.head.weight, result.head.weight)
@@ -159,17 +156,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_weights(data, tm
     assert load_checkpoint(path)["epoch"] == 2
     steps = []
     torch.manual_seed(123)  # the global RNG state is restored from the checkpoint, whatever it is now
-    resumed = pretrain(
-        create_backbone("resnet10t", image_size=SIZE),
-        spec,
-        train,
-        val,
-        settings,
-        CPU,
-        checkpoint_path=path,
-        resume=True,
-        log_metrics=lambda metrics, step: steps.append(step),
-    )
+    resumed = resume_pretraining(path, data, settings, log_metrics=lambda metrics, step: steps.append(step))
     assert steps == [3, 4]
     assert_same_weights(resumed.backbone, whole.backbone)
     assert torch.equal(resumed.head.weight, whole.head.weight)
@@ -243,26 +230,8 @@ def test_swag_leaves_the_trajectory_alone_and_resumes_to_the_same_moments(data, 
     path = tmp_path / "b.pt"
     interrupt_after_second_epoch(data, settings, path)
     assert load_checkpoint(path)["swag"]["n_snapshots"] == 2
-    resumed = pretrain(
-        create_backbone("resnet10t", image_size=SIZE),
-        spec,
-        train,
-        val,
-        settings,
-        CPU,
-        checkpoint_path=path,
-        resume=True,
-    )
-    finished = pretrain(
-        create_backbone("resnet10t", image_size=SIZE),
-        spec,
-        train,
-        val,
-        settings,
-        CPU,
-        checkpoint_path=path,
-        resume=True,
-    )
+    resumed = resume_pretraining(path, data, settings)
+    finished = resume_pretraining(path, data, settings)
     for again in (resumed, finished):
         assert again.swag is not None and again.swag.n_snapshots == 4
         for field in ("mean", "variance", "deviations"):
