@@ -22,33 +22,34 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.suite import (
-    SUITE_OVERRIDES,
+    Lineage,
     SuiteOptions,
     SuiteReport,
-    embed_and_draw,
-    episode_list_digest,
+    open_dataset,
     paired_on_common_episodes,
-    pipeline_backbone,
 )
 from fewshot_med import tracking
-from fewshot_med.config import Config, MethodConfig, load_config
+from fewshot_med.config import Config, MethodConfig
 from fewshot_med.data.transforms import to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import EpisodeResults, evaluate_images
 from fewshot_med.methods import MethodContext, create_method
+from fewshot_med.pipelines.episodes import Episodes
+from fewshot_med.pipelines.evaluation import evaluate_method
+from fewshot_med.pipelines.selection import SelectionResult, selection_studies
 from fewshot_med.priors import SwagPosterior
-from fewshot_med.runtime import resolve_device, seed_everything
-from pipelines.evaluation import Episodes, evaluate_method
-from pipelines.selection import SelectionResult, selection_studies
-from pipelines.transfer import load_data
+from fewshot_med.tracking import names
 
 REPO = Path(__file__).resolve().parents[1]
+#: The suite's name (its MLflow runs and artifacts, ``fewshot_med.tracking.names``).
+SUITE = "bayes"
 #: Dataset name -> the config of its Bayesian-transfer pipeline (SWAG pretraining, methods, selection grid).
 DATASETS = {"ham10000": REPO / "configs/ham10000_bayes.yaml", "pbc": REPO / "configs/pbc_bayes.yaml"}
 #: The row every other row is compared with (a method label of the configs).
@@ -71,7 +72,6 @@ QUICK_OVERRIDES = (
     "selection.prior_precision=[0.1, 10]",
     "selection.orderings=2",
 )
-QUICK_DATA = {"ham10000": "data.source=ham10000-28"}
 QUICK_SCALES = (1.0, 1e4)
 QUICK_SCALE_EPISODES = 2
 QUICK_STEPS = 3
@@ -79,17 +79,10 @@ QUICK_MAX_EPISODES = 3
 
 
 @dataclass
-class DatasetStudy:
-    """Everything measured on one dataset."""
+class DatasetStudy(Lineage):
+    """Everything measured on one dataset, with its lineage (``swag``: the prior, described)."""
 
-    name: str
-    config: Config
-    run_id: str | None
-    backbone_source: str
-    data_digest: str
-    episode_source: str
-    episode_digests: dict[int, str]
-    swag: str
+    swag: str = ""
     scale_accuracy: dict[float, float] = field(default_factory=dict)
     prior_scale: float = 1.0
     results: list[EpisodeResults] = field(default_factory=list)
@@ -106,50 +99,27 @@ def run(options: SuiteOptions) -> SuiteReport:
     for study in studies:
         report.record.update(_record(study))
         report.metrics.update(_headline_metrics(study))
-        report.tables[f"bayes_{study.name}.md"] = _dataset_markdown(study)
+        report.tables[names.dataset_artifact(SUITE, study.name, "md")] = _dataset_markdown(study)
         for result in study.selection:
-            report.tables[f"selection_{study.name}_{result.k_shot}shot.csv"] = result.scores_csv()
+            table = names.dataset_artifact("selection", study.name, "csv", result.k_shot)
+            report.tables[table] = result.scores_csv()
     return report
 
 
 def study_dataset(name: str, options: SuiteOptions) -> DatasetStudy:
     """Backbone and prior, the prior comparison and the selection study on one dataset, under an MLflow
     run ``bayes:<name>`` nested in the suite's run."""
-    overrides = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}"]
-    if options.quick:
-        overrides += [*QUICK_OVERRIDES, *filter(None, [QUICK_DATA.get(name)])]
-    config = load_config(DATASETS[name], overrides)
-    if options.quick:
-        config = config.model_copy(update={"methods": [_quick(method) for method in config.methods]})
-    device = resolve_device(config.runtime.device)
-    seed_everything(config.seed)
-    data = load_data(config)
-    from_run = options.backbone_runs.get(name)
-    tags = {"suite": "bayes", **({"from_run": from_run} if from_run else {})}
-    with tracking.pipeline_run(config, run_name=f"bayes:{name}", tags=tags) as run:
-        backbone, spec, swag, backbone_source = pipeline_backbone(config, data, device, from_run)
+    configure = _quick_methods if options.quick else None
+    with open_dataset(SUITE, name, DATASETS[name], options, QUICK_OVERRIDES, configure) as opened:
+        swag = opened.context.swag
         if swag is None:
             raise FewshotMedError(
                 f"the {name} backbone has no SWAG posterior: pass --from a run of {DATASETS[name].name} "
                 "(pretrain.swag.enabled: true), or no --from to pretrain one"
             )
-        embedded = embed_and_draw(config, data, backbone, spec, device, from_run, swag)
-        subsets, features, context, episodes = (
-            embedded.subsets,
-            embedded.features,
-            embedded.context,
-            embedded.episodes,
-        )
-        study = DatasetStudy(
-            name=name,
-            config=config,
-            run_id=run.run_id,
-            backbone_source=backbone_source,
-            data_digest=data.dataset.digest,
-            episode_source=embedded.episode_source,
-            episode_digests={k: episode_list_digest(e) for k, e in episodes.test.items()},
-            swag=_describe(swag),
-        )
+        embedded, episodes = opened.embedded, opened.episodes
+        subsets, features, context = embedded.subsets, embedded.features, embedded.methods
+        study = DatasetStudy(**opened.lineage.lineage(), swag=_describe(swag))
         _choose_prior_scale(study, context, subsets, episodes, options.quick)
         for method in study.config.methods:
             method = _with_scale(method, study.prior_scale)
@@ -159,12 +129,21 @@ def study_dataset(name: str, options: SuiteOptions) -> DatasetStudy:
             study.results += results
         start = time.perf_counter()
         study.selection = selection_studies(
-            config, features["novel_test"], subsets["novel_test"], episodes.test, context.base_feature_mean
+            study.config,
+            features["novel_test"],
+            subsets["novel_test"],
+            episodes.test,
+            context.base_feature_mean,
         )
         study.seconds["selection study"] = time.perf_counter() - start
-        tracking.log_text_artifact(_dataset_markdown(study), "bayes.md")
+        tracking.log_text_artifact(_dataset_markdown(study), names.suite_artifact(SUITE, "md"))
         tracking.log_metrics(_headline_metrics(study))
     return study
+
+
+def _quick_methods(config: Config) -> Config:
+    """A quick run's config: its fine-tunings take a few steps on a few episodes."""
+    return config.model_copy(update={"methods": [_quick(method) for method in config.methods]})
 
 
 def _quick(method: MethodConfig) -> MethodConfig:
@@ -367,17 +346,11 @@ def _suite_markdown(studies: list[DatasetStudy], quick: bool) -> str:
 
 
 def _record(study: DatasetStudy) -> dict[str, str]:
-    record = {
-        f"{study.name}.run_id": str(study.run_id),
-        f"{study.name}.backbone": study.backbone_source,
-        f"{study.name}.prior": study.swag,
-        f"{study.name}.prior_scale": f"{study.prior_scale:g}",
-        f"{study.name}.data_sha256": study.data_digest,
-        f"{study.name}.episodes": study.episode_source,
-        f"{study.name}.seed": str(study.config.seed),
+    return {
+        **study.record(),
+        names.record_key(study.name, "prior"): study.swag,
+        names.record_key(study.name, "prior_scale"): f"{study.prior_scale:g}",
     }
-    record.update({f"{study.name}.episodes_sha256.{k}shot": d for k, d in study.episode_digests.items()})
-    return record
 
 
 def _headline_metrics(study: DatasetStudy) -> dict[str, float]:
@@ -389,11 +362,11 @@ def _headline_metrics(study: DatasetStudy) -> dict[str, float]:
             if raw is None or reference is None or label == REFERENCE:
                 continue
             mean, half = paired_on_common_episodes(raw, reference, "accuracy")
-            metrics[f"{study.name}.{k}shot.{label}.delta_accuracy"] = mean
-            metrics[f"{study.name}.{k}shot.{label}.delta_accuracy_ci95"] = half
+            metrics[names.benchmark_metric(study.name, k, label, "delta_accuracy")] = mean
+            metrics[names.benchmark_metric(study.name, k, label, names.ci95("delta_accuracy"))] = half
     for result in study.selection:
         for outcome in result.outcomes:
-            key = f"{study.name}.{result.k_shot}shot.select.{outcome.criterion}"
-            metrics[f"{key}.rank_correlation"] = outcome.rank_correlation
-            metrics[f"{key}.dataset_gap"] = outcome.dataset_gap[0]
+            key = partial(names.benchmark_metric, study.name, result.k_shot, names.SELECT, outcome.criterion)
+            metrics[key("rank_correlation")] = outcome.rank_correlation
+            metrics[key("dataset_gap")] = outcome.dataset_gap[0]
     return metrics

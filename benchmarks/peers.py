@@ -23,25 +23,22 @@ import torch
 
 from benchmarks.peer_methods import PEERS, PREPROCESSING, Peer
 from benchmarks.suite import (
-    SUITE_OVERRIDES,
+    Lineage,
     SuiteOptions,
     SuiteReport,
-    embed_and_draw,
-    episode_list_digest,
+    open_dataset,
     paired_on_common_episodes,
-    pipeline_backbone,
     require_modules,
 )
 from fewshot_med import tracking
-from fewshot_med.config import Config, load_config
-from fewshot_med.data import EpisodeList, sample_episodes
+from fewshot_med.data import EpisodeList
 from fewshot_med.evaluation import EpisodeResults, evaluate_episodewise, evaluate_frozen, softmax
 from fewshot_med.evaluation.calibration import TemperatureScaling
 from fewshot_med.evaluation.metrics import ece
 from fewshot_med.methods import METHODS, MethodContext, create_method
-from fewshot_med.runtime import resolve_device, seed_everything
-from pipelines.evaluation import Episodes, evaluate_method, evaluate_oracle_rows
-from pipelines.transfer import load_data
+from fewshot_med.pipelines.episodes import Episodes, draw_episodes
+from fewshot_med.pipelines.evaluation import evaluate_method, evaluate_oracle_rows
+from fewshot_med.tracking import names
 
 REPO = Path(__file__).resolve().parents[1]
 #: Dataset name -> the pipeline config whose backbone, episodes and methods the suite uses.
@@ -57,10 +54,11 @@ QUICK_OVERRIDES = (
     "episodes.n_test_episodes=12",
     "episodes.n_val_episodes=8",
 )
-QUICK_DATA = {"ham10000": "data.source=ham10000-28"}
 #: Shots of the accuracy-against-shots curve (frozen-feature methods and the oracle).
 CURVE_SHOTS = (1, 2, 3, 5, 10)
 QUICK_CURVE_SHOTS = (1, 2, 5)
+#: The suite's name (its MLflow runs and artifacts, ``fewshot_med.tracking.names``).
+SUITE = "peers"
 #: Peer libraries the suite runs (the ``bench`` extra).
 REQUIRES = ("easyfsl", "netcal")
 #: Shots of the val episodes on which each peer's feature preprocessing is chosen.
@@ -78,16 +76,9 @@ class PeerChoice:
 
 
 @dataclass
-class DatasetBenchmark:
-    """Everything measured on one dataset."""
+class DatasetBenchmark(Lineage):
+    """Everything measured on one dataset, with its lineage."""
 
-    name: str
-    config: Config
-    run_id: str | None
-    backbone_source: str
-    data_digest: str
-    episode_source: str
-    episode_digests: dict[int, str]
     ours: list[EpisodeResults] = field(default_factory=list)
     oracle: list[EpisodeResults] = field(default_factory=list)
     peers: list[EpisodeResults] = field(default_factory=list)
@@ -105,50 +96,28 @@ def run(options: SuiteOptions) -> SuiteReport:
     benchmarks = [benchmark_dataset(name, options) for name in DATASETS]
     report = SuiteReport(markdown=_suite_markdown(benchmarks, options.quick))
     for bench in benchmarks:
-        report.record.update(_record(bench))
+        report.record.update(bench.record())
         report.metrics.update(_headline_metrics(bench))
-        report.tables[f"peers_{bench.name}.csv"] = _rows_csv(bench)
-        report.figures[f"accuracy_vs_shots_{bench.name}.png"] = _curve_figure(bench)
+        report.tables[names.dataset_artifact(SUITE, bench.name, "csv")] = _rows_csv(bench)
+        figure = names.dataset_artifact(names.ACCURACY_VS_SHOTS, bench.name, "png")
+        report.figures[figure] = _curve_figure(bench)
     return report
 
 
 def benchmark_dataset(name: str, options: SuiteOptions) -> DatasetBenchmark:
     """Backbone, episodes, our methods, the oracle, the peers, the curve and the netcal comparison on
     one dataset, under an MLflow run ``peers:<name>`` nested in the suite's run."""
-    overrides = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}"]
-    if options.quick:
-        overrides += [*QUICK_OVERRIDES, *filter(None, [QUICK_DATA.get(name)])]
-    config = load_config(DATASETS[name], overrides)
-    device = resolve_device(config.runtime.device)
-    seed_everything(config.seed)
-    data = load_data(config)
-    from_run = options.backbone_runs.get(name)
-    tags = {"suite": "peers", **({"from_run": from_run} if from_run else {})}
-    with tracking.pipeline_run(config, run_name=f"peers:{name}", tags=tags) as run:
-        backbone, spec, _, backbone_source = pipeline_backbone(config, data, device, from_run)
-        embedded = embed_and_draw(config, data, backbone, spec, device, from_run)
-        subsets, features, context, episodes = (
-            embedded.subsets,
-            embedded.features,
-            embedded.context,
-            embedded.episodes,
-        )
-        bench = DatasetBenchmark(
-            name=name,
-            config=config,
-            run_id=run.run_id,
-            backbone_source=backbone_source,
-            data_digest=data.dataset.digest,
-            episode_source=embedded.episode_source,
-            episode_digests={k: episode_list_digest(e) for k, e in episodes.test.items()},
-        )
+    with open_dataset(SUITE, name, DATASETS[name], options, QUICK_OVERRIDES) as opened:
+        embedded, episodes = opened.embedded, opened.episodes
+        subsets, features, context = embedded.subsets, embedded.features, embedded.methods
+        bench = DatasetBenchmark(**opened.lineage.lineage())
         validation = _evaluate_ours(bench, context, features, subsets, episodes)
-        bench.oracle = evaluate_oracle_rows(features, subsets, episodes, config.evaluation)
+        bench.oracle = evaluate_oracle_rows(features, subsets, episodes, bench.config.evaluation)
         _evaluate_peers(bench, context, features, subsets, episodes)
         bench.curve = _accuracy_against_shots(bench, context, features, subsets, episodes, options.quick)
         bench.netcal = _netcal_comparison(bench, validation)
-        tracking.log_text_artifact(_dataset_markdown(bench), "peers.md")
-        tracking.log_text_artifact(_rows_csv(bench), "peers.csv")
+        tracking.log_text_artifact(_dataset_markdown(bench), names.suite_artifact(SUITE, "md"))
+        tracking.log_text_artifact(_rows_csv(bench), names.suite_artifact(SUITE, "csv"))
         tracking.log_metrics(_headline_metrics(bench))
     return bench
 
@@ -232,7 +201,6 @@ def _accuracy_against_shots(
 ) -> list[EpisodeResults]:
     """Uncalibrated frozen-feature methods and the oracle at every curve K (test episodes of the
     protocol where they exist, else drawn with the same seed)."""
-    protocol = bench.config.episodes
     pool = subsets["novel_test"]
     frozen = [m for m in bench.config.methods if METHODS[m.name].inputs == "features"]
     curve = []
@@ -240,9 +208,7 @@ def _accuracy_against_shots(
         if k in episodes.test:
             curve += [r for r in bench.ours + bench.oracle if r.k_shot == k and r.calibration == "none"]
             continue
-        drawn = sample_episodes(
-            pool, len(pool.class_names), k, protocol.n_query, protocol.n_test_episodes, protocol.seed
-        )
+        drawn = draw_episodes(bench.config, {"test": pool}, len(pool.class_names), [k], val=False).test[k]
         for method in frozen:
             factory = lambda method=method: create_method(method.name, context, **method.params)  # noqa: E731
             curve.append(
@@ -591,18 +557,6 @@ def _rows_csv(bench: DatasetBenchmark) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _record(bench: DatasetBenchmark) -> dict[str, str]:
-    record = {
-        f"{bench.name}.run_id": str(bench.run_id),
-        f"{bench.name}.backbone": bench.backbone_source,
-        f"{bench.name}.data_sha256": bench.data_digest,
-        f"{bench.name}.episodes": bench.episode_source,
-        f"{bench.name}.seed": str(bench.config.seed),
-    }
-    record.update({f"{bench.name}.episodes_sha256.{k}shot": d for k, d in bench.episode_digests.items()})
-    return record
-
-
 def _headline_metrics(bench: DatasetBenchmark) -> dict[str, float]:
     metrics = {}
     for k in _settings(bench):
@@ -612,12 +566,13 @@ def _headline_metrics(bench: DatasetBenchmark) -> dict[str, float]:
         if best_ours is None or best_peer is None:
             continue
         mean, half = paired_on_common_episodes(best_ours, best_peer)
-        metrics |= {
-            f"{bench.name}.{k}shot.best_ours_accuracy": best_ours.summary()["accuracy"][0],
-            f"{bench.name}.{k}shot.best_peer_accuracy": best_peer.summary()["accuracy"][0],
-            f"{bench.name}.{k}shot.delta_accuracy": mean,
-            f"{bench.name}.{k}shot.delta_accuracy_ci95": half,
+        values = {
+            "best_ours_accuracy": best_ours.summary()["accuracy"][0],
+            "best_peer_accuracy": best_peer.summary()["accuracy"][0],
+            "delta_accuracy": mean,
+            names.ci95("delta_accuracy"): half,
         }
+        metrics |= {names.benchmark_metric(bench.name, k, field): value for field, value in values.items()}
     return metrics
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 from fewshot_med.config import load_config
-from pipelines.transfer import run_stages
+from fewshot_med.pipelines.transfer import run_stages
 
 
 def main() -> None:

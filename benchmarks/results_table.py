@@ -2,89 +2,86 @@
 
 Run: ``python -m benchmarks.results_table RUN_ID [--out docs/results.md]`` after
 ``fewshot-med run configs/<dataset>.yaml``. The section for the run's experiment is replaced (or
-added); other sections stay.
+added); other sections stay. The run is read through ``fewshot_med.tracking.collect_run``.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from pathlib import Path
 
-from mlflow import MlflowClient
+from fewshot_med.errors import FewshotMedError
+from fewshot_med.tracking import RunReview, collect_run, names
 
-from fewshot_med import tracking
+_ECE = "ece_pooled"
 
 
-def _lowest_pooled_ece(metrics: dict[str, float]) -> str:
+def _lowest_pooled_ece(review: RunReview) -> str:
     """Per (method, K) on the pipeline run: the calibration with the lowest pooled test ECE."""
-    found: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
-    pattern = re.compile(r"^test\.(\d+)shot\.(.+?)(?:\.(val_temperature|loo_temperature))?\.ece_pooled$")
-    for key, value in metrics.items():
-        match = pattern.match(key)
-        if match:
-            k_shot, method, calibration = int(match[1]), match[2], match[3] or "none"
-            found.setdefault((method, k_shot), {})[calibration] = (value, metrics[f"{key}_ci95"])
     lines = [
         "| method | K | lowest ece_pooled | ece_pooled | uncalibrated ece_pooled |",
         "|---|---|---|---|---|",
     ]
-    order = list(dict.fromkeys(method for method, _ in found))
-    for method, k_shot in sorted(found, key=lambda key: (order.index(key[0]), key[1])):
-        values = found[method, k_shot]
-        best = min(values, key=lambda name: values[name][0])
-        raw = values.get("none", (float("nan"), float("nan")))
-        lines.append(
-            f"| {method} | {k_shot} | {best} | {values[best][0]:.3f} ± {values[best][1]:.3f} "
-            f"| {raw[0]:.3f} ± {raw[1]:.3f} |"
-        )
+    missing = (float("nan"), float("nan"))
+    for method in review.methods:
+        for k_shot in review.shots:
+            values = {
+                calibration: (review.metrics[key], review.metrics.get(names.ci95(key), float("nan")))
+                for calibration in (names.UNCALIBRATED, *review.calibrations)
+                if (key := names.test_metric(k_shot, method, calibration, _ECE)) in review.metrics
+            }
+            if not values:
+                continue
+            best = min(values, key=lambda name: values[name][0])
+            raw = values.get(names.UNCALIBRATED, missing)
+            lines.append(
+                f"| {method} | {k_shot} | {best} | {values[best][0]:.3f} ± {values[best][1]:.3f} "
+                f"| {raw[0]:.3f} ± {raw[1]:.3f} |"
+            )
     return "\n".join(lines)
 
 
 def section(run_id: str) -> tuple[str, str]:
     """``(experiment name, markdown section)`` for a finished pipeline run."""
-    client = MlflowClient(tracking.store_uri())
-    run = client.get_run(run_id)
-    experiment = client.get_experiment(run.info.experiment_id).name
-    evaluate = tracking.find_stage_run(run_id, "evaluate")
-    if evaluate is None:
-        raise SystemExit(f"run {run_id} has no finished evaluate stage")
-    table = Path(client.download_artifacts(evaluate, "results.md")).read_text().strip()
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-results-") as folder:
+        try:
+            review = collect_run(run_id, Path(folder), with_plots=False)
+        except FewshotMedError as error:
+            raise SystemExit(str(error)) from None
+    experiment = review.experiment_name
     table = re.sub(
         r"Lowest (pooled )?test ECE per method and K:\n\n.*?\n\n",
-        lambda _: (
-            "Lowest pooled test ECE per method and K:\n\n" + _lowest_pooled_ece(run.data.metrics) + "\n\n"
-        ),
-        table,
+        lambda _: "Lowest pooled test ECE per method and K:\n\n" + _lowest_pooled_ece(review) + "\n\n",
+        review.results_markdown.strip(),
         flags=re.S,
     )
-    tags, metrics = run.data.tags, run.data.metrics
     times = ", ".join(
-        f"{key.removeprefix('time.').removesuffix('_seconds')} {value / 60:.1f} min"
-        for key, value in sorted(metrics.items())
-        if key.startswith("time.")
+        f"{stage} {review.metrics[names.time_metric(stage)] / 60:.1f} min"
+        for stage in names.STAGES
+        if names.time_metric(stage) in review.metrics
     )
-    pretrain = tracking.find_stage_run(run_id, "pretrain")
-    pretrain_metrics = client.get_run(pretrain).data.metrics if pretrain else {}
-    meta = tracking.find_stage_run(run_id, "meta_train")
-    meta_metrics = client.get_run(meta).data.metrics if meta else {}
+    training = review.training
+    pretrain = training.get(names.stage_metric(names.PRETRAIN, "best_val_balanced_accuracy"), float("nan"))
+    meta_accuracy = names.stage_metric(names.META_TRAIN, "best_val_accuracy")
     meta_line = (
         f"; after meta-training, 5-shot accuracy on novel val episodes "
-        f"{100 * meta_metrics['meta_train.best_val_accuracy']:.1f}% "
-        f"(episode {meta_metrics['meta_train.best_episode']:.0f})"
-        if "meta_train.best_val_accuracy" in meta_metrics
+        f"{100 * training[meta_accuracy]:.1f}% "
+        f"(episode {training[names.stage_metric(names.META_TRAIN, 'best_episode')]:.0f})"
+        if meta_accuracy in training
         else ""
     )
     lines = [
         f"## {experiment}",
         "",
         f"- command: `fewshot-med run configs/{experiment}.yaml` (or `python -m benchmarks.pipeline_wall "
-        f"configs/{experiment}.yaml`, the same run plus peak memory); config logged as `config.yaml`",
-        f"- MLflow run `{run_id}`; git commit `{tags.get('git_commit', 'unknown')}`"
-        f"{' (uncommitted changes)' if tags.get('git_dirty') == 'true' else ''}; seed {tags.get('seed')}",
-        f"- data `{tags.get('data.source')}`, content digest sha256 `{tags.get('data.digest')}`",
-        f"- backbone `{tags.get('backbone')}`; base-class val balanced accuracy after pretraining "
-        f"{100 * pretrain_metrics.get('pretrain.best_val_balanced_accuracy', float('nan')):.1f}%{meta_line}",
+        f"configs/{experiment}.yaml`, the same run plus peak memory); config logged as `{names.CONFIG}`",
+        f"- MLflow run `{review.run_id}`; git commit `{review.git_commit or 'unknown'}`"
+        f"{' (uncommitted changes)' if review.git_dirty == 'true' else ''}; seed {review.seed}",
+        f"- data `{review.data_source}`, content digest sha256 `{review.data_digest}`",
+        f"- backbone `{review.backbone}`; base-class val balanced accuracy after pretraining "
+        f"{100 * pretrain:.1f}%{meta_line}",
         f"- wall time on this machine: {times}",
         "",
         "Mean ± 95% CI over episodes; accuracy, balanced accuracy, AUROC and accuracy at 80% coverage in %. "

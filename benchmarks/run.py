@@ -27,6 +27,7 @@ from benchmarks import bayes, peers, speed
 from benchmarks.suite import SuiteOptions, SuiteReport, environment, require_modules
 from fewshot_med import tracking
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.tracking import names
 
 #: Suites by name: ``run(options) -> SuiteReport`` and the peer libraries it imports.
 SUITES: dict[str, tuple[Callable[[SuiteOptions], SuiteReport], tuple[str, ...]]] = {
@@ -99,14 +100,14 @@ def write_section(path: Path, suite: str, markdown: str) -> None:
 def _footer(
     command: str, env: dict[str, str], run_id: str | None, seconds: float, options: SuiteOptions
 ) -> str:
-    dirty = " with uncommitted changes" if env.get("git_dirty") == "true" else ""
+    dirty = " with uncommitted changes" if env.get(names.GIT_DIRTY_TAG) == "true" else ""
     versions = ", ".join(
         f"{k.removeprefix('version.')} {v}" for k, v in env.items() if k.startswith("version.")
     )
     return (
         f"\n*Regenerate:* `{command}` · {seconds / 60:.1f} min on {env['processor']} "
         f"({env['cpu_cores']} cores, {env['torch_threads']} torch threads, GPU: {env['cuda']}) · "
-        f"seed {options.seed} · commit `{env.get('git_commit', 'unknown')[:10]}`{dirty} · "
+        f"seed {options.seed} · commit `{env.get(names.GIT_COMMIT_TAG, 'unknown')[:10]}`{dirty} · "
         f"MLflow run `{run_id}` "
         f"· Python {env['python']}, {versions}.\n"
     )
@@ -114,22 +115,23 @@ def _footer(
 
 def run_suite(name: str, options: SuiteOptions, output: Path, command: str) -> SuiteReport:
     """Run one suite inside its MLflow run, log what it returns and write its section to ``output``."""
-    commit = {key: value for key, value in tracking.version_tags().items() if key.startswith("git_")}
+    versions = tracking.version_tags()
+    commit = {key: versions[key] for key in (names.GIT_COMMIT_TAG, names.GIT_DIRTY_TAG) if key in versions}
     env = {**environment(), **commit}
-    tags = {"suite": name, "quick": str(options.quick).lower(), "command": command}
+    tags = {names.SUITE_TAG: name, names.QUICK_TAG: str(options.quick).lower(), names.COMMAND_TAG: command}
     start = time.perf_counter()
     with tracking.benchmark_run(name + ("-quick" if options.quick else ""), tags=tags) as run:
-        tracking.set_tags({f"env.{key}": value for key, value in environment().items()})
+        tracking.set_tags({names.env_tag(key): value for key, value in environment().items()})
         report = SUITES[name][0](options)
         seconds = time.perf_counter() - start
-        tracking.log_metrics({**report.metrics, f"{name}.wall_seconds": seconds})
-        tracking.set_tags({f"record.{key}": value for key, value in report.record.items()})
+        tracking.log_metrics({**report.metrics, names.suite_wall_metric(name): seconds})
+        tracking.set_tags({names.record_tag(key): value for key, value in report.record.items()})
         for file_name, text in report.tables.items():
             tracking.log_text_artifact(text, file_name)
         for file_name, figure in report.figures.items():
             tracking.log_figure(figure, file_name)
         section = report.markdown.rstrip() + "\n" + _footer(command, env, run.run_id, seconds, options)
-        tracking.log_text_artifact(section, f"{name}.md")
+        tracking.log_text_artifact(section, names.suite_artifact(name, "md"))
     write_section(output, name, section)
     print(
         f"{name}: {seconds / 60:.1f} min; section written to {output}; MLflow run {run.run_id}",

@@ -487,7 +487,7 @@ def _tracking(task: _Task) -> dict[str, Any]:
 def _pipeline(task: _Task) -> dict[str, Any]:
     """The quickstart pipeline (``run_stages``), tracked or not; tracked it also registers a model."""
     from fewshot_med.config import load_config
-    from pipelines.transfer import run_stages
+    from fewshot_med.pipelines.transfer import run_stages
 
     on = task.kind == "pipeline.on"
     overrides = [

@@ -12,25 +12,21 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from fewshot_med import tracking
-from fewshot_med.config import Config
-from fewshot_med.errors import FewshotMedError
+from fewshot_med.config import Config, load_config
 from fewshot_med.evaluation import EpisodeResults
 from fewshot_med.evaluation.intervals import paired_difference_ci95
-from fewshot_med.methods import MethodContext
-from fewshot_med.models import BackboneSpec
-from fewshot_med.priors import SwagPosterior
-from pipelines.evaluation import Episodes, draw_episodes, embed_subsets
-from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage, swag_from_run
+from fewshot_med.pipelines.episodes import Episodes, check_saved_episodes, draw_episodes
+from fewshot_med.pipelines.evaluation import Embedded, embed_subsets
+from fewshot_med.pipelines.stages import StageContext, open_context
+from fewshot_med.pipelines.transfer import backbone_stages
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,6 +64,8 @@ SUITE_OVERRIDES = (
     "evaluation.generalised=false",
     "evaluation.plots=false",
 )
+#: Under ``--quick``, the datasets read from a smaller file.
+QUICK_DATA = {"ham10000": "data.source=ham10000-28"}
 
 
 @dataclass(frozen=True)
@@ -146,79 +144,104 @@ def episode_list_digest(episodes: EpisodeList) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def pipeline_backbone(
-    config: Config, data: Data, device: torch.device, from_run: str | None
-) -> tuple[torch.nn.Module, BackboneSpec, SwagPosterior | None, str]:
-    """The config's backbone, the SWAG posterior of its pretraining (``None`` if it collected none)
-    and a sentence saying where they come from: reused from ``from_run``, else trained by the
-    pipeline's own stages (pretrained, then meta-trained when the config says so)."""
+@dataclass
+class Lineage:
+    """Where one dataset's numbers come from: the config, the MLflow run, the backbone, the data and
+    episode-list digests (the suites' per-dataset results extend it)."""
+
+    name: str
+    config: Config
+    run_id: str | None
+    backbone_source: str
+    data_digest: str
+    episode_source: str
+    episode_digests: dict[int, str]
+
+    def lineage(self) -> dict[str, object]:
+        """These fields by name, to build a suite's per-dataset result from."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Lineage)}
+
+    def record(self) -> dict[str, str]:
+        """The record entries every suite logs per dataset (``<name>.<what>``)."""
+        record = {
+            f"{self.name}.run_id": str(self.run_id),
+            f"{self.name}.backbone": self.backbone_source,
+            f"{self.name}.data_sha256": self.data_digest,
+            f"{self.name}.episodes": self.episode_source,
+            f"{self.name}.seed": str(self.config.seed),
+        }
+        record.update({f"{self.name}.episodes_sha256.{k}shot": d for k, d in self.episode_digests.items()})
+        return record
+
+
+@dataclass(frozen=True)
+class OpenedDataset:
+    """One dataset as a suite studies it, opened by the pipeline's own stages: the stage context (its
+    backbone), every image embedded once, the seeded episodes, and their lineage."""
+
+    context: StageContext
+    embedded: Embedded
+    episodes: Episodes
+    lineage: Lineage
+
+
+@contextmanager
+def open_dataset(
+    suite: str,
+    name: str,
+    config_path: Path,
+    options: SuiteOptions,
+    quick_overrides: Sequence[str] = (),
+    configure: Callable[[Config], Config] | None = None,
+) -> Iterator[OpenedDataset]:
+    """Open one dataset of a suite under an MLflow run ``<suite>:<name>`` nested in the suite's run.
+
+    The config gets ``SUITE_OVERRIDES``, the suite's seed and, for ``--quick``, ``quick_overrides``;
+    ``configure`` may adjust it further. The backbone is an earlier run's (``options.backbone_runs``)
+    or trained by the pipeline's stages (``backbone_stages``); the episodes are the pipeline's
+    (``draw_episodes``), checked against that run's saved lists; the test data and episode lists are
+    logged to the dataset's run.
+    """
+    overrides = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}"]
+    if options.quick:
+        overrides += [*quick_overrides, *filter(None, [QUICK_DATA.get(name)])]
+    config = load_config(config_path, overrides)
+    if configure is not None:
+        config = configure(config)
+    context = open_context(config)
+    from_run = options.backbone_runs.get(name)
+    tags = {"suite": suite, **({"from_run": from_run} if from_run else {})}
+    with tracking.pipeline_run(config, run_name=f"{suite}:{name}", tags=tags) as run:
+        context = backbone_stages(context, () if from_run else ("pretrain", "meta_train"), from_run)
+        embedded = embed_subsets(context)
+        episodes = draw_episodes(config, embedded.pools, context.n_way)
+        if from_run is None:
+            episode_source = f"drawn with seed {config.episodes.seed}"
+        else:
+            episode_source = check_saved_episodes(episodes, from_run, config)
+        tracking.log_dataset_input(context.data.dataset, "evaluation", "test", context.data.roles.novel)
+        for k, test_episodes in episodes.test.items():
+            tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
+        lineage = Lineage(
+            name=name,
+            config=config,
+            run_id=run.run_id,
+            backbone_source=_backbone_source(config, from_run),
+            data_digest=context.data.dataset.digest,
+            episode_source=episode_source,
+            episode_digests={k: episode_list_digest(e) for k, e in episodes.test.items()},
+        )
+        yield OpenedDataset(context, embedded, episodes, lineage)
+
+
+def _backbone_source(config: Config, from_run: str | None) -> str:
+    """A sentence saying where a suite's backbone comes from."""
     if from_run is not None:
-        backbone, spec = backbone_from_run(from_run, config)
-        swag = swag_from_run(from_run, config)
-        return backbone.to(device), spec, swag, f"reused from MLflow run `{from_run}`"
-    pretrained = pretrain_stage(config, data, device, resume=False)
-    backbone, spec, swag = pretrained.backbone, pretrained.spec, pretrained.swag
+        return f"reused from MLflow run `{from_run}`"
     stages = "pretrained"
     if config.meta_train.enabled:
-        backbone = meta_train_stage(config, data, backbone, spec, device, resume=False)
         stages += f" then meta-trained ({config.meta_train.algorithm})"
-    return backbone, spec, swag, f"{stages} in this run ({config.pretrain.epochs} epochs)"
-
-
-def suite_episodes(config: Config, pools: dict, n_way: int, from_run: str | None) -> tuple[Episodes, str]:
-    """The seeded episode lists; with ``from_run``, checked to be the very test lists that run saved
-    (so every number here is on the episodes of that run's own evaluation)."""
-    drawn = draw_episodes(config, pools, n_way)
-    if from_run is None:
-        return drawn, f"drawn with seed {config.episodes.seed}"
-    with tempfile.TemporaryDirectory(prefix="fewshot-med-episodes-") as folder:
-        for k, episodes in drawn.test.items():
-            path = tracking.download_stage_artifact(
-                from_run, "evaluate", f"episodes/test_{k}shot.json", Path(folder), config.tracking
-            )
-            if path is None:
-                return drawn, f"drawn with seed {config.episodes.seed} (run `{from_run}` saved none)"
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            saved.pop("format_version", None)  # runs before format-versioned artifacts lack it
-            if saved != json.loads(json.dumps(dataclasses.asdict(episodes))):
-                raise FewshotMedError(
-                    f"the {k}-shot test episodes saved by run {from_run} differ from those this config draws "
-                    f"(seed {config.episodes.seed}); pass a run of the same config and seed to --from"
-                )
-    return drawn, f"drawn with seed {config.episodes.seed}, identical to those saved by run `{from_run}`"
-
-
-@dataclass
-class Embedded:
-    """What a suite evaluates on: the subsets and their ``(n, D)`` features, the methods' context, the
-    episode lists, and a sentence saying where the episodes come from."""
-
-    subsets: dict
-    features: dict[str, torch.Tensor]
-    context: MethodContext
-    episodes: Episodes
-    episode_source: str
-
-
-def embed_and_draw(
-    config: Config,
-    data: Data,
-    backbone: torch.nn.Module,
-    spec: BackboneSpec,
-    device: torch.device,
-    from_run: str | None,
-    swag: SwagPosterior | None = None,
-) -> Embedded:
-    """Embed every image once, draw the seeded episodes (checked against ``from_run``'s, see
-    ``suite_episodes``), and log the test data and episode lists to the current MLflow run."""
-    subsets, features, context = embed_subsets(config, data, backbone, spec, device, swag)
-    n_way = config.episodes.n_way or len(data.roles.novel)
-    pools = {"test": subsets["novel_test"], "val": subsets["novel_val"]}
-    episodes, episode_source = suite_episodes(config, pools, n_way, from_run)
-    tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
-    for k, test_episodes in episodes.test.items():
-        tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
-    return Embedded(subsets, features, context, episodes, episode_source)
+    return f"{stages} in this run ({config.pretrain.epochs} epochs)"
 
 
 def paired_on_common_episodes(

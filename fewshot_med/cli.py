@@ -132,30 +132,25 @@ def episodes_sample(
     split: Annotated[str, typer.Option(help="Split to draw from: val or test.")] = "test",
     overrides: Overrides = None,
 ) -> None:
-    """Draw the config's novel-class episodes for one K and save them as JSON for any library to reuse."""
+    """Draw the config's novel-class episodes for one K and save them as JSON for any library to reuse:
+    the very lists the pipeline evaluates (test) or calibrates on (val, K capped by the split)."""
     from fewshot_med.config import load_config
-    from fewshot_med.data import load_dataset, sample_episodes, select_classes
+    from fewshot_med.pipelines.episodes import draw_episodes
+    from fewshot_med.pipelines.stages import load_data
 
     if split not in ("val", "test"):
         raise FewshotMedError(f"--split {split}: episodes are drawn from 'val' or 'test'")
+    if not out.parent.is_dir():
+        raise FewshotMedError(f"--out {out}: folder {out.parent} does not exist; create it or pick another")
     config = load_config(config_path, overrides)
-    dataset = load_dataset(config.data.source, config.data.load_options())
-    roles = config.roles()
-    roles.check(dataset.class_names, str(config_path))
-    pool = select_classes(dataset, split, roles.novel)
-    protocol = config.episodes
-    n_episodes = protocol.n_test_episodes if split == "test" else protocol.n_val_episodes
-    episodes = sample_episodes(
-        pool,
-        n_way=protocol.n_way or len(roles.novel),
-        k_shot=shots,
-        n_query=protocol.n_query,
-        n_episodes=n_episodes,
-        seed=protocol.seed,
-    )
+    data = load_data(config)
+    pools = {name: data.subset(name, "novel") for name in ("val", "test")}
+    n_way = config.episodes.n_way or len(data.roles.novel)
+    drawn = draw_episodes(config, pools, n_way, [shots], val=split == "val")
+    episodes = drawn.test[shots] if split == "test" else drawn.val[shots]
     episodes.save(out)
     console.print(
-        f"wrote {len(episodes)} {episodes.n_way}-way {shots}-shot episodes "
+        f"wrote {len(episodes)} {episodes.n_way}-way {episodes.k_shot}-shot episodes "
         f"({episodes.n_query} queries/class) from the {split} split to {out}"
     )
 
@@ -168,7 +163,7 @@ FromRun = Annotated[str, typer.Option("--from", help="MLflow run id whose backbo
 
 def _run_pipeline(config_path: Path, overrides: list[str] | None, stages: tuple[str, ...], **kwargs) -> None:
     from fewshot_med.config import load_config
-    from pipelines.transfer import run_stages
+    from fewshot_med.pipelines.transfer import run_stages
 
     outcome = run_stages(load_config(config_path, overrides), stages, **kwargs)
     if outcome.report is not None:
@@ -251,10 +246,10 @@ def ui_command(
 
     settings = load_config(config_path).tracking if config_path else None
     argv, env = tracking.ui_command(port, host, settings)
-    console.print(
-        f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning  (Ctrl+C to stop)\n"
-        "MLflow opens on its GenAI view; runs, run trees and the compare view are under 'Model training'."
-    )
+    url = f"http://{host}:{port}"
+    console.print(f"MLflow UI on {url}/#/experiments?workflowType=machine_learning  (Ctrl+C to stop)")
+    for name, page in tracking.experiment_pages(url, settings):
+        console.print(f"  {name}: {page}", markup=False, highlight=False)
     raise typer.Exit(subprocess.run(argv, env=env, check=False).returncode)
 
 
@@ -284,7 +279,7 @@ def report_command(
     import tempfile
 
     from fewshot_med.config import TrackingConfig
-    from fewshot_med.evaluation.html_report import write_report
+    from fewshot_med.reporting.html_report import write_report
     from fewshot_med.tracking import collect_run
 
     if fmt is None:

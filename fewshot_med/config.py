@@ -1,20 +1,70 @@
-"""Pipeline configuration: YAML files validated into typed objects, with ``--set`` overrides."""
+"""Pipeline configuration: YAML files validated into typed objects, with ``--set`` overrides.
+
+Validation is complete before any stage starts: names are checked against the registries they select
+from (few-shot methods and their parameters, timm backbones, calibration settings, feature transforms,
+selection criteria, meta-training algorithms). The registries import torch, so they are imported on
+first use, when a config is validated, not when this module is.
+"""
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from fewshot_med.data.catalog import LoadOptions, default_roles
 from fewshot_med.data.roles import ClassRoles
-from fewshot_med.errors import ConfigError
+from fewshot_med.errors import ConfigError, FewshotMedError, not_one_of
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is ``message`` as is (no "Value error, " prefix)."""
+    return PydanticCustomError("invalid", "{message}", {"message": message})
+
+
+def _registered(kind: str, module: str, registry: str) -> AfterValidator:
+    """Validator of a name that must be a key of the registry ``module.registry``, imported on first use."""
+
+    def check(name: str) -> str:
+        choices: Collection[str] = getattr(importlib.import_module(module), registry)
+        if name not in choices:
+            raise _invalid(not_one_of(name, kind, choices))
+        return name
+
+    return AfterValidator(check)
+
+
+MethodName = Annotated[str, _registered("few-shot method", "fewshot_med.methods", "METHODS")]
+CalibrationName = Annotated[
+    str, _registered("calibration setting", "fewshot_med.evaluation.calibration", "CALIBRATION_SETTINGS")
+]
+FeatureTransformName = Annotated[
+    str, _registered("feature transform", "fewshot_med.selection.candidates", "FEATURE_TRANSFORMS")
+]
+CriterionName = Annotated[
+    str, _registered("selection criterion", "fewshot_med.selection.criteria", "CRITERIA")
+]
+MetaAlgorithmName = Annotated[
+    str, _registered("meta-training algorithm", "fewshot_med.training.meta", "ALGORITHMS")
+]
 
 
 class StrictModel(BaseModel):
@@ -69,6 +119,36 @@ class ModelConfig(StrictModel):
     backbone: str = Field("resnet10t", description="timm model name")
     pretrained: bool = Field(False, description="start from timm's published weights (needs network)")
     weights: str | None = Field(None, description="local state_dict or checkpoint file to start from")
+
+    @field_validator("backbone")
+    @classmethod
+    def _timm_has_backbone(cls, backbone: str) -> str:
+        from fewshot_med.models.backbone import check_backbone
+
+        try:
+            check_backbone(backbone)
+        except FewshotMedError as error:
+            raise _invalid(str(error)) from None
+        return backbone
+
+    @field_validator("pretrained")
+    @classmethod
+    def _timm_has_weights(cls, pretrained: bool, info: ValidationInfo) -> bool:
+        from fewshot_med.models.backbone import check_backbone
+
+        if pretrained and "backbone" in info.data:  # a bad backbone is reported on its own
+            try:
+                check_backbone(info.data["backbone"], pretrained=True)
+            except FewshotMedError as error:
+                raise _invalid(str(error)) from None
+        return pretrained
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file_exists(cls, weights: str | None) -> str | None:
+        if weights is not None and not Path(weights).expanduser().is_file():
+            raise _invalid(f"'{weights}' is not a file; model.weights names a local state_dict or checkpoint")
+        return weights
 
 
 class SwagConfig(StrictModel):
@@ -141,7 +221,7 @@ class MetaTrainConfig(StrictModel):
     """Episodic meta-training of the pretrained backbone on base-class episodes."""
 
     enabled: bool = False
-    algorithm: Literal["protonet", "anil", "fomaml"] = "protonet"
+    algorithm: MetaAlgorithmName = "protonet"
     episodes: PositiveInt = 2000
     n_way: PositiveInt | None = Field(None, description="classes per episode; all base classes if unset")
     k_shot: PositiveInt = 5
@@ -156,7 +236,7 @@ class MetaTrainConfig(StrictModel):
 class MethodConfig(StrictModel):
     """One few-shot method from the registry, with its parameters."""
 
-    name: str = Field(description="registry name, e.g. simpleshot, logreg, protonet, r2d2, finetune")
+    name: MethodName = Field(description="registry name, e.g. simpleshot, logreg, protonet, r2d2, finetune")
     label: str | None = Field(None, description="name in results; defaults to name")
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the method")
     max_episodes: PositiveInt | None = Field(
@@ -164,6 +244,19 @@ class MethodConfig(StrictModel):
         description="evaluate on the first N test episodes only (costly methods); episode lists are "
         "prefix-stable, so these N are the same tasks every other method sees",
     )
+
+    @field_validator("params")
+    @classmethod
+    def _method_takes_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Names and values as the method declares them (``FewShotMethod.validate_params``), without a run."""
+        from fewshot_med.methods import METHODS
+
+        if "name" in info.data:  # a bad name is reported on its own
+            try:
+                METHODS[info.data["name"]].validate_params(params)
+            except ConfigError as error:
+                raise _invalid(str(error)) from None
+        return params
 
     @property
     def display_name(self) -> str:
@@ -183,11 +276,11 @@ class EvaluationConfig(StrictModel):
     )
     oracle: bool = Field(True, description="classifier trained on all novel train images (upper bound)")
     batch_size: PositiveInt = Field(512, description="images per forward pass when embedding")
-    calibration: list[Literal["val_temperature", "loo_temperature"]] = Field(
+    calibration: list[CalibrationName] = Field(
         ["val_temperature", "loo_temperature"],
-        description="calibrators reported beside the uncalibrated results: a temperature fitted on val "
-        "episodes, and a per-episode temperature from leave-one-out on the support set (K ≥ 2, "
-        "frozen-feature methods)",
+        description="calibration settings (CALIBRATION_SETTINGS) reported beside the uncalibrated results: "
+        "a temperature fitted on val episodes, and a per-episode temperature from leave-one-out on the "
+        "support set (K ≥ 2, frozen-feature methods)",
     )
     temperature_bounds: tuple[PositiveFloat, PositiveFloat] = Field(
         (0.05, 100.0), description="smallest and largest temperature a calibrator may fit"
@@ -211,13 +304,13 @@ class SelectionConfig(StrictModel):
     under every combination of feature transform and prior precision, ranked from support sets alone
     (Lotfi et al., ICML 2022) and read against the test accuracy each candidate reaches."""
 
-    features: list[Literal["raw", "l2", "centred"]] = Field(
+    features: list[FeatureTransformName] = Field(
         ["raw", "l2", "centred"], min_length=1, description="feature transforms to try"
     )
     prior_precision: list[PositiveFloat] = Field(
         [0.01, 0.1, 1.0, 10.0, 100.0], min_length=1, description="prior precisions (weight decays) to try"
     )
-    criteria: list[Literal["clml", "lml", "loo", "train_loss"]] = Field(
+    criteria: list[CriterionName] = Field(
         ["clml", "lml", "loo", "train_loss"], min_length=1, description="criteria to compare"
     )
     orderings: PositiveInt = Field(10, description="random orderings averaged by the CLML")
@@ -251,12 +344,8 @@ class RuntimeConfig(StrictModel):
     output_dir: str = Field("outputs", description="checkpoints and local copies of artifacts")
 
 
-DEFAULT_METHODS = [
-    MethodConfig(name="simpleshot"),
-    MethodConfig(name="protonet"),
-    MethodConfig(name="logreg"),
-    MethodConfig(name="r2d2"),
-]
+#: Methods evaluated when a config names none.
+DEFAULT_METHODS = ("simpleshot", "protonet", "logreg", "r2d2")
 
 
 class Config(StrictModel):
@@ -269,7 +358,9 @@ class Config(StrictModel):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     meta_train: MetaTrainConfig = MetaTrainConfig()
-    methods: list[MethodConfig] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
+    methods: list[MethodConfig] = Field(
+        default_factory=lambda: [MethodConfig(name=name) for name in DEFAULT_METHODS], min_length=1
+    )
     evaluation: EvaluationConfig = EvaluationConfig()
     selection: SelectionConfig = SelectionConfig()
     tracking: TrackingConfig = TrackingConfig()

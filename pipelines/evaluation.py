@@ -5,7 +5,8 @@ on val-split episodes, and a per-episode temperature from leave-one-out on the s
 oracle and the generalised (base + novel) setting follow the guide's protocol. Everything goes to
 MLflow: summary metrics named ``test.<K>shot.<method>[.<calibration>].<metric>`` on the pipeline run
 (and without the method on its nested run, so the compare view lines methods up), per-episode CSVs,
-the episode lists, plots, and the summary table as markdown and CSV.
+the episode lists, plots, and the summary table as markdown and CSV; every name comes from
+``fewshot_med.tracking.names``.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ import csv
 import dataclasses
 import io
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from fewshot_med import tracking
 from fewshot_med.config import Config, EvaluationConfig, MethodConfig
-from fewshot_med.data import ClassSubset, EpisodeList, sample_episodes
+from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.data.transforms import to_model_input
-from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import (
     GENERALISED_METRICS,
     EpisodeResults,
@@ -44,9 +42,11 @@ from fewshot_med.evaluation.report import (
 )
 from fewshot_med.evaluation.selective import risk_coverage_curve
 from fewshot_med.methods import METHODS, MethodContext, create_method
-from fewshot_med.models import BackboneSpec, embed
-from fewshot_med.priors import SwagPosterior
-from pipelines.stages import Data
+from fewshot_med.models import embed
+from fewshot_med.pipelines.episodes import Episodes, draw_episodes
+from fewshot_med.pipelines.stages import StageContext
+from fewshot_med.progress import Progress
+from fewshot_med.tracking import names
 
 
 @dataclass
@@ -71,53 +71,6 @@ class EvaluationReport:
             text += "\n\nGeneralised (base + novel classes):\n\n"
             text += markdown_table(self.generalised, GENERALISED_METRICS)
         return text
-
-
-@dataclass(frozen=True)
-class Episodes:
-    """The fixed episode lists of a run, per K: test, and val (for calibration; ``None`` if unused)."""
-
-    test: dict[int, EpisodeList]
-    val: dict[int, EpisodeList] | None
-
-
-def validation_shots(pool: ClassSubset, k_shot: int) -> int:
-    """Shots of the val episodes that stand in for ``k_shot``: ``k_shot``, capped so that the smallest
-    val class keeps at least as many queries as shots (HAM10000's val split has 10 df images, so
-    K = 10 is calibrated on 5-shot val episodes)."""
-    smallest = int(np.bincount(pool.labels, minlength=len(pool.class_names)).min())
-    if smallest < 2:
-        raise FewshotMedError(
-            f"evaluation.calibration has val_temperature, but the {pool.split} split holds {smallest} "
-            f"image(s) of a novel class {list(pool.class_names)}; val episodes need 2 per class. Remove "
-            "val_temperature from evaluation.calibration or give the split more images"
-        )
-    return min(k_shot, smallest // 2)
-
-
-def draw_episodes(config: Config, pools: dict[str, ClassSubset], n_way: int) -> Episodes:
-    """The seeded test episodes of every K (from ``pools["test"]``), and the val episodes (from
-    ``pools["val"]``) when ``val_temperature`` calibration needs them."""
-    protocol = config.episodes
-    test = {
-        k: sample_episodes(pools["test"], n_way, k, protocol.n_query, protocol.n_test_episodes, protocol.seed)
-        for k in protocol.shots
-    }
-    val = None
-    if "val_temperature" in config.evaluation.calibration:
-        val_pool = pools["val"]
-        val = {
-            k: sample_episodes(
-                val_pool,
-                n_way,
-                validation_shots(val_pool, k),
-                protocol.n_query,
-                protocol.n_val_episodes,
-                protocol.seed,
-            )
-            for k in protocol.shots
-        }
-    return Episodes(test, val)
 
 
 def _prefix(episodes: EpisodeList, limit: int | None) -> EpisodeList:
@@ -148,70 +101,74 @@ EVALUATION_SUBSETS = (
 )
 
 
-def embed_subsets(
-    config: Config,
-    data: Data,
-    backbone: nn.Module,
-    spec: BackboneSpec,
-    device: torch.device,
-    swag: SwagPosterior | None = None,
-) -> tuple[dict[str, ClassSubset], dict[str, torch.Tensor], MethodContext]:
-    """Embed every image the evaluation uses once: the subsets (``EVALUATION_SUBSETS``), their
-    ``(n, D)`` features, and the methods' context (base-class mean feature, backbone, device, seed,
-    and the pretraining's SWAG posterior ``swag`` if any)."""
-    subsets = {f"{role}_{split}": data.subset(split, role) for role, split in EVALUATION_SUBSETS}
+@dataclass(frozen=True)
+class Embedded:
+    """Every image the evaluation uses, embedded once: the subsets (``EVALUATION_SUBSETS``, keyed
+    ``<role>_<split>``), their ``(n, D)`` features, and the methods' context."""
+
+    subsets: dict[str, ClassSubset]
+    features: dict[str, torch.Tensor]
+    methods: MethodContext
+
+    @property
+    def pools(self) -> dict[str, ClassSubset]:
+        """The novel-class images episodes are drawn from: ``{"test": ..., "val": ...}``."""
+        return {"test": self.subsets["novel_test"], "val": self.subsets["novel_val"]}
+
+
+def embed_subsets(context: StageContext) -> Embedded:
+    """Embed every image the evaluation uses once, and build the methods' context (base-class mean
+    feature, backbone, device, seed, and the pretraining's SWAG posterior if any)."""
+    backbone, spec = context.trained()
+    subsets = {f"{role}_{split}": context.data.subset(split, role) for role, split in EVALUATION_SUBSETS}
+    batch_size = context.config.evaluation.batch_size
     features = {
-        name: embed(backbone, subset.images, spec, device, config.evaluation.batch_size)
-        for name, subset in tqdm(subsets.items(), desc="embedding", leave=False, disable=None)
+        name: embed(backbone, subset.images, spec, context.device, batch_size)
+        for name, subset in subsets.items()
     }
-    context = MethodContext(
-        base_feature_mean=features["base_train"].mean(dim=0),
-        backbone=backbone,
-        spec=spec,
-        device=device,
-        seed=config.seed,
-        swag=swag,
-    )
-    return subsets, features, context
+    return Embedded(subsets, features, context.method_context(features["base_train"].mean(dim=0)))
 
 
-def evaluate_stage(
-    config: Config,
-    data: Data,
-    backbone: nn.Module,
-    spec: BackboneSpec,
-    device: torch.device,
-    swag: SwagPosterior | None = None,
-) -> EvaluationReport:
+def evaluate_stage(context: StageContext) -> EvaluationReport:
     """Every configured method on the fixed test episodes of every K, calibrated, plus the oracle and
-    the generalised rows; ``swag`` (the pretraining's SWAG posterior) reaches the methods' context.
+    the generalised rows; the pretraining's SWAG posterior, if any, reaches the methods' context.
 
     Frozen-feature methods use embeddings computed once per image and fit all episodes in one batched
     call; fine-tuning methods get images, one episode at a time.
     """
-    subsets, features, context = embed_subsets(config, data, backbone, spec, device, swag)
-    n_way = config.episodes.n_way or len(data.roles.novel)
-    episodes = draw_episodes(config, {"test": subsets["novel_test"], "val": subsets["novel_val"]}, n_way)
-    report = EvaluationReport(few_shot=[], generalised=[], base_feature_mean=context.base_feature_mean)
-    with tracking.stage_run("evaluate", params=_evaluation_params(config)):
+    config, data = context.config, context.data
+    embedded = embed_subsets(context)
+    subsets, features, methods_context = embedded.subsets, embedded.features, embedded.methods
+    episodes = draw_episodes(config, embedded.pools, context.n_way)
+    report = EvaluationReport(
+        few_shot=[], generalised=[], base_feature_mean=methods_context.base_feature_mean
+    )
+    with tracking.stage_run(names.EVALUATE, params=_evaluation_params(config)):
         tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
         if episodes.val is not None:
             tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.novel)
         for k, test_episodes in episodes.test.items():
-            tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
+            tracking.log_dict_artifact(test_episodes.to_dict(), names.episodes_path("test", k))
             if episodes.val is not None:
-                tracking.log_dict_artifact(episodes.val[k].to_dict(), f"episodes/val_{k}shot.json")
-        for method in config.methods:
-            results, generalised, validation = evaluate_method(
-                method, context, features, subsets, episodes, config
-            )
-            _log_method(method.display_name, results, generalised, config.evaluation)
-            report.few_shot += results
-            report.generalised += generalised
-            report.validation.update(validation)
+                tracking.log_dict_artifact(episodes.val[k].to_dict(), names.episodes_path("val", k))
+        with Progress("evaluate", total=len(config.methods), unit="method") as progress:
+            for done, method in enumerate(config.methods, start=1):
+                results, generalised, validation = evaluate_method(
+                    method, methods_context, features, subsets, episodes, config
+                )
+                _log_method(method.display_name, results, generalised, config.evaluation)
+                report.few_shot += results
+                report.generalised += generalised
+                report.validation.update(validation)
+                accuracy = {
+                    f"{method.display_name}_{r.k_shot}shot_acc": r.summary()["accuracy"][0]
+                    for r in results
+                    if r.calibration == "none"
+                }
+                progress.update(done, force=True, **accuracy)
         if config.evaluation.oracle:
             oracle = evaluate_oracle_rows(features, subsets, episodes, config.evaluation)
-            _log_method("oracle", oracle, [], config.evaluation)
+            _log_method(names.ORACLE, oracle, [], config.evaluation)
             report.few_shot += oracle
         _log_report(report, config.evaluation)
     return report
@@ -306,13 +263,20 @@ def evaluate_oracle_rows(
 
 def _evaluation_params(config: Config) -> dict[str, Any]:
     settings = config.evaluation.model_dump()
-    settings["calibration"] = ",".join(settings["calibration"])
-    return {**settings, "episodes": config.episodes.model_dump()}
+    settings[names.CALIBRATION_PARAM] = names.list_value(settings["calibration"])
+    return {**settings, names.EPISODES_SECTION: config.episodes.model_dump()}
 
 
-def _metric_prefix(result: EpisodeResults, split: str = "test") -> tuple[str, ...]:
-    calibration = () if result.calibration == "none" else (result.calibration,)
-    return (split, f"{result.k_shot}shot", *calibration)
+def _summary_metrics(
+    result: EpisodeResults, method: str | None, generalised: bool = False
+) -> dict[str, float]:
+    """``result``'s summary under its ``names.test_metric`` (``generalised_metric``) keys; ``method``
+    ``None`` on the method's own run."""
+    if generalised:
+        key = partial(names.generalised_metric, result.k_shot, method)
+    else:
+        key = partial(names.test_metric, result.k_shot, method, result.calibration)
+    return tracking.summary_metrics(result.summary(), key)
 
 
 def _per_episode_csv(result: EpisodeResults) -> str:
@@ -331,33 +295,26 @@ def _log_method(
     """A nested run for the method: metrics, calibrator parameters, per-episode CSVs and plots; its
     summaries also go on the pipeline run under the method's name."""
     shots = sorted({result.k_shot for result in results})
-    with tracking.stage_run(f"method:{label}", tags={"method": label, "shots": ",".join(map(str, shots))}):
+    tags = {names.METHOD_TAG: label, names.SHOTS_TAG: names.list_value(shots)}
+    with tracking.stage_run(names.method_stage(label), tags=tags):
         for result in results:
-            tracking.log_metrics(tracking.summary_metrics(result.summary(), *_metric_prefix(result)))
-            if result.calibrator:
-                names = ("calibration", f"{result.k_shot}shot", result.calibration)
-                tracking.log_metrics(
-                    {tracking.metric_key(*names, key): value for key, value in result.calibrator.items()}
-                )
-            suffix = "" if result.calibration == "none" else f"_{result.calibration}"
-            tracking.log_text_artifact(
-                _per_episode_csv(result), f"per_episode/test_{result.k_shot}shot{suffix}.csv"
-            )
+            tracking.log_metrics(_summary_metrics(result, None))
+            fitted = {
+                names.calibration_metric(result.k_shot, result.calibration, param): value
+                for param, value in result.calibrator.items()
+            }
+            tracking.log_metrics(fitted)
+            path = names.per_episode_path(result.k_shot, result.calibration)
+            tracking.log_text_artifact(_per_episode_csv(result), path)
         for result in generalised:
-            tracking.log_metrics(
-                tracking.summary_metrics(result.summary(), "generalised", f"{result.k_shot}shot")
-            )
+            tracking.log_metrics(_summary_metrics(result, None, generalised=True))
         if settings.plots:
             _log_method_plots(label, results, generalised, settings.ece_bins)
     pipeline_run = tracking.pipeline_run_id()
     for result in results:
-        summary = tracking.summary_metrics(
-            result.summary(), *_metric_prefix(result)[:2], label, *_metric_prefix(result)[2:]
-        )
-        tracking.log_metrics(summary, run_id=pipeline_run)
+        tracking.log_metrics(_summary_metrics(result, label), run_id=pipeline_run)
     for result in generalised:
-        summary = tracking.summary_metrics(result.summary(), "generalised", f"{result.k_shot}shot", label)
-        tracking.log_metrics(summary, run_id=pipeline_run)
+        tracking.log_metrics(_summary_metrics(result, label, generalised=True), run_id=pipeline_run)
 
 
 def _log_method_plots(
@@ -380,18 +337,18 @@ def _log_method_plots(
             n_bins=n_bins,
             title=title,
         )
-        tracking.log_figure(figure, f"plots/reliability_{k}shot.png")
+        tracking.log_figure(figure, names.plot_path(names.RELIABILITY, k))
         true, predicted = raw.pooled_class_labels()
         figure = confusion_matrix_figure(
             true, predicted, raw.class_names, title=f"{label}, {k}-shot, test episodes"
         )
-        tracking.log_figure(figure, f"plots/confusion_{k}shot.png")
+        tracking.log_figure(figure, names.plot_path(names.CONFUSION, k))
     for result in generalised:
         if result.class_names:
             true, predicted = result.pooled_class_labels()
             title = f"{label}, {result.k_shot}-shot, base + novel classes"
             figure = confusion_matrix_figure(true, predicted, result.class_names, title=title)
-            tracking.log_figure(figure, f"plots/generalised_confusion_{result.k_shot}shot.png")
+            tracking.log_figure(figure, names.plot_path(names.GENERALISED_CONFUSION, result.k_shot))
 
 
 def _log_report(report: EvaluationReport, settings: EvaluationConfig) -> None:
@@ -399,9 +356,9 @@ def _log_report(report: EvaluationReport, settings: EvaluationConfig) -> None:
     table, table_csv = report.table(), summary_csv(report.few_shot + report.generalised)
     pipeline_run = tracking.pipeline_run_id()
     for run_id in (None, pipeline_run):  # the evaluate run, then the pipeline run
-        tracking.log_text_artifact(table, "results.md", run_id=run_id)
-        tracking.log_text_artifact(table_csv, "results.csv", run_id=run_id)
-    tracking.log_dict_artifact(summary_rows(report.few_shot + report.generalised), "results.json")
+        tracking.log_text_artifact(table, names.RESULTS_MD, run_id=run_id)
+        tracking.log_text_artifact(table_csv, names.RESULTS_CSV, run_id=run_id)
+    tracking.log_dict_artifact(summary_rows(report.few_shot + report.generalised), names.RESULTS_JSON)
     if not settings.plots:
         return
     from fewshot_med.evaluation.plots import accuracy_vs_shots_figure, risk_coverage_figure
@@ -409,13 +366,12 @@ def _log_report(report: EvaluationReport, settings: EvaluationConfig) -> None:
     raw = [result for result in report.few_shot if result.calibration == "none"]
     rows = [(r.method, r.k_shot, *r.summary()["accuracy"]) for r in raw]
     figure = accuracy_vs_shots_figure(rows, title="Test accuracy (mean ± 95% CI over episodes)")
-    tracking.log_figure(figure, "plots/accuracy_vs_shots.png", run_id=pipeline_run)
+    tracking.log_figure(figure, names.plot_path(names.ACCURACY_VS_SHOTS), run_id=pipeline_run)
     for k in sorted({result.k_shot for result in raw}):
         curves = {}
         for result in (r for r in raw if r.k_shot == k):
             coverage, risk = risk_coverage_curve(result.probs, result.labels)
             curves[result.method] = (coverage, risk.mean(axis=0))
         title = f"{k}-shot: risk of the most confident queries (mean over episodes)"
-        tracking.log_figure(
-            risk_coverage_figure(curves, title=title), f"plots/risk_coverage_{k}shot.png", run_id=pipeline_run
-        )
+        path = names.plot_path(names.RISK_COVERAGE, k)
+        tracking.log_figure(risk_coverage_figure(curves, title=title), path, run_id=pipeline_run)

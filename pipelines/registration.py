@@ -10,21 +10,17 @@ test-episode metrics of that method, K and calibration describe it.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
 
 from fewshot_med import tracking
 from fewshot_med.config import Config
+from fewshot_med.deploy.classifier import fit_classifier
 from fewshot_med.errors import ConfigError
 from fewshot_med.evaluation import EpisodeResults
 from fewshot_med.evaluation.report import markdown_table
-from fewshot_med.methods import MethodContext, create_method
-from fewshot_med.models import BackboneSpec
-from fewshot_med.models.classifier import fit_classifier
-from fewshot_med.priors import SwagPosterior
-from fewshot_med.tracking import Registration
-from pipelines.evaluation import EvaluationReport
-from pipelines.stages import Data
+from fewshot_med.methods import create_method
+from fewshot_med.pipelines.evaluation import EvaluationReport
+from fewshot_med.pipelines.stages import Data, StageContext
+from fewshot_med.tracking import Registration, names
 
 
 def _selected(report: EvaluationReport, k_shot: int) -> tuple[str, EpisodeResults]:
@@ -39,17 +35,10 @@ def _selected(report: EvaluationReport, k_shot: int) -> tuple[str, EpisodeResult
     return method, at_k[method]
 
 
-def register_stage(
-    config: Config,
-    data: Data,
-    backbone: nn.Module,
-    spec: BackboneSpec,
-    device: torch.device,
-    report: EvaluationReport,
-    swag: SwagPosterior | None = None,
-) -> Registration | None:
-    """Select, adapt, log and register the classifier (nothing when no model name is configured);
-    ``swag``, the pretraining's SWAG posterior, goes into the method's context as in the evaluation."""
+def register_stage(context: StageContext, report: EvaluationReport) -> Registration | None:
+    """Select, adapt, log and register the classifier (nothing when no model name is configured); the
+    method gets the same context as in the evaluation (base-class mean feature, SWAG posterior)."""
+    config, data = context.config, context.data
     name = config.tracking.registered_model
     if name is None or not config.tracking.enabled:
         return None
@@ -72,34 +61,35 @@ def register_stage(
     rows = np.concatenate(
         [rng.choice(np.flatnonzero(pool.labels == c), k_shot, replace=False) for c in range(len(counts))]
     )
-    context = MethodContext(
-        base_feature_mean=report.base_feature_mean,
-        backbone=backbone,
-        spec=spec,
-        device=device,
-        seed=config.seed,
-        swag=swag,
-    )
-    method = create_method(method_config.name, context, **method_config.params)
+    backbone, spec = context.trained()
+    methods_context = context.method_context(report.base_feature_mean)
+    method = create_method(method_config.name, methods_context, **method_config.params)
     classifier = fit_classifier(
-        backbone, spec, method, pool.images[rows], pool.labels[rows], pool.class_names, temperature, device
+        backbone,
+        spec,
+        method,
+        pool.images[rows],
+        pool.labels[rows],
+        pool.class_names,
+        temperature,
+        context.device,
     )
-    score_name = f"val.{chosen.k_shot}shot.accuracy"
+    score_name = names.val_metric(chosen.k_shot, "accuracy")
     score = chosen.summary()["accuracy"][0]
     description = _description(
         config, data, chosen, calibrated, test["none"], k_shot, temperature, score_name
     )
-    with tracking.stage_run("register", tags={"method": label, "k_shot": str(k_shot)}):
-        tracking.log_text_artifact(description, "model_card.md")
+    with tracking.stage_run(names.REGISTER, tags={names.METHOD_TAG: label, names.K_SHOT_TAG: str(k_shot)}):
+        tracking.log_text_artifact(description, names.MODEL_CARD)
         uri = tracking.log_classifier(classifier)
         registration = tracking.register_model(
             uri, name, description, score, score_name, alias=config.tracking.model_alias
         )
         tracking.set_tags(
             {
-                "registered_model": name,
-                "registered_version": registration.version,
-                f"holds_{registration.alias}": str(registration.holds_alias).lower(),
+                names.REGISTERED_MODEL_TAG: name,
+                names.REGISTERED_VERSION_TAG: registration.version,
+                names.holds_alias_tag(registration.alias): str(registration.holds_alias).lower(),
             }
         )
     return registration

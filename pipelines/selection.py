@@ -19,7 +19,6 @@ from functools import cached_property
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from torch import nn
 from tqdm.auto import tqdm
 
 from fewshot_med import tracking
@@ -28,12 +27,13 @@ from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.evaluation import EpisodeResults, evaluate_frozen, support_sets
 from fewshot_med.evaluation.intervals import mean_ci95, paired_difference_ci95
 from fewshot_med.methods.laplace_logreg import LaplaceLogReg
-from fewshot_med.models import BackboneSpec
+from fewshot_med.pipelines.episodes import draw_episodes
+from fewshot_med.pipelines.evaluation import embed_subsets
+from fewshot_med.pipelines.stages import StageContext
 from fewshot_med.selection.candidates import Candidate, candidate_grid
 from fewshot_med.selection.criteria import CriterionSettings
 from fewshot_med.selection.select import pick, score_candidates
-from pipelines.evaluation import draw_episodes, embed_subsets
-from pipelines.stages import Data
+from fewshot_med.tracking import names
 
 #: A choice "lands within 1 point" of the best in hindsight when its mean test accuracy is at most
 #: this many accuracy points below it.
@@ -167,21 +167,21 @@ class SelectionReport:
         return "\n\n".join(result.table() for result in self.per_k)
 
 
-def select_stage(
-    config: Config, data: Data, backbone: nn.Module, spec: BackboneSpec, device: torch.device
-) -> SelectionReport:
+def select_stage(context: StageContext) -> SelectionReport:
     """Score and evaluate every candidate of ``config.selection`` on the fixed test episodes of every K
     (the evaluate stage's episodes), under a ``select`` stage run."""
-    subsets, features, context = embed_subsets(config, data, backbone, spec, device)
-    n_way = config.episodes.n_way or len(data.roles.novel)
-    pool = subsets["novel_test"]
-    episodes = draw_episodes(config, {"test": pool, "val": subsets["novel_val"]}, n_way).test
-    with tracking.stage_run("select", params=config.selection.model_dump()):
+    config, data = context.config, context.data
+    embedded = embed_subsets(context)
+    features, pool = embedded.features, embedded.pools["test"]
+    episodes = draw_episodes(config, embedded.pools, context.n_way, val=False).test
+    with tracking.stage_run(names.SELECT, params=config.selection.model_dump()):
         tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
         for k, test_episodes in episodes.items():
-            tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
+            tracking.log_dict_artifact(test_episodes.to_dict(), names.episodes_path("test", k))
         report = SelectionReport(
-            selection_studies(config, features["novel_test"], pool, episodes, context.base_feature_mean)
+            selection_studies(
+                config, features["novel_test"], pool, episodes, embedded.methods.base_feature_mean
+            )
         )
         for result in report.per_k:
             _log_result(result)
@@ -294,21 +294,23 @@ def _interval(value: tuple[float, float], signed: bool = False) -> str:
 
 
 def _log_result(result: SelectionResult) -> None:
-    k = f"{result.k_shot}shot"
+    k = result.k_shot
     metrics: dict[str, float] = {}
     for outcome in result.outcomes:
-        key = ("select", k, outcome.criterion)
-        metrics |= {
-            tracking.metric_key(*key, "rank_correlation"): outcome.rank_correlation,
-            tracking.metric_key(*key, "log_likelihood_correlation"): outcome.log_likelihood_correlation,
-            tracking.metric_key(*key, "episode_rank_correlation"): outcome.episode_rank_correlation,
-            tracking.metric_key(*key, "dataset_pick_accuracy"): outcome.dataset_pick_accuracy[0],
-            tracking.metric_key(*key, "dataset_gap"): outcome.dataset_gap[0],
-            tracking.metric_key(*key, "within_one_point"): float(outcome.within_one_point),
-            tracking.metric_key(*key, "episode_pick_accuracy"): outcome.episode_pick_accuracy[0],
-            tracking.metric_key(*key, "episode_gap"): outcome.episode_gap[0],
+        fields = {
+            "rank_correlation": outcome.rank_correlation,
+            "log_likelihood_correlation": outcome.log_likelihood_correlation,
+            "episode_rank_correlation": outcome.episode_rank_correlation,
+            "dataset_pick_accuracy": outcome.dataset_pick_accuracy[0],
+            "dataset_gap": outcome.dataset_gap[0],
+            "within_one_point": float(outcome.within_one_point),
+            "episode_pick_accuracy": outcome.episode_pick_accuracy[0],
+            "episode_gap": outcome.episode_gap[0],
         }
-    metrics[tracking.metric_key("select", k, "best_accuracy")] = float(result.accuracy[result.best].mean())
+        metrics |= {
+            names.select_metric(k, outcome.criterion, field): value for field, value in fields.items()
+        }
+    metrics[names.select_metric(k, None, "best_accuracy")] = float(result.accuracy[result.best].mean())
     tracking.log_metrics(metrics)
-    tracking.log_text_artifact(result.table(), f"selection/{k}.md")
-    tracking.log_text_artifact(result.scores_csv(), f"selection/{k}_scores.csv")
+    tracking.log_text_artifact(result.table(), names.selection_table_path(k))
+    tracking.log_text_artifact(result.scores_csv(), names.selection_scores_path(k))

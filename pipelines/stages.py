@@ -1,11 +1,14 @@
 """The stages of the transfer pipeline, each one plain call whose output is the next one's input.
 
-pretrain -> (meta-train) -> evaluate. Stages never reach back: each takes what it needs as arguments.
-Tracking goes through ``fewshot_med.tracking`` (a no-op when tracking is disabled).
+pretrain -> (meta-train) -> evaluate -> (register). Every stage takes a ``StageContext`` (config, data,
+device, and the backbone with its spec and SWAG posterior once a stage has produced them); training
+stages return the context with their backbone. Stages never reach back. Tracking goes through
+``fewshot_med.tracking`` (a no-op when tracking is disabled).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +21,16 @@ from fewshot_med.data import (
     ClassRoles,
     ClassSubset,
     MedicalImageDataset,
+    load_dataset,
     select_classes,
 )
 from fewshot_med.data.transforms import channel_stats
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.methods import MethodContext
 from fewshot_med.models import BackboneSpec, create_backbone
 from fewshot_med.priors import SwagPosterior
+from fewshot_med.runtime import resolve_device, seed_everything
+from fewshot_med.tracking import names
 from fewshot_med.training.meta import meta_train
 from fewshot_med.training.pretrain import pretrain
 
@@ -40,24 +47,81 @@ class Data:
         return select_classes(self.dataset, split, self.roles.base if role == "base" else self.roles.novel)
 
 
+def load_data(config: Config) -> Data:
+    """The config's dataset with its class roles, checked against each other."""
+    dataset = load_dataset(config.data.source, config.data.load_options())
+    roles = config.roles()
+    roles.check(dataset.class_names, f"config '{config.name}' data")
+    return Data(dataset, roles)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage needs: the config, the data, the device, and (once a training stage or an
+    earlier run provided them) the backbone, its input spec and the SWAG posterior of its pretraining.
+
+    Attributes:
+        backbone: maps ``(N, C, H, W)`` images to ``(N, D)`` features; ``None`` before pretraining.
+        spec: the backbone's input size, channels and normalisation.
+        swag: the SWAG posterior over the pretrained weights (``pretrain.swag``), or ``None``.
+    """
+
+    config: Config
+    data: Data
+    device: torch.device
+    backbone: nn.Module | None = None
+    spec: BackboneSpec | None = None
+    swag: SwagPosterior | None = None
+
+    @property
+    def n_way(self) -> int:
+        """Classes per episode: ``episodes.n_way``, else every novel class."""
+        return self.config.episodes.n_way or len(self.data.roles.novel)
+
+    def with_backbone(
+        self, backbone: nn.Module, spec: BackboneSpec, swag: SwagPosterior | None = None
+    ) -> StageContext:
+        """This context with a new backbone (and its pretraining's SWAG posterior, if given)."""
+        return dataclasses.replace(self, backbone=backbone, spec=spec, swag=swag or self.swag)
+
+    def trained(self) -> tuple[nn.Module, BackboneSpec]:
+        """The backbone and its spec; a stage that needs them calls this first."""
+        if self.backbone is None or self.spec is None:
+            raise FewshotMedError("this stage needs a backbone: run pretrain first or pass --from RUN_ID")
+        return self.backbone, self.spec
+
+    def method_context(self, base_feature_mean: torch.Tensor | None) -> MethodContext:
+        """What the few-shot methods get from the run, with the ``(D,)`` base-class mean feature."""
+        backbone, spec = self.trained()
+        return MethodContext(
+            base_feature_mean=base_feature_mean,
+            backbone=backbone,
+            spec=spec,
+            device=self.device,
+            seed=self.config.seed,
+            swag=self.swag,
+        )
+
+
+def open_context(config: Config) -> StageContext:
+    """Resolve the device, set the thread count and the seeds, and load the data: the context every
+    pipeline and benchmark starts from."""
+    device = resolve_device(config.runtime.device)
+    if config.runtime.num_threads:
+        torch.set_num_threads(config.runtime.num_threads)
+    seed_everything(config.seed)
+    return StageContext(config, load_data(config), device)
+
+
 def checkpoint_dir(config: Config) -> Path:
     """Where this config's checkpoints live: ``runtime.output_dir/<name>``."""
     return Path(config.runtime.output_dir) / config.name
 
 
-@dataclass(frozen=True)
-class Pretrained:
-    """What the pretrain stage hands on: the backbone, its spec, and the SWAG posterior over its
-    weights (``None`` unless ``pretrain.swag.enabled``)."""
-
-    backbone: nn.Module
-    spec: BackboneSpec
-    swag: SwagPosterior | None = None
-
-
-def pretrain_stage(config: Config, data: Data, device: torch.device, resume: bool) -> Pretrained:
+def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
     """Build the backbone and train it on the base classes of the train split; log it as a model,
-    with its SWAG posterior (``pretrain.swag``) beside it."""
+    with its SWAG posterior (``pretrain.swag``) beside it. Returns the context with that backbone."""
+    config, data, device = context.config, context.data, context.device
     base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
     mean, std = channel_stats(base_train.images)
     spec = BackboneSpec(config.model.backbone, 3, data.dataset.image_shape[0], mean, std)
@@ -65,7 +129,8 @@ def pretrain_stage(config: Config, data: Data, device: torch.device, resume: boo
         spec.name, spec.in_chans, spec.image_size, config.model.pretrained, config.model.weights
     )
     swag = None
-    with tracking.stage_run("pretrain", tags={"backbone": spec.name}, params=config.pretrain.model_dump()):
+    tags = {names.BACKBONE_TAG: spec.name}
+    with tracking.stage_run(names.PRETRAIN, tags=tags, params=config.pretrain.model_dump()):
         tracking.log_dataset_input(data.dataset, "training", "train", data.roles.base)
         tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.base)
         if config.pretrain.enabled:
@@ -86,22 +151,25 @@ def pretrain_stage(config: Config, data: Data, device: torch.device, resume: boo
                 "best_val_balanced_accuracy": result.best_val_balanced_accuracy,
                 "best_epoch": result.best_epoch,
             }
-            tracking.log_metrics({f"pretrain.{key}": value for key, value in best.items()})
+            tracking.log_metrics(
+                {names.stage_metric(names.PRETRAIN, key): value for key, value in best.items()}
+            )
             swag = result.swag
             if swag is not None:
                 tracking.log_swag(swag)
-        tracking.log_dict_artifact(spec.to_dict(), "backbone_spec.json")
+        tracking.log_dict_artifact(spec.to_dict(), names.BACKBONE_SPEC)
         tracking.log_backbone(backbone, spec)
-    return Pretrained(backbone, spec, swag)
+    return context.with_backbone(backbone, spec, swag)
 
 
-def meta_train_stage(
-    config: Config, data: Data, backbone: nn.Module, spec: BackboneSpec, device: torch.device, resume: bool
-) -> nn.Module:
-    """Meta-train the backbone on base-class episodes (train split), validated on novel val episodes."""
+def meta_train_stage(context: StageContext, resume: bool = False) -> StageContext:
+    """Meta-train the backbone on base-class episodes (train split), validated on novel val episodes;
+    returns the context with the meta-trained backbone."""
+    config, data, device = context.config, context.data, context.device
+    backbone, spec = context.trained()
     settings = config.meta_train
     with tracking.stage_run(
-        "meta_train", tags={"algorithm": settings.algorithm}, params=settings.model_dump()
+        names.META_TRAIN, tags={names.ALGORITHM_TAG: settings.algorithm}, params=settings.model_dump()
     ):
         tracking.log_dataset_input(data.dataset, "training", "train", data.roles.base)
         tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.novel)
@@ -119,13 +187,21 @@ def meta_train_stage(
         )
         tracking.log_metrics(
             {
-                "meta_train.best_val_accuracy": result.best_val_accuracy,
-                "meta_train.best_episode": result.best_episode,
+                names.stage_metric(names.META_TRAIN, "best_val_accuracy"): result.best_val_accuracy,
+                names.stage_metric(names.META_TRAIN, "best_episode"): result.best_episode,
             }
         )
-        tracking.log_dict_artifact(spec.to_dict(), "backbone_spec.json")
+        tracking.log_dict_artifact(spec.to_dict(), names.BACKBONE_SPEC)
         tracking.log_backbone(result.backbone, spec)
-    return result.backbone
+    return context.with_backbone(result.backbone, spec)
+
+
+def from_run_stage(context: StageContext, run_id: str) -> StageContext:
+    """The context with the backbone an earlier run produced (see ``backbone_from_run``) and the SWAG
+    posterior its pretrain stage logged, if any."""
+    backbone, spec = backbone_from_run(run_id, context.config)
+    swag = tracking.load_swag(run_id, settings=context.config.tracking)
+    return context.with_backbone(backbone.to(context.device), spec, swag)
 
 
 def backbone_from_run(run_id: str, config: Config) -> tuple[nn.Module, BackboneSpec]:
@@ -133,7 +209,7 @@ def backbone_from_run(run_id: str, config: Config) -> tuple[nn.Module, BackboneS
 
     ``run_id`` may be a pipeline run (its stage runs are searched) or a stage run itself.
     """
-    for stage in ("meta_train", "pretrain"):
+    for stage in (names.META_TRAIN, names.PRETRAIN):
         child = tracking.find_stage_run(run_id, stage, config.tracking)
         if child is not None:
             return tracking.load_backbone(child, settings=config.tracking)
@@ -144,11 +220,3 @@ def backbone_from_run(run_id: str, config: Config) -> tuple[nn.Module, BackboneS
             f"run {run_id} holds no backbone model ({type(error).__name__}); pass the id of a run "
             "that ran the pretrain or meta-train stage (see `fewshot-med ui`)"
         ) from None
-
-
-def swag_from_run(run_id: str, config: Config) -> SwagPosterior | None:
-    """The SWAG posterior an earlier run's pretrain stage logged, or ``None`` if it logged none.
-
-    ``run_id`` may be a pipeline run or its pretrain stage run (as for ``backbone_from_run``).
-    """
-    return tracking.load_swag(run_id, settings=config.tracking)

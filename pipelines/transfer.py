@@ -4,7 +4,7 @@
          -> register (optional: the best adapted classifier, in the MLflow model registry)
 
 ``select`` is a stage of its own (``fewshot-med select``): on the same backbone and test episodes, it
-compares model-selection criteria that need no validation set (``pipelines.selection``).
+compares model-selection criteria that need no validation set (``fewshot_med.pipelines.selection``).
 
 One MLflow parent run per call, with a nested run per stage and per method. The stage commands of
 the CLI call ``run_stages`` with a subset of the stages and, optionally, an earlier run's backbone.
@@ -18,18 +18,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-
 from fewshot_med import tracking
 from fewshot_med.config import Config
-from fewshot_med.data import load_dataset
 from fewshot_med.errors import FewshotMedError
-from fewshot_med.runtime import resolve_device, seed_everything
+from fewshot_med.pipelines.evaluation import EvaluationReport, evaluate_stage
+from fewshot_med.pipelines.registration import register_stage
+from fewshot_med.pipelines.selection import SelectionReport, select_stage
+from fewshot_med.pipelines.stages import (
+    StageContext,
+    from_run_stage,
+    meta_train_stage,
+    open_context,
+    pretrain_stage,
+)
 from fewshot_med.tracking import Registration
-from pipelines.evaluation import EvaluationReport, evaluate_stage
-from pipelines.registration import register_stage
-from pipelines.selection import SelectionReport, select_stage
-from pipelines.stages import Data, backbone_from_run, meta_train_stage, pretrain_stage, swag_from_run
 
 STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
 
@@ -37,22 +39,42 @@ STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
 @dataclass
 class PipelineOutcome:
     """What a pipeline call produced: MLflow run id (``None`` untracked), report, wall seconds per stage,
-    where the adapted classifier was registered (when ``tracking.registered_model`` is set), and the
-    selection study (when the ``select`` stage ran)."""
+    where the adapted classifier was registered (when ``tracking.registered_model`` is set), the
+    selection study (when the ``select`` stage ran), and the final stage context (its backbone)."""
 
     run_id: str | None
     report: EvaluationReport | None
     seconds: dict[str, float]
     registration: Registration | None = None
     selection: SelectionReport | None = None
+    context: StageContext | None = None
 
 
-def load_data(config: Config) -> Data:
-    """The config's dataset with its class roles, checked against each other."""
-    dataset = load_dataset(config.data.source, config.data.load_options())
-    roles = config.roles()
-    roles.check(dataset.class_names, f"config '{config.name}' data")
-    return Data(dataset, roles)
+def backbone_stages(
+    context: StageContext,
+    stages: Sequence[str],
+    from_run: str | None = None,
+    resume: bool = False,
+    seconds: dict[str, float] | None = None,
+) -> StageContext:
+    """The context with the backbone the later stages use: an earlier run's (``from_run``), then
+    pretrained (when ``pretrain`` is in ``stages``), then meta-trained (when ``meta_train`` is in
+    ``stages`` and ``meta_train.enabled``, or when it is asked for alone). Each stage's wall time goes
+    into ``seconds``."""
+    seconds = {} if seconds is None else seconds
+    if from_run is None and "pretrain" not in stages:
+        raise FewshotMedError(
+            f"stages {list(stages)} need a backbone: pass the run id of an earlier run (--from)"
+        )
+    if from_run is not None:
+        context = from_run_stage(context, from_run)
+    if "pretrain" in stages:
+        with _timed("pretrain", seconds):
+            context = pretrain_stage(context, resume)
+    if "meta_train" in stages and (context.config.meta_train.enabled or list(stages) == ["meta_train"]):
+        with _timed("meta_train", seconds):
+            context = meta_train_stage(context, resume)
+    return context
 
 
 def run_stages(
@@ -65,50 +87,33 @@ def run_stages(
 
     Args:
         config: the validated config.
-        stages: which of ``pretrain``, ``meta_train``, ``evaluate``, ``select`` to run; ``meta_train``
-            runs only when ``config.meta_train.enabled`` or when it is asked for alone.
-        from_run: an earlier MLflow run whose backbone the stages start from (instead of pretraining);
-            the evaluation also gets the SWAG posterior of its pretrain stage, if it logged one.
+        stages: which of ``pretrain``, ``meta_train``, ``evaluate``, ``select`` to run (see
+            ``backbone_stages`` for when ``meta_train`` runs).
+        from_run: an earlier MLflow run whose backbone (and SWAG posterior, if its pretrain stage logged
+            one) the stages start from, instead of pretraining.
         resume: continue interrupted training from the stage's checkpoint.
     """
     if from_run is None and "pretrain" not in stages:
         raise FewshotMedError(
             f"stages {list(stages)} need a backbone: pass the run id of an earlier run (--from)"
         )
-    device = resolve_device(config.runtime.device)
-    if config.runtime.num_threads:
-        torch.set_num_threads(config.runtime.num_threads)
-    seed_everything(config.seed)
-    data = load_data(config)
+    context = open_context(config)
     tags = {"stages": ",".join(stages), **({"from_run": from_run} if from_run else {})}
     seconds: dict[str, float] = {}
-    swag = None
+    report = registration = selection = None
     with tracking.pipeline_run(config, run_name=config.name, tags=tags) as run:
-        if from_run is not None:
-            backbone, spec = backbone_from_run(from_run, config)
-            if "evaluate" in stages:
-                swag = swag_from_run(from_run, config)
-        if "pretrain" in stages:
-            with _timed("pretrain", seconds):
-                pretrained = pretrain_stage(config, data, device, resume)
-            backbone, spec, swag = pretrained.backbone, pretrained.spec, pretrained.swag
-        if "meta_train" in stages and (config.meta_train.enabled or list(stages) == ["meta_train"]):
-            with _timed("meta_train", seconds):
-                backbone = meta_train_stage(config, data, backbone, spec, device, resume)
-        report = None
-        registration = None
+        context = backbone_stages(context, stages, from_run, resume, seconds)
         if "evaluate" in stages:
             with _timed("evaluate", seconds):
-                report = evaluate_stage(config, data, backbone, spec, device, swag)
+                report = evaluate_stage(context)
             if config.tracking.registered_model:
                 with _timed("register", seconds):
-                    registration = register_stage(config, data, backbone, spec, device, report, swag)
-        selection = None
+                    registration = register_stage(context, report)
         if "select" in stages:
             with _timed("select", seconds):
-                selection = select_stage(config, data, backbone, spec, device)
+                selection = select_stage(context)
         tracking.log_metrics({f"time.{stage}_seconds": value for stage, value in seconds.items()})
-    return PipelineOutcome(run.run_id, report, seconds, registration, selection)
+    return PipelineOutcome(run.run_id, report, seconds, registration, selection, context)
 
 
 @contextmanager

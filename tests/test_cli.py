@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,52 @@ def test_bad_input_gives_one_line(args, fragments):
     assert_one_line_error(run(*args), *fragments)
 
 
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        (
+            "methods=[{name: protonett}]",
+            ["configs/ham10000.yaml", "methods.0.name: unknown few-shot method 'protonett'; choose from",
+             "did you mean 'protonet'?"],
+        ),
+        (
+            "methods=[{name: finetune, params: {steps: -3}}]",
+            ["methods.0.params: method 'finetune': steps must be a positive integer, got -3"],
+        ),
+        (
+            "methods=[{name: finetune, params: {stepz: 3}}]",
+            ["methods.0.params: method 'finetune' has no parameter stepz", "did you mean 'steps'?"],
+        ),
+        (
+            "model.backbone=resnet10",
+            ["model.backbone: 'resnet10' is not a timm model", "did you mean 'resnet10t'?"],
+        ),
+        (
+            "evaluation.calibration=[val_temp]",
+            ["evaluation.calibration.0: unknown calibration setting 'val_temp'",
+             "choose from loo_temperature, val_temperature; did you mean 'val_temperature'?"],
+        ),
+    ],
+)  # fmt: skip
+def test_config_refuses_bad_names(override, fragments):
+    assert_one_line_error(run("config", "configs/ham10000.yaml", "--set", override), *fragments)
+
+
+def test_run_refuses_a_bad_method_before_pretraining(tmp_path):
+    store = tmp_path / "mlflow.db"
+    result = run(
+        "run",
+        str(ROOT / "configs/quickstart.yaml"),
+        "--set",
+        "methods=[{name: protonett}]",
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{store}",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(result, "methods.0.name: unknown few-shot method 'protonett'", "'protonet'?")
+    assert not store.exists() and not list(tmp_path.iterdir())  # no MLflow store, no run, no checkpoint
+
+
 def test_bad_npz_and_debug_traceback(tmp_path):
     path = _bad_npz(tmp_path)
     assert_one_line_error(run("datasets", "info", str(path)), "bad.npz", "missing key(s)")
@@ -112,8 +159,6 @@ def test_too_many_shots_leaves_no_file(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_marks_runs_killed_and_keeps_the_checkpoint(tmp_path, tiny_pipeline):
-    import time
-
     import yaml
     from mlflow import MlflowClient
 

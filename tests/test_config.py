@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fewshot_med.config import load_config
+from fewshot_med.config import Config, load_config
 from fewshot_med.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -94,11 +94,116 @@ def test_missing_config_and_missing_roles(tmp_path):
         config.roles()
 
 
-def test_calibration_choices_are_the_registered_settings():
-    import typing
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "methods=[{name: protonett}]",
+            "methods.0.name: unknown few-shot method 'protonett'; choose from anil, finetune, "
+            "laplace_logreg, logreg, protonet, r2d2, simpleshot; did you mean 'protonet'?",
+        ),
+        (
+            "methods=[{name: finetune, params: {steps: -3}}]",
+            "methods.0.params: method 'finetune': steps must be a positive integer, got -3",
+        ),
+        (
+            "methods=[{name: finetune, params: {mode: heads}}]",
+            "methods.0.params: method 'finetune': mode must be one of head, last_block, full, got 'heads'; "
+            "did you mean 'head'?",
+        ),
+        (
+            "methods=[{name: r2d2, params: {lamda: 1}}]",
+            "methods.0.params: method 'r2d2' has no parameter lamda; its parameters: lam, scale; "
+            "did you mean 'lam'?",
+        ),
+        (
+            "model.backbone=resnet10",
+            "model.backbone: 'resnet10' is not a timm model (timm.list_models('resnet*') lists them); "
+            "did you mean 'resnet10t'?",
+        ),
+        (
+            "model={backbone: resnet50t, pretrained: true}",
+            "model.pretrained: timm publishes no pretrained weights for 'resnet50t'",
+        ),
+        ("model.weights=/nonexistent/w.pt", "model.weights: '/nonexistent/w.pt' is not a file"),
+        (
+            "evaluation.calibration=[val_temperatur]",
+            "evaluation.calibration.0: unknown calibration setting 'val_temperatur'; choose from "
+            "loo_temperature, val_temperature; did you mean 'val_temperature'?",
+        ),
+        (
+            "selection.features=[raw, centered]",
+            "selection.features.1: unknown feature transform 'centered'; choose from centred, l2, raw; "
+            "did you mean 'centred'?",
+        ),
+        ("selection.criteria=[cmll]", "selection.criteria.0: unknown selection criterion 'cmll'"),
+        (
+            "meta_train.algorithm=fomam",
+            "meta_train.algorithm: unknown meta-training algorithm 'fomam'; choose from anil, fomaml, "
+            "protonet; did you mean 'fomaml'?",
+        ),
+    ],
+)
+def test_registry_names_and_method_params_are_checked(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "quickstart.yaml", [override])
+    assert str(error.value).startswith(f"{CONFIGS / 'quickstart.yaml'} (with --set {override}): ")
+    assert message in str(error.value) and "\n" not in str(error.value)
 
-    from fewshot_med.config import EvaluationConfig
+
+def test_every_bad_name_is_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "quickstart.yaml", ["methods=[{name: protonett}]", "model.backbone=resnet10"])
+    message = str(error.value)
+    assert "methods.0.name: unknown few-shot method 'protonett'" in message and "\n" not in message
+    assert "model.backbone: 'resnet10' is not a timm model" in message
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        # the SWAG posterior and the base-class mean come from the run, not the config
+        {"name": "finetune", "params": {"mode": "full", "prior": "swag", "steps": 20}},
+        {"name": "laplace_logreg", "params": {"features": ["l2", "centred"], "prior_precision": [0.1, 1]}},
+        {"name": "simpleshot", "params": {"temperature": 0.5}},
+    ],
+)
+def test_context_parameters_are_not_needed_to_validate(method):
+    config = load_config(CONFIGS / "quickstart.yaml", [f"methods=[{method}]"])
+    assert config.methods[0].params == method["params"]
+
+
+def test_defaults_are_registered():
     from fewshot_med.evaluation.calibration import CALIBRATION_SETTINGS
+    from fewshot_med.methods import METHODS
+    from fewshot_med.models.backbone import timm_names
+    from fewshot_med.selection.candidates import FEATURE_TRANSFORMS
+    from fewshot_med.selection.criteria import CRITERIA
+    from fewshot_med.training.meta import ALGORITHMS
 
-    annotation = EvaluationConfig.model_fields["calibration"].annotation
-    assert set(typing.get_args(typing.get_args(annotation)[0])) == set(CALIBRATION_SETTINGS)
+    defaults = Config.model_validate({"name": "x", "data": {"source": "demo"}})
+    assert {m.name for m in defaults.methods} <= set(METHODS)
+    assert defaults.model.backbone in timm_names().models
+    assert set(defaults.evaluation.calibration) <= set(CALIBRATION_SETTINGS)
+    assert set(defaults.selection.features) <= set(FEATURE_TRANSFORMS)
+    assert set(defaults.selection.criteria) <= set(CRITERIA)
+    assert defaults.meta_train.algorithm in ALGORITHMS
+
+
+def test_the_registry_is_the_source_of_the_choices(monkeypatch):
+    from fewshot_med.evaluation import calibration
+
+    settings = calibration.CALIBRATION_SETTINGS
+    monkeypatch.setitem(settings, "isotonic", settings["val_temperature"])
+    config = load_config(CONFIGS / "quickstart.yaml", ["evaluation.calibration=[isotonic]"])
+    assert config.evaluation.calibration == ["isotonic"]
+    monkeypatch.delitem(settings, "isotonic")
+    with pytest.raises(ConfigError, match="unknown calibration setting 'isotonic'"):
+        load_config(CONFIGS / "quickstart.yaml", ["evaluation.calibration=[isotonic]"])
+
+
+def test_weights_file_is_checked_where_it_is(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    config = load_config(CONFIGS / "quickstart.yaml", [f"model.weights={weights}"])
+    assert config.model.weights == str(weights)

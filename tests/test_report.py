@@ -19,10 +19,10 @@ from fewshot_med import tracking
 from fewshot_med.cli import main
 from fewshot_med.config import Config, TrackingConfig
 from fewshot_med.errors import FewshotMedError
-from fewshot_med.evaluation.html_report import render_html, write_report
+from fewshot_med.pipelines.transfer import run_stages
+from fewshot_med.reporting.html_report import render_html, write_report
 from fewshot_med.tracking import RunReview, collect_run
 from fewshot_med.tracking.review import _training_summary
-from pipelines.transfer import run_stages
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,7 @@
 A calibrator follows scikit-learn's estimator contract: ``__init__`` only stores parameters, ``fit``
 validates them and the ``(n, C)`` or ``(E, n, C)`` logits with their ``(n,)`` or ``(E, n)`` labels in
 ``0 … C-1`` and returns ``self``, learned state sits in attributes ending in ``_``. Calibrators map
-logits to logits (``transform``); ``predict_proba`` applies the softmax. ``CALIBRATORS`` lists them
-by name.
+logits to logits (``transform``); ``predict_proba`` applies the softmax.
 
 Temperature scaling (Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks",
 ICML 2017) divides the logits by one temperature ``T`` fitted to minimise the mean negative
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALIBRATION_SETTINGS",
-    "CALIBRATORS",
     "TemperatureScaling",
     "calibrate_with_support_leave_one_out",
     "calibrate_with_val_episodes",
@@ -359,11 +357,6 @@ class TemperatureScaling(BaseEstimator):
             "nll_after": self.nll_after_,
             "n_iter": float(self.n_iter_),
         }
-
-
-CALIBRATORS: dict[str, type[BaseEstimator]] = {"temperature": TemperatureScaling}
-"""Calibrators by name. Each maps logits to logits with ``fit(logits, labels)``, ``transform``,
-``predict_proba`` and ``fitted_params``."""
 
 
 # --------------------------------------------------------------------------- few-shot settings

@@ -4,7 +4,7 @@ Every metric takes ``probs`` ``(..., n, C)`` (rows sum to 1) and ``labels`` ``(.
 ``0 … C-1``; leading axes are episodes, so one call scores a whole episode list without a Python
 loop. It returns one value per episode: an array of shape ``(...)``, or a float for 2-D input.
 ``METRICS`` lists them in reporting order (the selective-prediction AURC of ``selective`` among
-them); ``compute_metrics`` applies all of them to logits.
+them); ``metrics_from_probs`` applies all of them.
 """
 
 from __future__ import annotations
@@ -243,8 +243,3 @@ def metrics_from_probs(
         name: metric(probs, labels, n_bins) if name in BINNED_METRICS else metric(probs, labels)
         for name, metric in METRICS.items()
     }
-
-
-def compute_metrics(logits: torch.Tensor | np.ndarray, labels: np.ndarray | torch.Tensor) -> dict[str, Value]:
-    """Softmax ``(..., n, C)`` logits, then compute all ``METRICS`` against ``(..., n)`` labels."""
-    return metrics_from_probs(softmax(logits), labels)

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-from tqdm.auto import tqdm
 
 from fewshot_med.data.episodes import EpisodeList
 from fewshot_med.data.roles import ClassSubset
@@ -28,6 +27,7 @@ from fewshot_med.errors import DataError
 from fewshot_med.evaluation.intervals import summarize
 from fewshot_med.evaluation.metrics import METRICS, metrics_from_probs, pooled_ece, softmax
 from fewshot_med.evaluation.selective import accuracy_at_coverage
+from fewshot_med.progress import Progress
 
 if TYPE_CHECKING:
     from fewshot_med.methods import FewShotMethod
@@ -215,16 +215,13 @@ def support_sets(
 
 
 def _one_by_one(tasks: _Tasks, label: str | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Each episode's support positions, support labels and query positions, with a progress bar."""
-    return iter(
-        tqdm(
-            zip(tasks.support, tasks.support_labels, tasks.query, strict=True),
-            total=len(tasks.support),
-            desc=label,
-            disable=None,
-            leave=False,
-        )
-    )
+    """Each episode's support positions, support labels and query positions, with its progress shown
+    (a bar on a terminal, a line a minute in a log file)."""
+    episodes = zip(tasks.support, tasks.support_labels, tasks.query, strict=True)
+    with Progress(label or "episodes", total=len(tasks.support), unit="episode") as progress:
+        for done, episode in enumerate(episodes):
+            yield episode
+            progress.update(done + 1)
 
 
 def _new_method(method_factory: MethodFactory, inputs: str) -> FewShotMethod:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot_med.errors import ConfigError
+from fewshot_med.errors import ConfigError, did_you_mean, not_one_of
 from fewshot_med.models.backbone import BackboneSpec
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class FewShotMethod(ABC):
     parameters, ``check_params``. Names in ``context_params`` are ``__init__`` arguments filled from
     the ``MethodContext`` field of the same name rather than from the config; names in
     ``optional_context_params`` likewise, but only when the context has them (a field some parameter
-    values need: ``check_params`` says which). ``name`` is the registry name, set by ``register_method``.
+    values need: ``check_context`` says which). ``name`` is the registry name, set by ``register_method``.
 
     Frozen-feature methods (``inputs == "features"``) also take many episodes at once: support
     ``(E, n_support, D)`` with labels ``(E, n_support)`` fits ``E`` independent classifiers, and query
@@ -112,8 +112,32 @@ class FewShotMethod(ABC):
         """The hyperparameters as set (defaults included), e.g. for logging."""
         return {name: getattr(self, name) for name in self.hyperparameter_names()}
 
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> None:
+        """Check config ``params`` before any work, without a run: their names against
+        ``hyperparameter_names``, their values by ``check_params`` on an instance whose context
+        parameters are unset.
+
+        Raises:
+            ConfigError: naming the first unknown or invalid parameter.
+        """
+        allowed = cls.hyperparameter_names()
+        unknown = [str(name) for name in params if name not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"method '{cls.name}' has no parameter {', '.join(unknown)}; "
+                f"its parameters: {', '.join(allowed) or 'none'}{did_you_mean(unknown[0], allowed)}"
+            )
+        try:
+            cls(**dict.fromkeys(cls.context_params), **params).check_params()
+        except ValueError as error:
+            raise ConfigError(f"method '{cls.name}': {error}") from None
+
     def check_params(self) -> None:  # noqa: B027 (methods without parameters keep this no-op)
-        """Raise ``ValueError`` naming the first invalid parameter."""
+        """Raise ``ValueError`` naming the first invalid hyperparameter; context parameters may be unset."""
+
+    def check_context(self) -> None:  # noqa: B027 (methods without context needs keep this no-op)
+        """Raise ``ValueError`` when the context parameters do not suit the hyperparameters."""
 
     def fit(self, support: Tensor, labels: Tensor) -> Self:
         """Adapt to a support set (or, for frozen-feature methods, to a batch of them).
@@ -128,6 +152,7 @@ class FewShotMethod(ABC):
             ``self``, fitted.
         """
         self.check_params()
+        self.check_context()
         support, labels = self._check_support(support, labels)
         batched = self.inputs == "features" and support.ndim == 3
         self.n_episodes_ = len(support) if batched else None
@@ -246,21 +271,15 @@ def create_method(name: str, context: MethodContext, **params: Any) -> FewShotMe
         The unfitted method.
 
     Raises:
-        ConfigError: unknown name, unknown or invalid parameter, or missing context.
+        ConfigError: unknown name, unknown or invalid parameter, missing or unsuitable context.
     """
     if name not in METHODS:
-        raise ConfigError(f"unknown few-shot method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+        raise ConfigError(not_one_of(name, "few-shot method", METHODS))
     cls = METHODS[name]
-    allowed = cls.hyperparameter_names()
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"method '{name}' has no parameter {', '.join(unknown)}; "
-            f"its parameters: {', '.join(allowed) or 'none'}"
-        )
+    cls.validate_params(params)
     method = cls.from_context(context, **params)
     try:
-        method.check_params()
+        method.check_context()
     except ValueError as error:
         raise ConfigError(f"method '{name}': {error}") from None
     return method
@@ -310,9 +329,11 @@ def require_non_negative(name: str, value: object) -> None:
 
 
 def require_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    """Raise ``ValueError`` unless ``value`` is one of ``choices`` (suggesting the closest)."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        names = [str(choice) for choice in choices]
+        hint = did_you_mean(value, names)
+        raise ValueError(f"{name} must be one of {', '.join(names)}, got {value!r}{hint}")
 
 
 def require_bool(name: str, value: object) -> None:

@@ -197,8 +197,6 @@ class FineTune(FewShotMethod):
         return super().from_context(context, **{"random_state": context.seed, **params})
 
     def check_params(self) -> None:
-        if not isinstance(self.backbone, nn.Module):
-            raise ValueError(f"backbone must be a torch module, got {type(self.backbone).__name__}")
         require_choice("mode", self.mode, MODES)
         require_positive("steps", self.steps, integer=True)
         require_positive("lr", self.lr)
@@ -235,6 +233,10 @@ class FineTune(FewShotMethod):
                 f"prior '{self.prior}' acts on the trainable backbone parameters and mode 'head' trains "
                 "none; use mode last_block or full"
             )
+
+    def check_context(self) -> None:
+        if not isinstance(self.backbone, nn.Module):
+            raise ValueError(f"backbone must be a torch module, got {type(self.backbone).__name__}")
         if self.prior != "swag":
             return
         if not isinstance(self.swag, SwagPosterior):
@@ -277,7 +279,7 @@ class FineTune(FewShotMethod):
         if self.prior == "l2sp":
             return L2SPPrior(params, self.prior_weight)
         if self.prior == "swag":
-            assert self.swag is not None  # check_params
+            assert self.swag is not None  # check_context
             return SwagPrior(self.swag, params, self.prior_scale)
         return None
 

@@ -4,7 +4,7 @@ optionally choosing its feature transform and prior precision from the support s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
+from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,10 +105,13 @@ class LaplaceLogReg(FewShotMethod):
         require_choice("select_by", self.select_by, tuple(CRITERIA))
         require_choice("select_per", self.select_per, PICK_PER)
         require_positive("orderings", self.orderings, integer=True)
-        if not 0 < self.conditioning < 1:
-            raise ValueError(f"conditioning must be in (0, 1), got {self.conditioning!r}")
+        conditioning = self.conditioning
+        if isinstance(conditioning, bool) or not isinstance(conditioning, Real) or not 0 < conditioning < 1:
+            raise ValueError(f"conditioning must be a number in (0, 1), got {conditioning!r}")
         if isinstance(self.random_state, bool) or not isinstance(self.random_state, Integral):
             raise ValueError(f"random_state must be an integer, got {self.random_state!r}")
+
+    def check_context(self) -> None:
         if "centred" in _as_list(self.features) and self.base_feature_mean is None:
             raise ValueError(
                 "features 'centred' needs the base-class mean feature, which this run does not have"

@@ -6,7 +6,12 @@ view); ``D`` is ``backbone.num_features``. Heads are separate ``nn.Linear`` laye
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.metadata
+import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewshot_med.errors import FewshotMedError
+from fewshot_med.errors import FewshotMedError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,81 @@ SMALL_INPUT_ADAPTERS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[
 }
 
 
+@dataclass(frozen=True)
+class TimmNames:
+    """The names in timm's registry.
+
+    Attributes:
+        models: every name ``timm.is_model`` accepts without a tag: ``timm.list_models()`` and the
+            deprecated aliases.
+        pretrained: the names timm publishes weights for, with and without their tag (``resnet10t``,
+            ``resnet10t.c3_in1k``; ``timm.list_pretrained()``).
+    """
+
+    models: frozenset[str]
+    pretrained: frozenset[str]
+
+
+@functools.cache
+def timm_names() -> TimmNames:
+    """timm's registry, cached per timm version in ``$XDG_CACHE_HOME/fewshot-med`` (``~/.cache``).
+
+    Importing timm takes seconds (it imports torchvision, which imports torch's compiler), too long for
+    checking a config before every command, and the names change only with timm's version.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "fewshot-med")
+    path = cache / f"timm-{importlib.metadata.version('timm')}-names.json"
+    with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError, TypeError):  # no home, no file
+        stored = json.loads(path.expanduser().read_text(encoding="utf-8"))
+        return TimmNames(frozenset(stored["models"]), frozenset(stored["pretrained"]))
+    names = _read_timm_registry()
+    with contextlib.suppress(OSError, RuntimeError):  # no cache where it cannot be written
+        path = path.expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps({key: sorted(value) for key, value in asdict(names).items()}))
+        partial.replace(path)
+    return names
+
+
+def _read_timm_registry() -> TimmNames:
+    import timm
+
+    deprecated = {old: new for old, new in timm.models.get_deprecated_models().items() if timm.is_model(old)}
+    tagged = timm.list_pretrained()
+    pretrained = {*tagged, *(name.split(".", 1)[0] for name in tagged)}
+    pretrained |= {old for old, new in deprecated.items() if new in pretrained}
+    return TimmNames(frozenset({*timm.list_models(), *deprecated}), frozenset(pretrained))
+
+
+def check_backbone(name: str, pretrained: bool = False) -> None:
+    """Refuse a ``name`` (``arch`` or ``arch.tag``) that is not in timm's registry (``timm_names``) and,
+    when ``pretrained``, one timm publishes no weights for.
+
+    Raises:
+        FewshotMedError: naming ``name`` and the closest timm name.
+    """
+    names = timm_names()
+    arch = name.split(".", 1)[0]
+    pattern = f"'{re.match(r'[a-z]*', arch).group()}*'"
+    if arch not in names.models:
+        raise FewshotMedError(
+            f"'{name}' is not a timm model (timm.list_models({pattern}) lists them)"
+            f"{did_you_mean(arch, names.models)}"
+        )
+    if pretrained and name not in names.pretrained:
+        raise FewshotMedError(
+            f"timm publishes no pretrained weights for '{name}'; set model.pretrained: false, use "
+            f"model.weights, or pick one of timm.list_pretrained({pattern})"
+            f"{did_you_mean(name, names.pretrained)}"
+        )
+
+
 def _family(name: str) -> str:
     """The timm module a model name is defined in (``resnet``, ``convnext``, …), found without building it."""
     import timm
 
-    if not timm.is_model(name):
-        raise FewshotMedError(
-            f"model.backbone '{name}' is not a timm model; list them with timm.list_models('*resnet*')"
-        )
+    check_backbone(name)
     return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
 
 

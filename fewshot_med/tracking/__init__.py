@@ -2,7 +2,8 @@
 
 One parent run per pipeline invocation (``pipeline_run``) with a nested run per stage and method
 (``stage_run``); the logging functions write to the current run and do nothing outside a tracked one.
-The default store is ``./mlruns`` (SQLite database and artifacts); see ``tracking_uri``.
+The default store is ``./mlruns`` (SQLite database and artifacts); see ``tracking_uri``. Every metric
+key, tag, param and artifact path written is named in ``fewshot_med.tracking.names``.
 """
 
 import os
@@ -10,8 +11,10 @@ import os
 # Hospital networks are often closed: no usage telemetry unless the user turns it on.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from fewshot_med.tracking._store import tracking_uri, ui_command
+from fewshot_med.tracking import names
+from fewshot_med.tracking._store import experiment_pages, tracking_uri, ui_command
 from fewshot_med.tracking.models import load_backbone, load_swag, log_backbone, log_classifier, log_swag
+from fewshot_med.tracking.names import metric_key
 from fewshot_med.tracking.registry import Registration, register_model
 from fewshot_med.tracking.review import CalibratorFit, ReportPlot, RunReview, collect_run
 from fewshot_med.tracking.runs import (
@@ -26,7 +29,6 @@ from fewshot_med.tracking.runs import (
     log_file_artifact,
     log_metrics,
     log_text_artifact,
-    metric_key,
     pipeline_run,
     pipeline_run_id,
     set_tags,
@@ -45,6 +47,7 @@ __all__ = [
     "benchmark_run",
     "collect_run",
     "download_stage_artifact",
+    "experiment_pages",
     "find_stage_run",
     "flatten_params",
     "load_backbone",
@@ -59,6 +62,7 @@ __all__ = [
     "log_swag",
     "log_text_artifact",
     "metric_key",
+    "names",
     "pipeline_run",
     "pipeline_run_id",
     "register_model",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.tracking import names
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -77,16 +78,22 @@ def prepare_store(uri: str) -> None:
 
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created on first use with its artifacts beside a SQLite store."""
+    """The id of experiment ``name``, created on first use with its artifacts beside a SQLite store.
+
+    The experiment carries MLflow's ``mlflow.experimentKind`` tag, ``custom_model_development`` (set on
+    an existing experiment that has no kind yet), so the MLflow UI opens it on its runs rather than on
+    the GenAI overview.
+    """
     from mlflow.exceptions import MlflowException
 
+    kind = {names.EXPERIMENT_KIND_TAG: names.EXPERIMENT_KIND}
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         root = artifact_root(uri)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "experiment"
         location = (root / slug).as_uri() if root else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=kind)
         except MlflowException as error:  # created meanwhile by a concurrent run
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -97,6 +104,8 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
             f"'mlflow experiments restore --experiment-id {experiment.experiment_id}' "
             "or set tracking.experiment to another name"
         )
+    if names.EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, names.EXPERIMENT_KIND_TAG, names.EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -123,6 +132,27 @@ def ui_command(
     if root is not None:
         argv += ["--default-artifact-root", root.as_uri(), "--artifacts-destination", root.as_uri()]
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def experiment_pages(base_url: str, settings: TrackingConfig | None = None) -> list[tuple[str, str]]:
+    """``(name, url)`` of the runs table of every experiment in the store that holds runs.
+
+    MLflow 3's UI opens an experiment on its GenAI overview unless the URL selects the runs (it does
+    not read the ``mlflow.experimentKind`` tag for that), so these are the links to follow.
+    """
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(settings)
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        return []
+    client = MlflowClient(uri)
+    pages = []
+    for experiment in client.search_experiments(order_by=["name ASC"]):
+        if client.search_runs([experiment.experiment_id], max_results=1):
+            route = f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+            pages.append((experiment.name, f"{base_url.rstrip('/')}/{route}"))
+    return pages
 
 
 @contextmanager

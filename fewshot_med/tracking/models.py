@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fewshot_med.tracking import names
 from fewshot_med.tracking._store import using_store
 from fewshot_med.tracking.runs import _target, download_stage_artifact, log_metrics, store_uri
 
@@ -16,16 +17,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fewshot_med.config import TrackingConfig
+    from fewshot_med.deploy.classifier import FewShotClassifier
     from fewshot_med.models import BackboneSpec
-    from fewshot_med.models.classifier import FewShotClassifier
     from fewshot_med.priors import SwagPosterior
 
-#: Key of the ``BackboneSpec`` in the logged model's ``MLmodel`` metadata.
-SPEC_METADATA_KEY = "fewshot_med_backbone_spec"
 #: Batch size of the input example; 2, because ``torch.export`` fixes a batch dimension of size 1.
 _EXAMPLE_BATCH = 2
-#: Artifact path of a logged SWAG posterior (``SwagPosterior.state_dict()`` saved with ``torch.save``).
-SWAG_ARTIFACT = "swag/posterior.pt"
 
 
 def _pinned(package: str) -> str:
@@ -33,7 +30,7 @@ def _pinned(package: str) -> str:
     return f"{package}=={metadata.version(package).split('+')[0]}"
 
 
-def log_backbone(backbone: nn.Module, spec: BackboneSpec, name: str = "backbone") -> str | None:
+def log_backbone(backbone: nn.Module, spec: BackboneSpec, name: str = names.BACKBONE_MODEL) -> str | None:
     """Log ``backbone`` to the current run as an MLflow PyTorch model (``pt2``, ``torch.export``).
 
     The model maps float32 ``(batch, in_chans, image_size, image_size)`` to ``(batch, num_features)``
@@ -67,14 +64,14 @@ def log_backbone(backbone: nn.Module, spec: BackboneSpec, name: str = "backbone"
         input_example=example,
         serialization_format="pt2",
         pip_requirements=[_pinned("torch"), _pinned("timm")],
-        metadata={SPEC_METADATA_KEY: json.loads(json.dumps(spec.to_dict()))},
-        tags={"backbone": spec.name},
+        metadata={names.SPEC_METADATA_KEY: json.loads(json.dumps(spec.to_dict()))},
+        tags={names.BACKBONE_TAG: spec.name},
     )
     return info.model_uri
 
 
 def load_backbone(
-    run_id_or_uri: str, name: str = "backbone", settings: TrackingConfig | None = None
+    run_id_or_uri: str, name: str = names.BACKBONE_MODEL, settings: TrackingConfig | None = None
 ) -> tuple[nn.Module, BackboneSpec]:
     """Rebuild a backbone logged by ``log_backbone`` as a trainable timm module.
 
@@ -98,7 +95,7 @@ def load_backbone(
     store = store_uri(settings)
     with tempfile.TemporaryDirectory(prefix="fewshot-med-backbone-") as folder, using_store(store):
         local = mlflow.artifacts.download_artifacts(uri, dst_path=folder, tracking_uri=store)
-        spec = BackboneSpec.from_dict(Model.load(local).metadata[SPEC_METADATA_KEY])
+        spec = BackboneSpec.from_dict(Model.load(local).metadata[names.SPEC_METADATA_KEY])
         exported = mlflow.pytorch.load_model(local, map_location="cpu")
     backbone = create_backbone(spec.name, in_chans=spec.in_chans, image_size=spec.image_size)
     backbone.load_state_dict(exported.state_dict())
@@ -121,10 +118,10 @@ def log_swag(posterior: SwagPosterior) -> None:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="fewshot-med-swag-") as folder:
-        local = Path(folder) / Path(SWAG_ARTIFACT).name
+        local = Path(folder) / Path(names.SWAG_POSTERIOR).name
         torch.save(posterior.state_dict(), local)
-        mlflow.log_artifact(str(local), str(Path(SWAG_ARTIFACT).parent), run_id=target)
-    log_metrics({"swag.rank": posterior.rank, "swag.n_snapshots": posterior.n_snapshots}, run_id=target)
+        mlflow.log_artifact(str(local), str(Path(names.SWAG_POSTERIOR).parent), run_id=target)
+    log_metrics({names.SWAG_RANK: posterior.rank, names.SWAG_SNAPSHOTS: posterior.n_snapshots}, run_id=target)
 
 
 def load_swag(run_id: str, settings: TrackingConfig | None = None) -> SwagPosterior | None:
@@ -142,14 +139,14 @@ def load_swag(run_id: str, settings: TrackingConfig | None = None) -> SwagPoster
     from fewshot_med.priors import SwagPosterior
 
     with tempfile.TemporaryDirectory(prefix="fewshot-med-swag-") as folder:
-        local = download_stage_artifact(run_id, "pretrain", SWAG_ARTIFACT, Path(folder), settings)
+        local = download_stage_artifact(run_id, names.PRETRAIN, names.SWAG_POSTERIOR, Path(folder), settings)
         if local is None:
             return None
         state = torch.load(local, map_location="cpu", weights_only=True)
     return SwagPosterior.from_state_dict(state)
 
 
-def log_classifier(classifier: FewShotClassifier, name: str = "classifier") -> str | None:
+def log_classifier(classifier: FewShotClassifier, name: str = names.CLASSIFIER_MODEL) -> str | None:
     """Log a ``FewShotClassifier`` to the current run as an MLflow pyfunc model.
 
     ``mlflow.pyfunc.load_model(uri).predict(images)`` takes ``(N, H, W, C)`` uint8 images (as in the
@@ -185,6 +182,6 @@ def log_classifier(classifier: FewShotClassifier, name: str = "classifier") -> s
         input_example=example,
         code_paths=[str(Path(fewshot_med.__file__).parent)],
         pip_requirements=[_pinned(p) for p in ("torch", "timm", "scikit-learn", "numpy", "pandas", "scipy")],
-        metadata={SPEC_METADATA_KEY: json.loads(json.dumps(classifier.spec.to_dict()))},
+        metadata={names.SPEC_METADATA_KEY: json.loads(json.dumps(classifier.spec.to_dict()))},
     )
     return info.model_uri

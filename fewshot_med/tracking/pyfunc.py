@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from fewshot_med.models.classifier import FewShotClassifier
+from fewshot_med.deploy.classifier import FewShotClassifier
 
 
 class ClassifierModel(PythonModel):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: version tag holding the selection score the alias rule compares
-SCORE_TAG = "selection_score"
+from fewshot_med.tracking import names
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def register_model(
         name: registered model name (created if new).
         description: the version's description (markdown: its evaluation summary).
         score: the selection score of the new version (higher is better).
-        score_name: what the score is, e.g. ``val.5shot.accuracy``.
+        score_name: what the score is, e.g. ``val.5shot.accuracy`` (``names.val_metric``).
         alias: the alias the rule moves.
     """
     import mlflow
@@ -48,7 +47,8 @@ def register_model(
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, name, tags={SCORE_TAG: str(score), "score_name": score_name})
+    tags = {names.SCORE_TAG: str(score), names.SCORE_NAME_TAG: score_name}
+    version = mlflow.register_model(model_uri, name, tags=tags)
     client.update_model_version(name, version.version, description=description)
     try:
         holder = client.get_model_version_by_alias(name, alias)
@@ -56,8 +56,8 @@ def register_model(
         holder = None
     takes_alias = (
         holder is None
-        or holder.tags.get("score_name") != score_name
-        or score >= float(holder.tags.get(SCORE_TAG, "-inf"))
+        or holder.tags.get(names.SCORE_NAME_TAG) != score_name
+        or score >= float(holder.tags.get(names.SCORE_TAG, "-inf"))
     )
     if takes_alias:
         client.set_registered_model_alias(name, alias, version.version)

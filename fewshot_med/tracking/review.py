@@ -3,14 +3,15 @@
 ``collect_run`` accepts the id of a pipeline run or of any run nested in it (a stage run such as
 ``evaluate``, or a ``method:<label>`` run), walks up to the pipeline run, downloads the results
 tables, the config and the plots, and returns a ``RunReview``: plain data that the report renderers
-turn into HTML or markdown without MLflow.
+turn into HTML or markdown without MLflow. Every name it looks up is built with ``names`` from what
+the run says about itself (its methods' ``method`` and ``shots`` tags, its ``calibration`` param).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.tracking import names
 from fewshot_med.tracking._store import sqlite_path
-from fewshot_med.tracking.runs import store_uri
+from fewshot_med.tracking.runs import VERSIONED_PACKAGES, store_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -29,16 +31,30 @@ if TYPE_CHECKING:
 
 #: Section title of the plots that compare methods (logged on the pipeline run).
 CROSS_METHOD_SECTION = "Across methods"
+#: Per training stage, its metrics summarised in the report (``names.stage_metric``) with a label.
+_TRAINING: dict[str, dict[str, str]] = {
+    names.PRETRAIN: {
+        "best_val_balanced_accuracy": "pretraining: best val balanced accuracy (base classes)",
+        "best_epoch": "pretraining: best epoch",
+    },
+    names.META_TRAIN: {
+        "best_val_accuracy": "meta-training: best val episode accuracy (novel classes)",
+        "best_episode": "meta-training: best episode",
+    },
+}
 #: Stage metrics summarised in the report, with a human label, when the stage ran.
 TRAINING_METRICS: dict[str, str] = {
-    "pretrain.best_val_balanced_accuracy": "pretraining: best val balanced accuracy (base classes)",
-    "pretrain.best_epoch": "pretraining: best epoch",
-    "meta_train.best_val_accuracy": "meta-training: best val episode accuracy (novel classes)",
-    "meta_train.best_episode": "meta-training: best episode",
+    names.stage_metric(stage, field): label
+    for stage, fields in _TRAINING.items()
+    for field, label in fields.items()
 }
-_PARENT_TAG = "mlflow.parentRunId"
-_PLOT_NAME = re.compile(r"^(?P<kind>.+?)_(?P<k>\d+)shot\.png$")
-_CALIBRATION_METRIC = re.compile(r"^calibration\.(?P<k>\d+)shot\.(?P<calibrator>[^.]+)\.(?P<param>.+)$")
+#: Those of ``TRAINING_METRICS`` that are fractions (shown in percent).
+TRAINING_FRACTIONS = frozenset(
+    {
+        names.stage_metric(names.PRETRAIN, "best_val_balanced_accuracy"),
+        names.stage_metric(names.META_TRAIN, "best_val_accuracy"),
+    }
+)
 _MAX_LINEAGE_HOPS = 8
 
 
@@ -85,13 +101,18 @@ class RunReview:
     results_markdown: str
     results_csv: Path | None
     config_yaml: Path | None
+    shots: list[int] = field(default_factory=list)
+    calibrations: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
     training: dict[str, float] = field(default_factory=dict)
     calibration: list[CalibratorFit] = field(default_factory=list)
     plots: list[ReportPlot] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
 
 
-def collect_run(run_id: str, destination: Path, settings: TrackingConfig | None = None) -> RunReview:
+def collect_run(
+    run_id: str, destination: Path, settings: TrackingConfig | None = None, with_plots: bool = True
+) -> RunReview:
     """Gather a pipeline run's evaluation results and download what a report shows into ``destination``.
 
     Args:
@@ -101,10 +122,11 @@ def collect_run(run_id: str, destination: Path, settings: TrackingConfig | None 
         destination: folder to download into (created if needed): ``results.md``, ``results.csv``,
             ``config.yaml``, the cross-method ``plots/`` and ``methods/<label>/plots/``.
         settings: the tracking section of a config (which store to read); see ``store_uri``.
+        with_plots: download the plots (``False``: ``plots`` stays empty).
 
     Returns:
         The review; its ``plots`` come cross-method first, then per method in evaluation order
-        (reliability per K, confusion per K, generalised confusion per K, any others).
+        (reliability per K, confusion per K, generalised confusion per K).
 
     Raises:
         FewshotMedError: the store or the run does not exist, or the run has no evaluation results.
@@ -119,39 +141,57 @@ def collect_run(run_id: str, destination: Path, settings: TrackingConfig | None 
             "store that holds the run"
         )
     with _no_progress_bars():
-        return _collect(MlflowClient(uri), run_id, uri, Path(destination))
+        return _collect(MlflowClient(uri), run_id, uri, Path(destination), with_plots)
 
 
-def _collect(client: MlflowClient, run_id: str, uri: str, destination: Path) -> RunReview:
+def _collect(client: MlflowClient, run_id: str, uri: str, destination: Path, with_plots: bool) -> RunReview:
     run = _get_run(client, run_id, uri)
     pipeline, evaluate = _pipeline_and_evaluate(client, run)
     destination.mkdir(parents=True, exist_ok=True)
 
     evaluate_files = _artifact_paths(client, evaluate.info.run_id)
-    if "results.md" not in evaluate_files:
+    if names.RESULTS_MD not in evaluate_files:
         raise FewshotMedError(
             f"the evaluate stage {evaluate.info.run_id} of run {pipeline.info.run_id} logged no results "
             f"(status {evaluate.info.status}); pass the id of a run whose evaluation finished"
         )
-    results_md = Path(client.download_artifacts(evaluate.info.run_id, "results.md", str(destination)))
+    results_md = Path(client.download_artifacts(evaluate.info.run_id, names.RESULTS_MD, str(destination)))
     pipeline_files = _artifact_paths(client, pipeline.info.run_id)
-    results_csv = _download(client, evaluate.info.run_id, "results.csv", evaluate_files, destination)
-    config_yaml = _download(client, pipeline.info.run_id, "config.yaml", pipeline_files, destination)
+    results_csv = _download(client, evaluate.info.run_id, names.RESULTS_CSV, evaluate_files, destination)
+    config_yaml = _download(client, pipeline.info.run_id, names.CONFIG, pipeline_files, destination)
 
-    plots = _plots(client, pipeline.info.run_id, "plots", destination, CROSS_METHOD_SECTION, None)
-    methods, calibration, folders = [], [], set()
+    calibrations = names.list_items(evaluate.data.params.get(names.CALIBRATION_PARAM))
+    methods, shots, calibration, plots, folders = [], set(), [], [], set()
     for method_run in _children(client, evaluate):
-        if not method_run.data.tags.get("stage", "").startswith("method:"):
+        tags = method_run.data.tags
+        label = tags.get(names.METHOD_TAG)
+        if label is None or tags.get(names.STAGE_TAG) != names.method_stage(label):
             continue
-        label = method_run.data.tags.get("method") or method_run.info.run_name.removeprefix("method:")
+        method_shots = sorted(int(k) for k in names.list_items(tags.get(names.SHOTS_TAG)))
         methods.append(label)
-        calibration += _calibrator_fits(label, method_run.data.metrics)
+        shots.update(method_shots)
+        calibration += _calibrator_fits(label, method_shots, calibrations, method_run.data.metrics)
+        if not with_plots:
+            continue
         slug = _slug(label)
         while slug in folders:  # labels that differ only in characters a folder name cannot hold
             slug += "_"
         folders.add(slug)
         folder = destination / "methods" / slug
-        plots += _plots(client, method_run.info.run_id, "plots", folder, f"Method: {label}", label)
+        section = f"Method: {label}"
+        plots += _plots(
+            client, method_run.info.run_id, names.METHOD_PLOTS, method_shots, folder, section, label
+        )
+    if with_plots:
+        cross = _plots(
+            client,
+            pipeline.info.run_id,
+            names.PIPELINE_PLOTS,
+            sorted(shots),
+            destination,
+            CROSS_METHOD_SECTION,
+        )
+        plots = cross + plots
 
     tags, params = pipeline.data.tags, pipeline.data.params
     info = pipeline.info
@@ -166,24 +206,29 @@ def _collect(client: MlflowClient, run_id: str, uri: str, destination: Path) -> 
         duration=end - start if start and end else None,
         evaluate_run_id=evaluate.info.run_id,
         config_name=params.get("name"),
-        dataset=tags.get("data.name") or params.get("data.source"),
-        data_source=tags.get("data.source") or params.get("data.source"),
-        data_digest=tags.get("data.digest"),
-        git_commit=tags.get("git_commit"),
-        git_dirty=tags.get("git_dirty"),
-        seed=tags.get("seed") or params.get("seed"),
-        backbone=tags.get("backbone") or params.get("model.backbone"),
-        stages=tags.get("stages"),
-        from_run=tags.get("from_run"),
+        dataset=tags.get(names.DATA_NAME_TAG) or params.get("data.source"),
+        data_source=tags.get(names.DATA_SOURCE_TAG) or params.get("data.source"),
+        data_digest=tags.get(names.DATA_DIGEST_TAG),
+        git_commit=tags.get(names.GIT_COMMIT_TAG),
+        git_dirty=tags.get(names.GIT_DIRTY_TAG),
+        seed=tags.get(names.SEED_TAG) or params.get("seed"),
+        backbone=tags.get(names.BACKBONE_TAG) or params.get("model.backbone"),
+        stages=tags.get(names.STAGES_TAG),
+        from_run=tags.get(names.FROM_RUN_TAG),
         methods=methods,
         results_markdown=results_md.read_text(encoding="utf-8"),
         results_csv=results_csv,
         config_yaml=config_yaml,
+        shots=sorted(shots),
+        calibrations=calibrations,
+        metrics=dict(pipeline.data.metrics),
         training=_training_summary(client, pipeline),
         calibration=calibration,
         plots=plots,
         versions={
-            key.removeprefix("version."): value for key, value in tags.items() if key.startswith("version.")
+            package: tags[names.version_tag(package)]
+            for package in VERSIONED_PACKAGES
+            if names.version_tag(package) in tags
         },
     )
 
@@ -206,20 +251,21 @@ def _get_run(client: MlflowClient, run_id: str, uri: str) -> Run:
 
 def _pipeline_and_evaluate(client: MlflowClient, run: Run) -> tuple[Run, Run]:
     """The pipeline run above ``run`` (stage runs carry a ``stage`` tag) and its evaluate stage run."""
-    evaluate = run if run.data.tags.get("stage") == "evaluate" else None
+    evaluate = run if run.data.tags.get(names.STAGE_TAG) == names.EVALUATE else None
     pipeline = run
     for _ in range(_MAX_LINEAGE_HOPS):
-        parent_id = pipeline.data.tags.get(_PARENT_TAG)
-        if "stage" not in pipeline.data.tags or not parent_id:
+        parent_id = pipeline.data.tags.get(names.PARENT_RUN_TAG)
+        if names.STAGE_TAG not in pipeline.data.tags or not parent_id:
             break
         pipeline = client.get_run(parent_id)
-        if evaluate is None and pipeline.data.tags.get("stage") == "evaluate":
+        if evaluate is None and pipeline.data.tags.get(names.STAGE_TAG) == names.EVALUATE:
             evaluate = pipeline
     if evaluate is None:
-        evaluate = _stage_child(client, pipeline, "evaluate")
+        evaluate = _stage_child(client, pipeline, names.EVALUATE)
     if evaluate is None:
-        stage = run.data.tags.get("stage")
-        what = f"{stage} stage run" if stage else f"run ({pipeline.data.tags.get('stages') or 'no stages'})"
+        stage = run.data.tags.get(names.STAGE_TAG)
+        stages = pipeline.data.tags.get(names.STAGES_TAG) or "no stages"
+        what = f"{stage} stage run" if stage else f"run ({stages})"
         raise FewshotMedError(
             f"{what} {run.info.run_id} has no finished evaluation: pass the id of a pipeline run that ran "
             "the evaluate stage ('fewshot-med run' or 'fewshot-med evaluate' print it)"
@@ -229,9 +275,9 @@ def _pipeline_and_evaluate(client: MlflowClient, run: Run) -> tuple[Run, Run]:
 
 def _children(client: MlflowClient, run: Run, stage: str | None = None) -> list[Run]:
     """Runs nested directly in ``run`` (optionally of one stage), oldest first."""
-    query = f"tags.{_PARENT_TAG} = '{run.info.run_id}'"
+    query = f"tags.{names.PARENT_RUN_TAG} = '{run.info.run_id}'"
     if stage is not None:
-        query += f" and tags.stage = '{stage}'"
+        query += f" and tags.{names.STAGE_TAG} = '{stage}'"
     return list(
         client.search_runs(
             [run.info.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
@@ -251,18 +297,18 @@ def _training_summary(client: MlflowClient, pipeline: Run) -> dict[str, float]:
     from mlflow.exceptions import MlflowException
 
     summary: dict[str, float] = {}
-    stages = {name.partition(".")[0] for name in TRAINING_METRICS}
+    pending = dict(_TRAINING)
     run, seen = pipeline, set()
-    while run is not None and stages and run.info.run_id not in seen and len(seen) < _MAX_LINEAGE_HOPS:
+    while run is not None and pending and run.info.run_id not in seen and len(seen) < _MAX_LINEAGE_HOPS:
         seen.add(run.info.run_id)
-        for stage in sorted(stages):
-            source = run if run.data.tags.get("stage") == stage else _stage_child(client, run, stage)
+        for stage in list(pending):
+            own = run.data.tags.get(names.STAGE_TAG) == stage
+            source = run if own else _stage_child(client, run, stage)
             if source is None:
                 continue
-            found = {key: source.data.metrics[key] for key in TRAINING_METRICS if key in source.data.metrics}
-            summary.update({key: value for key, value in found.items() if key.startswith(stage + ".")})
-            stages.discard(stage)
-        earlier = run.data.tags.get("from_run")
+            keys = [names.stage_metric(stage, field) for field in pending.pop(stage)]
+            summary.update({key: source.data.metrics[key] for key in keys if key in source.data.metrics})
+        earlier = run.data.tags.get(names.FROM_RUN_TAG)
         try:
             run = client.get_run(earlier) if earlier else None
         except MlflowException:
@@ -270,19 +316,22 @@ def _training_summary(client: MlflowClient, pipeline: Run) -> dict[str, float]:
     return {key: summary[key] for key in TRAINING_METRICS if key in summary}
 
 
-def _calibrator_fits(method: str, metrics: dict[str, float]) -> list[CalibratorFit]:
-    """``calibration.<K>shot.<calibrator>.<param>`` metrics grouped per (K, calibrator)."""
-    grouped: dict[tuple[int, str], dict[str, float]] = {}
-    for name, value in metrics.items():
-        match = _CALIBRATION_METRIC.match(name)
-        if match:
-            key = (int(match["k"]), match["calibrator"])
-            grouped.setdefault(key, {})[match["param"]] = value
+def _calibrator_fits(
+    method: str, shots: Sequence[int], calibrators: Sequence[str], metrics: dict[str, float]
+) -> list[CalibratorFit]:
+    """The ``names.calibration_metric`` parameters of a method run, per K and calibrator that logged any."""
     first = lambda name: ("temperature" not in name, name)  # noqa: E731  (the fitted value leads)
-    return [
-        CalibratorFit(method, k_shot, calibrator, {name: params[name] for name in sorted(params, key=first)})
-        for (k_shot, calibrator), params in sorted(grouped.items())
-    ]
+    fits = []
+    for k_shot in shots:
+        for calibrator in calibrators:
+            prefix = names.calibration_prefix(k_shot, calibrator)
+            params = {
+                key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)
+            }
+            if params:
+                ordered = {name: params[name] for name in sorted(params, key=first)}
+                fits.append(CalibratorFit(method, k_shot, calibrator, ordered))
+    return fits
 
 
 def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -297,55 +346,47 @@ def _download(
     return Path(client.download_artifacts(run_id, path, str(destination)))
 
 
-#: Plot kinds in report order, with a caption template (``{k}`` is K, ``{method}`` the method label).
+#: Caption template per plot kind (``{k}`` is K, ``{method}`` the method label).
 _CAPTIONS: dict[str, str] = {
-    "accuracy_vs_shots": "Test accuracy against K, every method (mean ± 95% CI over episodes).",
-    "risk_coverage": (
+    names.ACCURACY_VS_SHOTS: "Test accuracy against K, every method (mean ± 95% CI over episodes).",
+    names.RISK_COVERAGE: (
         "{k}-shot risk-coverage: error rate among the most confident test queries as coverage grows "
         "(lower is better; mean over episodes)."
     ),
-    "reliability": (
+    names.RELIABILITY: (
         "{method}, {k}-shot reliability diagram: confidence against accuracy over pooled test queries, "
         "uncalibrated and after calibration."
     ),
-    "confusion": "{method}, {k}-shot confusion matrix over the novel classes, pooled over test episodes.",
-    "generalised_confusion": (
+    names.CONFUSION: "{method}, {k}-shot confusion matrix over the novel classes, pooled over test episodes.",
+    names.GENERALISED_CONFUSION: (
         "{method}, {k}-shot generalised setting: confusion matrix over base and novel classes together."
     ),
 }
 
 
 def _plots(
-    client: MlflowClient, run_id: str, folder: str, destination: Path, section: str, method: str | None
+    client: MlflowClient,
+    run_id: str,
+    kinds: Sequence[str],
+    shots: Sequence[int],
+    destination: Path,
+    section: str,
+    method: str | None = None,
 ) -> list[ReportPlot]:
-    """The PNGs under ``folder`` of a run, downloaded into ``destination`` and ordered by kind then K."""
-    if folder not in _artifact_paths(client, run_id):
+    """The run's plots of ``kinds`` at ``shots`` (``names.plot_paths``, in that order) that it logged,
+    downloaded into ``destination``."""
+    if names.PLOTS_DIR not in _artifact_paths(client, run_id):
         return []
-    pngs = [path for path in _artifact_paths(client, run_id, folder) if path.endswith(".png")]
-    if not pngs:
+    logged = _artifact_paths(client, run_id, names.PLOTS_DIR)
+    found = [(kind, k, path) for kind, k, path in names.plot_paths(kinds, shots) if path in logged]
+    if not found:
         return []
     destination.mkdir(parents=True, exist_ok=True)
-    local = Path(client.download_artifacts(run_id, folder, str(destination)))
-    order = list(_CAPTIONS)
-
-    def sort_key(path: str) -> tuple[int, str, int, str]:
-        name = Path(path).name
-        match = _PLOT_NAME.match(name)
-        kind, k = (match["kind"], int(match["k"])) if match else (name.removesuffix(".png"), -1)
-        return (order.index(kind) if kind in order else len(order), kind, k, name)
-
-    plots = []
-    for path in sorted(pngs, key=sort_key):
-        name = Path(path).name
-        match = _PLOT_NAME.match(name)
-        kind = match["kind"] if match else name.removesuffix(".png")
-        template = _CAPTIONS.get(kind)
-        if template is None or ("{k}" in template and not match):
-            caption = f"{method + ': ' if method else ''}{name.removesuffix('.png').replace('_', ' ')}"
-        else:
-            caption = template.format(k=match["k"] if match else "", method=method or "")
-        plots.append(ReportPlot(section, caption, local / name))
-    return plots
+    local = Path(client.download_artifacts(run_id, names.PLOTS_DIR, str(destination)))
+    return [
+        ReportPlot(section, _CAPTIONS[kind].format(k=k, method=method), local / Path(path).name)
+        for kind, k, path in found
+    ]
 
 
 def _timestamp(milliseconds: int | None) -> datetime | None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, is_dataclass
@@ -22,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.tracking import names
 from fewshot_med.tracking._store import experiment_id, prepare_store, tracking_uri
+from fewshot_med.tracking.names import metric_key
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from fewshot_med.config import Config, TrackingConfig
     from fewshot_med.data import MedicalImageDataset
 
-#: Distributions whose versions tag every pipeline run (``version.<name>``).
+#: Distributions whose versions tag every pipeline run (``names.version_tag``).
 VERSIONED_PACKAGES = ("fewshot-med", "torch", "timm", "monai", "mlflow")
 #: Leading hex characters of our SHA-256 dataset digest kept as the MLflow dataset digest (max 36).
 DIGEST_CHARS = 32
@@ -75,7 +76,7 @@ def _activate(handle: RunHandle, pipeline: bool) -> Iterator[RunHandle]:
         raise
     except BaseException as error:
         with suppress(Exception):  # a tracking failure must not hide the error itself
-            set_tags({"error": f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]})
+            set_tags({names.ERROR_TAG: f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]})
         raise
     finally:
         for variable, token in reversed(tokens):
@@ -129,7 +130,7 @@ def pipeline_run(
     with _activate(RunHandle(run.info.run_id, experiment), pipeline=True) as handle:
         resolved = config.model_dump(mode="json")
         mlflow.log_params(flatten_params(resolved), run_id=handle.run_id)
-        mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "config.yaml", run_id=handle.run_id)
+        mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), names.CONFIG, run_id=handle.run_id)
         yield handle
 
 
@@ -191,7 +192,7 @@ def stage_run(
         run_name=name,
         nested=True,
         parent_run_id=parent.run_id,
-        tags={"stage": name, **(tags or {})},
+        tags={names.STAGE_TAG: name, **(tags or {})},
     )
     with _activate(RunHandle(run.info.run_id, parent.experiment_id), pipeline=False) as handle:
         if params:
@@ -235,7 +236,7 @@ def find_stage_run(parent_run_id: str, stage: str, settings: TrackingConfig | No
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}' "
+            f"tags.{names.PARENT_RUN_TAG} = '{parent_run_id}' and tags.{names.STAGE_TAG} = '{stage}' "
             "and attributes.status = 'FINISHED'"
         ),
         order_by=["attributes.start_time DESC"],
@@ -276,17 +277,15 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str
     mlflow.log_metrics(values, step=step, run_id=target)
 
 
-def metric_key(*parts: object) -> str:
-    """A metric name from parts joined by dots, e.g. ``("test", "5shot", "protonet", "accuracy")``."""
-    return re.sub(r"[^/\w.\- ]", "_", ".".join(str(part) for part in parts))
-
-
-def summary_metrics(summary: Mapping[str, tuple[float, float]], *prefix: object) -> dict[str, float]:
-    """``{metric: (mean, ci95)}`` as ``{<prefix>.<metric>: mean, <prefix>.<metric>_ci95: ci95}``."""
+def summary_metrics(
+    summary: Mapping[str, tuple[float, float]], key: Callable[[str], str]
+) -> dict[str, float]:
+    """``{metric: (mean, ci95)}`` as ``{key(metric): mean, key(<metric>_ci95): ci95}``, e.g. with
+    ``key = functools.partial(names.test_metric, 5, "protonet", "none")``."""
     metrics: dict[str, float] = {}
     for name, (mean, ci95) in summary.items():
-        metrics[metric_key(*prefix, name)] = mean
-        metrics[metric_key(*prefix, f"{name}_ci95")] = ci95
+        metrics[key(name)] = mean
+        metrics[key(names.ci95(name))] = ci95
     return metrics
 
 
@@ -387,15 +386,15 @@ def log_dataset_input(
         features=part.images,
         targets=part.labels,
         source=_dataset_source(dataset.source),
-        name=f"{dataset.name}.{split}",
+        name=names.dataset_input_name(dataset.name, split),
         digest=dataset.digest[:DIGEST_CHARS],
     )
-    input_tags = {MLFLOW_DATASET_CONTEXT: context, "split": split}
+    input_tags = {MLFLOW_DATASET_CONTEXT: context, names.INPUT_SPLIT_TAG: split}
     if classes is not None:
-        input_tags["classes"] = json.dumps(list(classes))
+        input_tags[names.INPUT_CLASSES_TAG] = json.dumps(list(classes))
     entity = DatasetInput(logged._to_mlflow_entity(), [InputTag(k, v) for k, v in input_tags.items()])
     mlflow.MlflowClient().log_inputs(target, datasets=[entity])
-    data_tags = {"data.digest": dataset.digest, "data.name": dataset.name}
+    data_tags = {names.DATA_DIGEST_TAG: dataset.digest, names.DATA_NAME_TAG: dataset.name}
     for run in {target, pipeline_run_id() or target}:
         set_tags(data_tags, run_id=run)
 
@@ -446,9 +445,9 @@ def _plain(obj: Any) -> Any:
 def _context_tags(config: Config) -> dict[str, str]:
     """Tags that make a run reproducible: code version, package versions, seed, backbone, data source."""
     return {
-        "seed": str(config.seed),
-        "backbone": config.model.backbone,
-        "data.source": config.data.source,
+        names.SEED_TAG: str(config.seed),
+        names.BACKBONE_TAG: config.model.backbone,
+        names.DATA_SOURCE_TAG: config.data.source,
         **version_tags(),
     }
 
@@ -458,9 +457,9 @@ def version_tags() -> dict[str, str]:
     tags = _git_tags()
     for package in VERSIONED_PACKAGES:
         try:
-            tags[f"version.{package.replace('-', '_')}"] = metadata.version(package)
+            tags[names.version_tag(package)] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            tags[f"version.{package.replace('-', '_')}"] = "not installed"
+            tags[names.version_tag(package)] = "not installed"
     return tags
 
 
@@ -479,6 +478,7 @@ def _git_tags() -> dict[str, str]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"git_commit": "unknown"}
+        return {names.GIT_COMMIT_TAG: "unknown"}
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+    dirty = "unknown" if status is None else str(bool(status)).lower()
+    return {names.GIT_COMMIT_TAG: commit, names.GIT_DIRTY_TAG: dirty}

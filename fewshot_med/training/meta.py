@@ -22,32 +22,34 @@ per episode, by that one protonet/anil pass or by fomaml's query pass; fomaml's 
 update a throw-away copy of the buffers. The running statistics are what eval-mode validation and
 later feature extraction use.
 
-Validation scores a fixed list of novel-class val episodes by nearest-prototype classification of
-eval-mode embeddings, for every algorithm (it is the frozen-feature view the methods downstream
-read); ANIL also reports its own head adaptation, which is cheap on frozen features. FOMAML's own
+The ProtoNet and ANIL maths is the few-shot methods' own (``fewshot_med.methods``: ``class_means``,
+``prototype_logits``, ``fit_linear_head``, ``head_logits``), called here on features that carry the
+backbone's graph, so each episode loss is differentiated with respect to the backbone's weights.
+
+Validation scores a fixed list of novel-class val episodes with the ``ProtoNet`` method on eval-mode
+embeddings, for every algorithm (it is the frozen-feature view the methods downstream read); ANIL
+also reports the ``ANIL`` method, its own head adaptation, which is cheap on frozen features. FOMAML's own
 adaptation (inner SGD on all weights per episode) is not run at validation: it would cost
 ``inner_steps`` backward passes per val episode.
 
-Resuming an interrupted run from its checkpoint reproduces the uninterrupted run's weights exactly on
-the CPU: the episodes are a pure function of the seed, and the optimizer, the weights and every
-random generator are restored.
+Checkpoints, the best weights and resuming are the shared ``Harness``'s. Resuming an interrupted run
+from its checkpoint reproduces the uninterrupted run's weights exactly on the CPU: the episodes are a
+pure function of the seed, and the optimizer, the weights and every random generator are restored.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from fewshot_med.config import MetaTrainConfig
 from fewshot_med.data.episodes import Episode, sample_episodes
@@ -55,20 +57,18 @@ from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation.intervals import mean_ci95
-from fewshot_med.models import BackboneSpec, autocast, embed, load_checkpoint, save_checkpoint
-from fewshot_med.training._resume import (
-    check_resumable,
-    cpu_copy,
-    run_identity,
-    set_torch_rng_states,
-    torch_rng_states,
-)
+from fewshot_med.methods.anil import ANIL, fit_linear_head, head_logits
+from fewshot_med.methods.base import FewShotMethod, class_means
+from fewshot_med.methods.protonet import ProtoNet, prototype_logits
+from fewshot_med.models import BackboneSpec, autocast, embed
+from fewshot_med.progress import Progress
+from fewshot_med.training._harness import Harness, checkpoint_header
 
 CHECKPOINT_KIND = "fewshot_med.meta_train"
-CHECKPOINT_VERSION = 1
+#: 2: the shared ``Harness`` layout (``current`` by module name, ``best_metric``, ``finished``)
+CHECKPOINT_VERSION = 2
 #: novel-class val episodes scored at every validation
 VAL_EPISODES = 100
-#: settings that do not change the training trajectory, so a resumed run may differ in them
 
 
 @dataclass(frozen=True)
@@ -111,16 +111,15 @@ class EpisodeBatch:
 #: ``step(backbone, batch, settings) -> (loss, accuracy)``: leaves the episode's outer gradient in the
 #: ``.grad`` of the backbone's parameters and returns the detached query loss and accuracy (0-dim).
 EpisodeStep = Callable[[nn.Module, EpisodeBatch, MetaTrainConfig], tuple[Tensor, Tensor]]
-#: ``adapt(support, support_labels, query, n_way, settings) -> (n_query, n_way) logits`` on features.
-FeatureAdaptation = Callable[[Tensor, Tensor, Tensor, int, MetaTrainConfig], Tensor]
 
 
 @dataclass(frozen=True)
 class MetaAlgorithm:
-    """A meta-training algorithm: its episode step and, if cheap, its own adaptation on frozen features."""
+    """A meta-training algorithm: its episode step and, if cheap, its own few-shot method on frozen
+    features, which validation also scores (``adapted(settings)`` builds it, unfitted)."""
 
     step: EpisodeStep
-    adapt: FeatureAdaptation | None = None
+    adapted: Callable[[MetaTrainConfig], FewShotMethod] | None = None
 
 
 @dataclass
@@ -141,51 +140,6 @@ class MetaTrainResult:
     history: list[dict[str, float]]
     best_episode: int
     best_val_accuracy: float
-
-
-def prototype_logits(support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
-    """Prototypical-network logits (Snell et al., 2017): minus squared distances to class means.
-
-    Args:
-        support: ``(n_support, D)`` features.
-        support_labels: ``(n_support,)`` int64 in ``0 … n_way - 1``, every class present.
-        query: ``(n_query, D)`` features.
-        n_way: number of classes.
-
-    Returns:
-        ``(n_query, n_way)`` logits ``-||query - prototype||²``.
-    """
-    one_hot = F.one_hot(support_labels, n_way).to(support.dtype)  # (n_support, n_way)
-    prototypes = (one_hot.T @ support) / one_hot.sum(dim=0).unsqueeze(1)  # (n_way, D)
-    return -(query.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(dim=2)
-
-
-def fit_linear_head(
-    features: Tensor, labels: Tensor, n_way: int, steps: int, lr: float, create_graph: bool
-) -> tuple[Tensor, Tensor]:
-    """ANIL's inner loop (Raghu et al., 2020): SGD on a zero-initialised linear head.
-
-    Args:
-        features: ``(n_support, D)`` support features.
-        labels: ``(n_support,)`` int64 in ``0 … n_way - 1``.
-        n_way: number of classes.
-        steps: full-batch SGD steps on the cross-entropy.
-        lr: SGD step size.
-        create_graph: keep the steps differentiable, so a loss on the adapted head backpropagates
-            into ``features`` (second order through the head).
-
-    Returns:
-        ``(weight, bias)`` of shapes ``(n_way, D)`` and ``(n_way,)``; logits are
-        ``F.linear(x, weight, bias)``.
-    """
-    with torch.enable_grad():
-        weight = features.new_zeros(n_way, features.shape[1], requires_grad=True)
-        bias = features.new_zeros(n_way, requires_grad=True)
-        for _ in range(steps):
-            loss = F.cross_entropy(F.linear(features, weight, bias), labels)
-            grad_weight, grad_bias = torch.autograd.grad(loss, (weight, bias), create_graph=create_graph)
-            weight, bias = weight - lr * grad_weight, bias - lr * grad_bias
-    return weight, bias
 
 
 def fomaml_adapt(
@@ -232,40 +186,23 @@ def fomaml_adapt(
 def protonet_step(
     backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfig
 ) -> tuple[Tensor, Tensor]:
-    """Prototypical Networks (Snell et al., 2017): cross-entropy of prototype logits on the queries.
-
-    One forward pass embeds support and query images (``(n_support + n_query, D)``).
-    """
-    with autocast(batch.images.device):
-        features = backbone(batch.images).float()  # (n_support + n_query, D)
-    logits = prototype_logits(
-        features[: batch.n_support], batch.support_labels, features[batch.n_support :], batch.n_way
-    )
-    loss = F.cross_entropy(logits, batch.query_labels)
-    loss.backward()
-    return loss.detach(), _accuracy(logits, batch.query_labels)
+    """Prototypical Networks (Snell et al., 2017): query loss of the negative squared distances to the
+    support class means, from one forward pass over support and query images."""
+    support, query = _episode_features(backbone, batch)
+    prototypes = class_means(support, batch.support_labels.unsqueeze(0), batch.n_way)  # (1, n_way, D)
+    return _query_loss_backward(prototype_logits(query, prototypes)[0], batch.query_labels)
 
 
 def anil_step(backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfig) -> tuple[Tensor, Tensor]:
     """ANIL (Raghu et al., 2020): query loss of the head adapted on the support features.
 
-    One forward pass embeds support and query images (``(n_support + n_query, D)``); the loss is
-    differentiated through the inner loop's head steps into the backbone.
+    One forward pass embeds support and query images; the loss is differentiated through the inner
+    loop's head steps (``fit_linear_head``, second order in the head) into the backbone.
     """
-    with autocast(batch.images.device):
-        features = backbone(batch.images).float()  # (n_support + n_query, D)
-    weight, bias = fit_linear_head(
-        features[: batch.n_support],
-        batch.support_labels,
-        batch.n_way,
-        settings.inner_steps,
-        settings.inner_lr,
-        create_graph=True,
-    )
-    logits = F.linear(features[batch.n_support :], weight, bias)
-    loss = F.cross_entropy(logits, batch.query_labels)
-    loss.backward()
-    return loss.detach(), _accuracy(logits, batch.query_labels)
+    support, query = _episode_features(backbone, batch)
+    labels = batch.support_labels.unsqueeze(0)
+    weight, bias = fit_linear_head(support, labels, batch.n_way, settings.inner_steps, settings.inner_lr)
+    return _query_loss_backward(head_logits(query, weight, bias)[0], batch.query_labels)
 
 
 def fomaml_step(backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfig) -> tuple[Tensor, Tensor]:
@@ -289,19 +226,14 @@ def fomaml_step(backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainCon
     return loss.detach(), _accuracy(logits, batch.query_labels)
 
 
-def anil_adapted_logits(
-    support: Tensor, support_labels: Tensor, query: Tensor, n_way: int, settings: MetaTrainConfig
-) -> Tensor:
-    """ANIL's own few-shot classifier on frozen features: ``(n_query, n_way)`` logits of the adapted head."""
-    weight, bias = fit_linear_head(
-        support, support_labels, n_way, settings.inner_steps, settings.inner_lr, create_graph=False
-    )
-    return F.linear(query, weight, bias).detach()
+def _anil_method(settings: MetaTrainConfig) -> FewShotMethod:
+    """ANIL's own test-time adaptation with the meta-training inner loop's steps and step size."""
+    return ANIL(steps=settings.inner_steps, lr=settings.inner_lr)
 
 
 ALGORITHMS: dict[str, MetaAlgorithm] = {
     "protonet": MetaAlgorithm(protonet_step),
-    "anil": MetaAlgorithm(anil_step, adapt=anil_adapted_logits),
+    "anil": MetaAlgorithm(anil_step, adapted=_anil_method),
     "fomaml": MetaAlgorithm(fomaml_step),
 }
 
@@ -355,20 +287,41 @@ def meta_train(
     """
     algorithm = ALGORITHMS[settings.algorithm]
     n_way = _check_inputs(backbone, train_pool, val_pool, settings)
-    identity = run_identity(spec, train_pool, val_pool, settings, seed)
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if resume and checkpoint_path is None:
-        raise FewshotMedError("meta_train: resume=True needs a checkpoint_path to resume from")
     train_episodes = sample_episodes(
         train_pool, n_way, settings.k_shot, settings.n_query, settings.episodes, seed
     ).episodes
-    smallest_val_class = int(np.bincount(val_pool.labels, minlength=len(val_pool.class_names)).min())
-    val_k_shot = max(1, min(settings.k_shot, smallest_val_class - 1))
-    val_episodes = sample_episodes(
-        val_pool, len(val_pool.class_names), val_k_shot, settings.n_query, VAL_EPISODES, seed
-    ).episodes
-    train_positions, val_positions = _position_lookup(train_pool), _position_lookup(val_pool)
+    validate = _validation(backbone, spec, val_pool, algorithm, settings, device, seed)
+    harness, optimizer, augment_generator = _start(
+        backbone, spec, train_pool, val_pool, settings, device, checkpoint_path, log_metrics, seed
+    )
+    if not (resume and harness.restore()):
+        harness.record({"episode": 0.0, **validate()})
+    generator, positions = augment_generator if settings.augment else None, _position_lookup(train_pool)
+    batch = functools.partial(_episode_batch, train_pool, positions, spec, device, generator)
+    if not harness.finished:
+        _run_episodes(backbone, optimizer, harness, algorithm.step, train_episodes, batch, validate, settings)
+    harness.load_best()
+    return MetaTrainResult(
+        backbone=backbone,
+        history=harness.history,
+        best_episode=harness.best_step,
+        best_val_accuracy=float(harness.best_metric),
+    )
 
+
+def _start(
+    backbone: nn.Module,
+    spec: BackboneSpec,
+    train_pool: ClassSubset,
+    val_pool: ClassSubset,
+    settings: MetaTrainConfig,
+    device: torch.device,
+    checkpoint_path: Path | None,
+    log_metrics: Callable[[dict[str, float], int], None] | None,
+    seed: int,
+) -> tuple[Harness, torch.optim.Optimizer, torch.Generator]:
+    """Put the backbone on the device, seed torch; the run's harness, Adam optimizer and augmentation
+    generator. The harness keeps the weights of the best val accuracy and never stops early."""
     backbone.to(device)
     if device.type == "cuda":
         backbone.to(memory_format=torch.channels_last)
@@ -376,106 +329,77 @@ def meta_train(
     optimizer = torch.optim.Adam([p for p in backbone.parameters() if p.requires_grad], lr=settings.lr)
     augment_generator = torch.Generator(device=device)
     augment_generator.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
-
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"episode": 0, "metric": -math.inf, "backbone": None}
-
-    def validate_and_checkpoint(record: dict[str, float]) -> None:
-        """Score the val episodes, keep the best weights, checkpoint, report."""
-        nonlocal best
-        record.update(
-            _validate(backbone, spec, val_pool, val_episodes, val_positions, algorithm, settings, device)
-        )
-        history.append(record)
-        if record["val_accuracy"] > best["metric"]:
-            best = {"episode": int(record["episode"]), "metric": record["val_accuracy"]}
-            best["backbone"] = cpu_copy(backbone.state_dict())
-        if checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "kind": CHECKPOINT_KIND,
-                    "version": CHECKPOINT_VERSION,
-                    "identity": identity,
-                    "spec": spec.to_dict(),
-                    "backbone": best["backbone"],  # best weights, so backbone_from_state() reads them
-                    "current": cpu_copy(backbone.state_dict()),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": torch_rng_states(augment_generator, device),
-                    "episode": int(record["episode"]),
-                    "history": history,
-                    "best_episode": best["episode"],
-                    "best_val_accuracy": best["metric"],
-                },
-            )
-        if log_metrics is not None:
-            metrics = {f"meta_train.{key}": value for key, value in record.items() if key != "episode"}
-            metrics["meta_train.best_val_accuracy"] = best["metric"]
-            log_metrics(metrics, int(record["episode"]))
-
-    start = 0
-    if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        check_resumable(
-            state, identity, checkpoint_path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "meta-training"
-        )
-        backbone.load_state_dict(state["current"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_torch_rng_states(state["rng"], augment_generator, device)
-        history.extend(state["history"])
-        best = {"episode": state["best_episode"], "metric": state["best_val_accuracy"]}
-        best["backbone"] = state["backbone"]
-        start = state["episode"]
-    else:
-        validate_and_checkpoint({"episode": 0.0})
-
-    backbone.train()
-    generator = augment_generator if settings.augment else None
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device)
-    since, started = 0, time.perf_counter()
-    progress = tqdm(
-        range(start, settings.episodes),
-        desc=f"meta-train ({settings.algorithm})",
+    harness = Harness(
+        what="meta-training",
+        header=checkpoint_header(
+            CHECKPOINT_KIND, CHECKPOINT_VERSION, spec, train_pool, val_pool, settings, seed
+        ),
+        path=Path(checkpoint_path) if checkpoint_path is not None else None,
         unit="episode",
-        initial=start,
         total=settings.episodes,
-        disable=True if start == settings.episodes else None,
+        metric="val_accuracy",
+        modules={"backbone": backbone},
+        states={"optimizer": optimizer},
+        generators={"augment": augment_generator},
+        device=device,
+        log_metrics=log_metrics,
+        prefix="meta_train",
     )
-    for index in progress:
-        batch = _episode_batch(train_pool, train_episodes[index], train_positions, spec, device, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = algorithm.step(backbone, batch, settings)
-        optimizer.step()
-        loss_sum += loss
-        correct_sum += accuracy
-        since += 1
-        done = index + 1
-        if done % settings.val_every and done != settings.episodes:
-            continue
-        record = {
-            "episode": float(done),
-            "train_loss": loss_sum.item() / since,
-            "train_accuracy": correct_sum.item() / since,
-            "seconds_per_episode": (time.perf_counter() - started) / since,
-        }
-        validate_and_checkpoint(record)
-        progress.set_postfix(
-            loss=f"{record['train_loss']:.3f}", val_acc=f"{record['val_accuracy']:.3f}", refresh=False
-        )
-        loss_sum.zero_()
-        correct_sum.zero_()
-        since, started = 0, time.perf_counter()
-    progress.close()
+    return harness, optimizer, augment_generator
 
-    backbone.load_state_dict(best["backbone"])
-    backbone.eval()
-    return MetaTrainResult(
-        backbone=backbone,
-        history=history,
-        best_episode=int(best["episode"]),
-        best_val_accuracy=float(best["metric"]),
-    )
+
+def _run_episodes(
+    backbone: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    harness: Harness,
+    step: EpisodeStep,
+    episodes: tuple[Episode, ...],
+    batch: Callable[[Episode], EpisodeBatch],
+    validate: Callable[[], dict[str, float]],
+    settings: MetaTrainConfig,
+) -> None:
+    """Train from episode ``harness.done`` on, validating every ``val_every`` episodes and after the last.
+
+    Query losses and accuracies are accumulated on the device, so the host syncs once per validation.
+    """
+    name, total = f"meta-train ({settings.algorithm})", settings.episodes
+    with Progress(name, total=total, unit="episode", initial=harness.done) as progress:
+        for first in range(harness.done, total, settings.val_every):
+            last = min(first + settings.val_every, total)
+            backbone.train()
+            started = time.perf_counter()
+            loss_sum = correct_sum = torch.zeros((), device=harness.device)
+            for index in range(first, last):
+                optimizer.zero_grad(set_to_none=True)
+                loss, accuracy = step(backbone, batch(episodes[index]), settings)
+                optimizer.step()
+                loss_sum, correct_sum = loss_sum + loss, correct_sum + accuracy
+                progress.update(index + 1)
+            record = {
+                "episode": float(last),
+                "train_loss": loss_sum.item() / (last - first),
+                "train_accuracy": correct_sum.item() / (last - first),
+                "seconds_per_episode": (time.perf_counter() - started) / (last - first),
+                **validate(),
+            }
+            harness.record(record)
+            progress.update(last, force=True, loss=record["train_loss"], val_acc=record["val_accuracy"])
+
+
+def _episode_features(backbone: nn.Module, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+    """Support ``(1, n_support, D)`` and query ``(1, n_query, D)`` float32 features of one episode, from
+    one forward pass (one batch for batch-norm), in the methods' layout of one episode."""
+    with autocast(batch.images.device):
+        features = backbone(batch.images).float().unsqueeze(0)  # (1, n_support + n_query, D)
+    return features[:, : batch.n_support], features[:, batch.n_support :]
+
+
+def _query_loss_backward(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Backpropagate the query cross-entropy of ``(n_query, n_way)`` logits; its detached value and the
+    query accuracy (0-dim)."""
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    return loss.detach(), _accuracy(logits, labels)
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -492,11 +416,11 @@ def _position_lookup(pool: ClassSubset) -> np.ndarray:
 
 def _episode_batch(
     pool: ClassSubset,
-    episode: Episode,
     positions: np.ndarray,
     spec: BackboneSpec,
     device: torch.device,
     generator: torch.Generator | None,
+    episode: Episode,
 ) -> EpisodeBatch:
     """Index an episode's images on the CPU, move them as uint8, normalise (and augment) on ``device``."""
     rows = positions[np.concatenate([episode.support_rows(), episode.query_rows()])]
@@ -512,34 +436,54 @@ def _episode_batch(
     )
 
 
+def _validation(
+    backbone: nn.Module,
+    spec: BackboneSpec,
+    pool: ClassSubset,
+    algorithm: MetaAlgorithm,
+    settings: MetaTrainConfig,
+    device: torch.device,
+    seed: int,
+) -> Callable[[], dict[str, float]]:
+    """The validation of a run: ``VAL_EPISODES`` fixed episodes of all ``pool`` classes, with
+    ``min(k_shot, smallest class - 1)`` shots and up to ``n_query`` queries, scored by ``ProtoNet``
+    (``val_accuracy``) and the algorithm's own method, if any (``val_adapted_accuracy``)."""
+    smallest_class = int(np.bincount(pool.labels, minlength=len(pool.class_names)).min())
+    k_shot = max(1, min(settings.k_shot, smallest_class - 1))
+    episodes = sample_episodes(pool, len(pool.class_names), k_shot, settings.n_query, VAL_EPISODES, seed)
+    methods = {"val_accuracy": ProtoNet()}
+    if algorithm.adapted is not None:
+        methods["val_adapted_accuracy"] = algorithm.adapted(settings)
+    return functools.partial(
+        _validate, backbone, spec, pool, episodes.episodes, _position_lookup(pool), methods, device
+    )
+
+
+@torch.inference_mode()
 def _validate(
     backbone: nn.Module,
     spec: BackboneSpec,
     pool: ClassSubset,
     episodes: tuple[Episode, ...],
     positions: np.ndarray,
-    algorithm: MetaAlgorithm,
-    settings: MetaTrainConfig,
+    methods: dict[str, FewShotMethod],
     device: torch.device,
 ) -> dict[str, float]:
-    """Prototype accuracy (and the algorithm's own adaptation, if any) over the val episodes."""
-    features = embed(backbone, pool.images, spec, device).clone()  # (N, D); clone: not an inference tensor
-    accuracies, adapted = [], []
+    """Mean query accuracy (and its 95% CI half-width) of each method over the episodes, on eval-mode
+    embeddings: ``{key: mean, f"{key}_ci95": half_width}`` for every ``methods`` key."""
+    features = embed(backbone, pool.images, spec, device)  # (N, D)
+    accuracies: dict[str, list[float]] = {key: [] for key in methods}
     for episode in episodes:
         support = features[positions[episode.support_rows()]]
         query = features[positions[episode.query_rows()]]
         support_labels = torch.from_numpy(episode.support_labels())
         query_labels = torch.from_numpy(episode.query_labels())
-        n_way = len(episode.classes)
-        logits = prototype_logits(support, support_labels, query, n_way)
-        accuracies.append(_accuracy(logits, query_labels).item())
-        if algorithm.adapt is not None:
-            logits = algorithm.adapt(support, support_labels, query, n_way, settings)
-            adapted.append(_accuracy(logits, query_labels).item())
-    mean, half_width = mean_ci95(accuracies)
-    metrics = {"val_accuracy": mean, "val_accuracy_ci95": half_width}
-    if adapted:
-        metrics["val_adapted_accuracy"], metrics["val_adapted_accuracy_ci95"] = mean_ci95(adapted)
+        for key, method in methods.items():
+            logits = method.fit(support, support_labels).predict_logits(query)
+            accuracies[key].append(_accuracy(logits, query_labels).item())
+    metrics: dict[str, float] = {}
+    for key, values in accuracies.items():
+        metrics[key], metrics[f"{key}_ci95"] = mean_ci95(values)
     return metrics
 
 

@@ -10,8 +10,9 @@ epochs (``settings.swag``): the posterior that serves as an informative prior do
 
 The loop is lean on purpose: batches are indexed from uint8 arrays on the CPU, moved as uint8 and
 normalised/augmented on the device, and losses are accumulated on the device, so the host syncs
-once per epoch. Every epoch ends with an atomic checkpoint holding everything needed to continue
-bit for bit: resuming an interrupted run on the CPU gives exactly the weights of an uninterrupted one.
+once per epoch. Every epoch ends with an atomic checkpoint (the shared ``Harness``) holding everything
+needed to continue bit for bit: resuming an interrupted run on the CPU gives exactly the weights of
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,25 +30,18 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
-from tqdm.auto import tqdm
 
 from fewshot_med.config import PretrainConfig
 from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
-from fewshot_med.models import BackboneSpec, autocast, load_checkpoint, save_checkpoint
+from fewshot_med.models import BackboneSpec, autocast
 from fewshot_med.priors import SwagCollector, SwagPosterior
-from fewshot_med.training._resume import (
-    check_resumable,
-    cpu_copy,
-    run_identity,
-    set_torch_rng_states,
-    torch_rng_states,
-)
+from fewshot_med.progress import Progress
+from fewshot_med.training._harness import Harness, checkpoint_header
 
 CHECKPOINT_KIND = "fewshot_med.pretrain"
 CHECKPOINT_VERSION = 1
-#: settings that do not change the training trajectory, so a resumed run may differ in them
 
 
 @dataclass
@@ -167,9 +161,9 @@ def pretrain(
     is dropped, so batch-norm never sees a tiny batch. Then the base classes of the val split are
     classified (eval mode, no augmentation) and the epoch with the best balanced accuracy is kept. With
     ``settings.keep == "last"`` every epoch replaces the kept weights (so early stopping never stops
-    the run) and "best" below means the last epoch.
-    On CUDA, training runs in bfloat16 autocast; on CUDA and the CPU, the model and batches are
-    channels_last (the faster layout for convolutions on both; about 10% on a 2-core CPU).
+    the run) and "best" below means the last epoch. On CUDA, training runs in bfloat16 autocast; on
+    CUDA and the CPU, the model and batches are channels_last (the faster layout for convolutions on
+    both; about 10% on a 2-core CPU). Progress goes to stderr (``fewshot_med.progress.Progress``).
 
     With ``settings.swag.enabled``, the backbone's weights are snapshotted into a ``SwagCollector``
     (Maddox et al., NeurIPS 2019) after the ``snapshot_steps`` of every epoch from
@@ -201,178 +195,195 @@ def pretrain(
     Raises:
         FewshotMedError: unusable inputs, or a checkpoint that does not belong to this run.
     """
-    n_classes = len(train.class_names)
     _check_inputs(backbone, train, val)
-    identity = run_identity(spec, train, val, settings, seed)
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if resume and checkpoint_path is None:
-        raise FewshotMedError("pretrain: resume=True needs a checkpoint_path to resume from")
-
-    memory_format = _memory_format(device)
-    backbone.to(device=device, memory_format=memory_format)
+    backbone.to(device=device, memory_format=_memory_format(device))
     torch.manual_seed(seed)
-    head = nn.Linear(backbone.num_features, n_classes).to(device)
-    optimizer = _make_optimizer([backbone, head], settings)
-    batch_size = min(settings.batch_size, len(train))
-    steps = len(train) // batch_size
-    if settings.steps_per_epoch is not None:
-        steps = min(steps, settings.steps_per_epoch)
-    swag = SwagCollector(settings.swag.rank) if settings.swag.enabled else None
-    swag_start = settings.swag.first_epoch(settings.epochs)
-    swag_steps = snapshot_steps(steps, settings.swag.snapshots_per_epoch)
-    if swag is not None and (settings.epochs - swag_start + 1) * len(swag_steps) < 2:
-        raise FewshotMedError(
-            f"pretrain: SWAG would take 1 snapshot (epochs {swag_start}-{settings.epochs}, {steps} step(s) "
-            "each); it needs 2 or more: set pretrain.swag.start_epoch earlier"
-        )
-    warmup_steps = settings.warmup_epochs * steps
-    total_steps = settings.epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, settings.schedule)
-    )
-    sampler = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-    augment_generator = torch.Generator(device=device)
-    augment_generator.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
-
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"epoch": 0, "metric": -math.inf, "backbone": None, "head": None}
-    bad_epochs, start_epoch, finished, stopped_early = 0, 0, False, False
-    if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        check_resumable(state, identity, checkpoint_path, CHECKPOINT_KIND, CHECKPOINT_VERSION, "pretraining")
-        backbone.load_state_dict(state["current"]["backbone"])
-        head.load_state_dict(state["current"]["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"], sampler, augment_generator, device)
-        if swag is not None:
-            swag.load_state_dict(state["swag"])
-        history = state["history"]
-        best = {"epoch": state["best_epoch"], "metric": state["best_metric"]}
-        best.update(backbone=state["backbone"], head=state["head"])
-        bad_epochs, start_epoch = state["bad_epochs"], state["epoch"]
-        finished, stopped_early = state["finished"], state["stopped_early"]
-
-    labels_all = train.labels.astype(np.int64)
-    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    progress = tqdm(
-        range(start_epoch, settings.epochs),
-        desc="pretrain",
-        unit="epoch",
-        initial=start_epoch,
-        total=settings.epochs,
-        disable=True if finished else None,
-    )
-    for epoch in progress:
-        if finished:
-            break
-        backbone.train()
-        head.train()
-        started = time.perf_counter()
-        rows = epoch_indices(labels_all, settings.balanced_sampling, steps * batch_size, sampler)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        lr = optimizer.param_groups[0]["lr"]
-        for step in range(steps):
-            batch_rows = rows[step * batch_size : (step + 1) * batch_size]
-            images = to_model_input(train.images[batch_rows], spec.mean, spec.std, spec.in_chans, device)
-            images = images.contiguous(memory_format=memory_format)
-            if settings.augment:
-                images = augment_batch(images, augment_generator)
-            targets = torch.from_numpy(labels_all[batch_rows]).to(device, non_blocking=True)
-            with autocast(device):
-                logits = head(backbone(images))
-                loss = criterion(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step == steps - 1:
-                lr = optimizer.param_groups[0]["lr"]  # the rate the epoch's last step used
-            scheduler.step()
-            if swag is not None and epoch + 1 >= swag_start and step in swag_steps:
-                swag.collect(backbone)
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(dim=1) == targets).sum()
-        train_loss, train_correct = loss_sum.item() / steps, correct.item()  # the epoch's one sync
-        train_seconds = time.perf_counter() - started
-        val_metrics = _validate(backbone, head, spec, val, device, batch_size=max(256, settings.batch_size))
-        record = {
-            "epoch": float(epoch + 1),
-            "train_loss": train_loss,
-            "train_accuracy": train_correct / (steps * batch_size),
-            **val_metrics,
-            "lr": lr,
-            "images_per_second": steps * batch_size / train_seconds,
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-
-        if settings.keep == "last" or record["val_balanced_accuracy"] > best["metric"]:
-            best = {
-                "epoch": epoch + 1,
-                "metric": record["val_balanced_accuracy"],
-                "backbone": cpu_copy(backbone.state_dict()),
-                "head": cpu_copy(head.state_dict()),
-            }
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        patience = settings.early_stopping_patience
-        stopped_early = patience is not None and bad_epochs >= patience and epoch + 1 < settings.epochs
-        finished = stopped_early or epoch + 1 == settings.epochs
-        if checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "kind": CHECKPOINT_KIND,
-                    "version": CHECKPOINT_VERSION,
-                    "identity": identity,
-                    "spec": spec.to_dict(),
-                    "backbone": best["backbone"],  # best weights, so backbone_from_state() reads them
-                    "head": best["head"],
-                    "class_names": list(train.class_names),
-                    "current": {
-                        "backbone": cpu_copy(backbone.state_dict()),
-                        "head": cpu_copy(head.state_dict()),
-                    },
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_states(sampler, augment_generator, device),
-                    "swag": swag.state_dict() if swag is not None else None,
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "best_epoch": best["epoch"],
-                    "best_metric": best["metric"],
-                    "bad_epochs": bad_epochs,
-                    "finished": finished,
-                    "stopped_early": stopped_early,
-                },
-            )
-        if log_metrics is not None:
-            metrics = {f"pretrain.{key}": value for key, value in record.items() if key != "epoch"}
-            metrics["pretrain.best_val_balanced_accuracy"] = best["metric"]
-            log_metrics(metrics, epoch + 1)
-        progress.set_postfix(
-            loss=f"{train_loss:.3f}", val_bal_acc=f"{record['val_balanced_accuracy']:.3f}", refresh=False
-        )
-        if finished:
-            break
-    progress.close()
-
-    backbone.load_state_dict(best["backbone"])
-    head.load_state_dict(best["head"])
-    backbone.eval()
-    head.eval()
+    head = nn.Linear(backbone.num_features, len(train.class_names)).to(device)
+    loop = _build_loop(backbone, head, len(train), settings, device, seed)
+    harness = _harness(loop, spec, train, val, settings, device, checkpoint_path, log_metrics, seed)
+    if resume:
+        harness.restore()
+    if not harness.finished:
+        _run_epochs(loop, harness, spec, train, val, settings, device)
+    harness.load_best()
     return PretrainResult(
         backbone=backbone,
         head=head,
         spec=spec,
-        history=history,
-        best_epoch=int(best["epoch"]),
-        best_val_balanced_accuracy=float(best["metric"]),
-        stopped_early=bool(stopped_early),
-        swag=swag.posterior() if swag is not None else None,
+        history=harness.history,
+        best_epoch=harness.best_step,
+        best_val_balanced_accuracy=float(harness.best_metric),
+        stopped_early=harness.stopped_early,
+        swag=loop.swag.posterior() if loop.swag is not None else None,
     )
+
+
+@dataclass
+class _Loop:
+    """What every epoch of one pretraining run reads and advances (see ``_build_loop``)."""
+
+    backbone: nn.Module
+    head: nn.Linear
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: np.random.Generator
+    augment_generator: torch.Generator
+    batch_size: int
+    steps: int
+    swag: SwagCollector | None
+    swag_start: int
+    swag_steps: frozenset[int]
+
+
+def _build_loop(
+    backbone: nn.Module,
+    head: nn.Linear,
+    n_train: int,
+    settings: PretrainConfig,
+    device: torch.device,
+    seed: int,
+) -> _Loop:
+    """The optimizer, schedule, generators, batch shape and SWAG schedule of a run on ``n_train`` images."""
+    optimizer = _make_optimizer([backbone, head], settings)
+    batch_size = min(settings.batch_size, n_train)
+    steps = n_train // batch_size
+    if settings.steps_per_epoch is not None:
+        steps = min(steps, settings.steps_per_epoch)
+    swag_start = settings.swag.first_epoch(settings.epochs)
+    swag_steps = snapshot_steps(steps, settings.swag.snapshots_per_epoch)
+    if settings.swag.enabled and (settings.epochs - swag_start + 1) * len(swag_steps) < 2:
+        raise FewshotMedError(
+            f"pretrain: SWAG would take 1 snapshot (epochs {swag_start}-{settings.epochs}, {steps} step(s) "
+            "each); it needs 2 or more: set pretrain.swag.start_epoch earlier"
+        )
+    warmup_steps, total_steps = settings.warmup_epochs * steps, settings.epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, settings.schedule)
+    )
+    augment_generator = torch.Generator(device=device)
+    augment_generator.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+    return _Loop(
+        backbone=backbone,
+        head=head,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=np.random.default_rng(np.random.SeedSequence([seed, 0])),
+        augment_generator=augment_generator,
+        batch_size=batch_size,
+        steps=steps,
+        swag=SwagCollector(settings.swag.rank) if settings.swag.enabled else None,
+        swag_start=swag_start,
+        swag_steps=swag_steps,
+    )
+
+
+def _harness(
+    loop: _Loop,
+    spec: BackboneSpec,
+    train: ClassSubset,
+    val: ClassSubset,
+    settings: PretrainConfig,
+    device: torch.device,
+    checkpoint_path: Path | None,
+    log_metrics: Callable[[dict[str, float], int], None] | None,
+    seed: int,
+) -> Harness:
+    """The run's bookkeeping: checkpoints (with the head's class names), the best epoch by val balanced
+    accuracy, early stopping after ``early_stopping_patience`` epochs without improvement."""
+    header = checkpoint_header(CHECKPOINT_KIND, CHECKPOINT_VERSION, spec, train, val, settings, seed)
+    return Harness(
+        what="pretraining",
+        header={**header, "class_names": list(train.class_names)},
+        path=Path(checkpoint_path) if checkpoint_path is not None else None,
+        unit="epoch",
+        total=settings.epochs,
+        metric="val_balanced_accuracy",
+        modules={"backbone": loop.backbone, "head": loop.head},
+        states={"optimizer": loop.optimizer, "scheduler": loop.scheduler, "swag": loop.swag},
+        generators={"augment": loop.augment_generator, "numpy_sampler": loop.sampler},
+        device=device,
+        patience=settings.early_stopping_patience,
+        keep_last=settings.keep == "last",
+        log_metrics=log_metrics,
+        prefix="pretrain",
+    )
+
+
+def _run_epochs(
+    loop: _Loop,
+    harness: Harness,
+    spec: BackboneSpec,
+    train: ClassSubset,
+    val: ClassSubset,
+    settings: PretrainConfig,
+    device: torch.device,
+) -> None:
+    """Train and validate epoch by epoch from ``harness.done`` until the harness says the run is over."""
+    with Progress("pretrain", total=settings.epochs, unit="epoch", initial=harness.done) as progress:
+        for epoch in range(harness.done, settings.epochs):
+            started = time.perf_counter()
+            trained = _train_epoch(loop, epoch, spec, train, settings, device, progress)
+            scored = _validate(loop.backbone, loop.head, spec, val, device, max(256, settings.batch_size))
+            seconds = time.perf_counter() - started
+            record = {"epoch": float(epoch + 1), **trained, **scored, "epoch_seconds": seconds}
+            harness.record(record)
+            progress.update(
+                epoch + 1, force=True, loss=record["train_loss"], val_bal_acc=record["val_balanced_accuracy"]
+            )
+            if harness.finished:
+                break
+
+
+def _train_epoch(
+    loop: _Loop,
+    epoch: int,
+    spec: BackboneSpec,
+    train: ClassSubset,
+    settings: PretrainConfig,
+    device: torch.device,
+    progress: Progress,
+) -> dict[str, float]:
+    """One epoch of optimizer steps (0-based ``epoch``): its loss, accuracy, last learning rate and speed.
+
+    Losses and hits are accumulated on the device, so the host syncs once, at the end.
+    """
+    backbone, head, optimizer, batch_size = loop.backbone, loop.head, loop.optimizer, loop.batch_size
+    backbone.train()
+    head.train()
+    started = time.perf_counter()
+    labels = train.labels.astype(np.int64)
+    rows = epoch_indices(labels, settings.balanced_sampling, loop.steps * batch_size, loop.sampler)
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    lr = optimizer.param_groups[0]["lr"]
+    for step in range(loop.steps):
+        batch_rows = rows[step * batch_size : (step + 1) * batch_size]
+        images = to_model_input(train.images[batch_rows], spec.mean, spec.std, spec.in_chans, device)
+        images = images.contiguous(memory_format=_memory_format(device))
+        if settings.augment:
+            images = augment_batch(images, loop.augment_generator)
+        targets = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
+        with autocast(device):
+            logits = head(backbone(images))
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used; the epoch reports its last one
+        loop.scheduler.step()
+        if loop.swag is not None and epoch + 1 >= loop.swag_start and step in loop.swag_steps:
+            loop.swag.collect(backbone)
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        progress.update(epoch + (step + 1) / loop.steps)
+    n_images = loop.steps * batch_size
+    return {
+        "train_loss": loss_sum.item() / loop.steps,  # the epoch's one sync
+        "train_accuracy": correct.item() / n_images,
+        "lr": lr,
+        "images_per_second": n_images / (time.perf_counter() - started),
+    }
 
 
 @torch.inference_mode()
@@ -443,21 +454,3 @@ def _make_optimizer(modules: list[nn.Module], settings: PretrainConfig) -> torch
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=settings.lr)
-
-
-def _rng_states(
-    sampler: np.random.Generator, augment_generator: torch.Generator, device: torch.device
-) -> dict[str, Any]:
-    """Every random state the loop reads: torch's, the augmentation generator's and the sampler's."""
-    return {**torch_rng_states(augment_generator, device), "numpy_sampler": sampler.bit_generator.state}
-
-
-def _set_rng_states(
-    states: dict[str, Any],
-    sampler: np.random.Generator,
-    augment_generator: torch.Generator,
-    device: torch.device,
-) -> None:
-    """Inverse of ``_rng_states``."""
-    set_torch_rng_states(states, augment_generator, device)
-    sampler.bit_generator.state = states["numpy_sampler"]

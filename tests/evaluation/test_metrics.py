@@ -18,14 +18,13 @@ from fewshot_med.evaluation import (
     balanced_accuracy,
     brier,
     classwise_ece,
-    compute_metrics,
     ece,
     macro_auroc,
     mce,
     nll,
     softmax,
 )
-from fewshot_med.evaluation.metrics import pooled_ece
+from fewshot_med.evaluation.metrics import metrics_from_probs, pooled_ece
 
 
 def _random_task(n=60, n_classes=4, seed=0):
@@ -118,7 +117,7 @@ def test_absent_classes_are_skipped():
 
 def test_perfect_predictions():
     labels = np.array([0, 1, 2, 2, 1, 0])
-    metrics = compute_metrics(np.eye(3)[labels] * 100.0, labels)
+    metrics = metrics_from_probs(softmax(np.eye(3)[labels] * 100.0), labels)
     assert metrics["accuracy"] == metrics["balanced_accuracy"] == metrics["macro_auroc"] == 1.0
     for name in ("ece", "adaptive_ece", "classwise_ece", "mce", "brier", "nll"):
         assert metrics[name] == pytest.approx(0.0, abs=1e-12)
@@ -126,7 +125,7 @@ def test_perfect_predictions():
 
 def test_uniform_predictions():
     labels = np.array([0, 1, 2, 3, 1, 2, 3, 0])
-    metrics = compute_metrics(np.zeros((8, 4)), labels)
+    metrics = metrics_from_probs(softmax(np.zeros((8, 4))), labels)
     # argmax of a tie is class 0: 2 of 8 correct, recall 1 for class 0 and 0 for the others
     assert metrics["accuracy"] == pytest.approx(0.25)
     assert metrics["balanced_accuracy"] == pytest.approx(0.25)
@@ -151,7 +150,8 @@ def test_softmax_is_stable_and_accepts_tensors():
     np.testing.assert_allclose(softmax(logits + 50.0), probs)
     np.testing.assert_allclose(softmax(torch.tensor(logits, dtype=torch.float32)), probs, atol=1e-6)
     labels = np.array([0, 2])
-    assert compute_metrics(torch.tensor(logits), torch.tensor(labels)) == compute_metrics(logits, labels)
+    from_tensors = metrics_from_probs(softmax(torch.tensor(logits)), torch.tensor(labels))
+    assert from_tensors == metrics_from_probs(probs, labels)
 
 
 def test_shape_errors():

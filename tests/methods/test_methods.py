@@ -328,11 +328,12 @@ def test_unknown_method_lists_the_known_ones(context: MethodContext) -> None:
     with pytest.raises(ConfigError, match="unknown few-shot method 'protonett'") as error:
         create_method("protonett", context)
     assert all(name in str(error.value) for name in METHODS)
-    assert "\n" not in str(error.value)
+    assert str(error.value).endswith("; did you mean 'protonet'?") and "\n" not in str(error.value)
 
 
 def test_unknown_parameter_is_named_with_the_allowed_ones(context: MethodContext) -> None:
-    with pytest.raises(ConfigError, match="method 'r2d2' has no parameter lamda; its parameters: lam, scale"):
+    message = r"method 'r2d2' has no parameter lamda; its parameters: lam, scale; did you mean 'lam'\?"
+    with pytest.raises(ConfigError, match=message):
         create_method("r2d2", context, lamda=0.1)
     with pytest.raises(ConfigError, match="its parameters: none"):
         create_method("protonet", context, scale=2)
@@ -354,6 +355,28 @@ def test_unknown_parameter_is_named_with_the_allowed_ones(context: MethodContext
 def test_invalid_parameter_values(name: str, params: dict, message: str, context: MethodContext) -> None:
     with pytest.raises(ConfigError, match=f"method '{name}': {message}"):
         create_method(name, context, **params)
+    with pytest.raises(ConfigError, match=f"method '{name}': {message}"):
+        METHODS[name].validate_params(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_params_validate_without_a_context(name: str) -> None:
+    METHODS[name].validate_params({})
+    METHODS[name].validate_params(FAST_PARAMS.get(name, {}))
+
+
+def test_a_misspelt_parameter_gets_a_suggestion() -> None:
+    message = r"method 'finetune' has no parameter stepz; .* did you mean 'steps'\?"
+    with pytest.raises(ConfigError, match=message):
+        METHODS["finetune"].validate_params({"stepz": 3})
+    with pytest.raises(ConfigError, match=r"mode must be one of .*, got 'ful'; did you mean 'full'\?"):
+        METHODS["finetune"].validate_params({"mode": "ful"})
+
+
+def test_context_needs_are_checked_when_the_method_is_built() -> None:
+    METHODS["laplace_logreg"].validate_params({"features": "centred"})  # the run supplies the mean
+    with pytest.raises(ConfigError, match="method 'laplace_logreg': features 'centred' needs the base-class"):
+        create_method("laplace_logreg", MethodContext(), features="centred")
 
 
 @pytest.mark.parametrize(("name", "missing"), [("simpleshot", "base_feature_mean"), ("finetune", "backbone")])

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from fewshot_med.config import Config
-from pipelines.transfer import run_stages
+from fewshot_med.pipelines.transfer import run_stages
 
 
 @pytest.mark.slow

@@ -6,13 +6,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
-from fewshot_med.config import Config
+from fewshot_med.config import Config, load_config
 from fewshot_med.data import EpisodeList, select_classes
 from fewshot_med.data.demo import DEMO_NOVEL_CLASSES, make_demo_dataset
 from fewshot_med.errors import ConfigError
-from pipelines.transfer import run_stages
+from fewshot_med.pipelines.transfer import run_stages
 
 
 def _children(client: MlflowClient, run) -> dict[str, object]:
@@ -149,18 +150,9 @@ def test_pipeline_run_tree_metrics_artifacts_and_model(workdir, tiny_pipeline):
     assert holder == ("2" if second.holds_alias else "1")
 
 
-def test_failed_stage_is_marked_failed_and_keeps_what_it_logged(workdir, tiny_pipeline):
-    config = Config.model_validate(
-        {**tiny_pipeline, "meta_train": {"enabled": False}, "methods": [{"name": "nope"}]}
-    )
-    with pytest.raises(ConfigError, match="unknown few-shot method 'nope'"):
-        run_stages(config)
-    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
-    (parent,) = client.search_runs(
-        [client.get_experiment_by_name("tiny").experiment_id], filter_string="tags.stages != ''"
-    )
-    assert parent.info.status == "FAILED"
-    stages = _children(client, parent)
-    assert stages["pretrain"].info.status == "FINISHED"
-    assert stages["evaluate"].info.status == "FAILED"
-    assert "pretrain.val_balanced_accuracy" in stages["pretrain"].data.metrics
+def test_bad_method_is_refused_before_pretraining(workdir, tiny_pipeline):
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**tiny_pipeline, "methods": [{"name": "nope"}]}))
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: methods\.0\.name: unknown few-shot method 'nope'"):
+        run_stages(load_config(path))
+    assert [child.name for child in workdir.iterdir()] == ["tiny.yaml"]  # no MLflow store, no checkpoint

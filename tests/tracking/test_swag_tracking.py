@@ -9,9 +9,8 @@ from torch import nn
 
 from fewshot_med import tracking
 from fewshot_med.config import Config
+from fewshot_med.pipelines.stages import StageContext, load_data, pretrain_stage
 from fewshot_med.priors import SwagCollector, SwagPosterior
-from pipelines.stages import pretrain_stage
-from pipelines.transfer import load_data
 
 
 def config(**sections: object) -> Config:
@@ -78,7 +77,8 @@ def test_pretrain_stage_logs_the_posterior_of_its_backbone(store):
     }
     settings = config(data={"source": "demo", "image_size": 16}, pretrain=pretrain)
     with tracking.pipeline_run(settings) as pipeline:
-        backbone = pretrain_stage(settings, load_data(settings), torch.device("cpu"), resume=False).backbone
+        context = StageContext(settings, load_data(settings), torch.device("cpu"))
+        backbone = pretrain_stage(context).backbone
     posterior = tracking.load_swag(pipeline.run_id, settings.tracking)
     assert posterior is not None and posterior.n_snapshots == 2 and posterior.rank == 2
     trainable = [(name, tuple(p.shape)) for name, p in backbone.named_parameters() if p.requires_grad]

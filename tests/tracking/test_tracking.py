@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def test_pipeline_run_holds_tree_params_tags_metrics_inputs_and_artifacts(store,
             tracking.log_dataset_input(file_dataset, "evaluation", "test")
             with tracking.stage_run("simpleshot", tags={"method": "simpleshot"}) as method:
                 summary = {"accuracy": (0.75, 0.05), "macro_auroc": (float("nan"), float("nan"))}
-                tracking.log_metrics(tracking.summary_metrics(summary, "test", "5shot"))
+                key = partial(tracking.names.test_metric, 5, None, tracking.names.UNCALIBRATED)
+                tracking.log_metrics(tracking.summary_metrics(summary, key))
                 tracking.log_dict_artifact(
                     {"accuracy": torch.tensor([0.5, 1.0]), "nll": [float("nan")]}, "episodes/test_5shot.json"
                 )
@@ -205,6 +207,18 @@ def test_fresh_store_lives_under_mlruns_and_nothing_else_is_written(cwd, dataset
     assert artifact_dir.is_relative_to(cwd / "mlruns" / "artifacts" / "t")
     assert (artifact_dir / "config.yaml").is_file()
     assert len(list((cwd / "mlruns" / "artifacts").rglob("test_1shot.json"))) == 1
+
+
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(store):
+    kind = tracking.names.EXPERIMENT_KIND_TAG
+    store.create_experiment("older")
+    store.create_experiment("genai", tags={kind: "genai_development"})
+    for name in ("new", "older", "genai"):
+        with tracking.pipeline_run(tiny_config(experiment=name)):
+            pass
+    kinds = {name: store.get_experiment_by_name(name).tags.get(kind) for name in ("new", "older", "genai")}
+    model_development = tracking.names.EXPERIMENT_KIND
+    assert kinds == {"new": model_development, "older": model_development, "genai": "genai_development"}
 
 
 def test_mlflow_tracking_uri_environment_is_honoured(cwd, empty_store, monkeypatch):

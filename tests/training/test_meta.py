@@ -1,11 +1,12 @@
 import copy
 import math
-from typing import get_args
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch.func import functional_call
 
 from fewshot_med.config import MetaTrainConfig
@@ -13,16 +14,17 @@ from fewshot_med.data import sample_episodes, select_classes
 from fewshot_med.data.demo import DEMO_BASE_CLASSES, DEMO_NOVEL_CLASSES, make_demo_dataset
 from fewshot_med.data.transforms import channel_stats, to_model_input
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.methods.anil import ANIL, fit_linear_head, head_logits
+from fewshot_med.methods.protonet import ProtoNet
 from fewshot_med.models import BackboneSpec, create_backbone, load_checkpoint
 from fewshot_med.training.meta import (
     ALGORITHMS,
     EpisodeBatch,
     anil_step,
-    fit_linear_head,
     fomaml_adapt,
     fomaml_step,
     meta_train,
-    prototype_logits,
+    protonet_step,
 )
 
 CPU = torch.device("cpu")
@@ -59,28 +61,42 @@ def _batch(pools, n_way: int = 3, k_shot: int = 2, n_query: int = 2) -> EpisodeB
     )
 
 
-def test_registry_covers_the_config_choices():
-    assert set(ALGORITHMS) == set(get_args(MetaTrainConfig.model_fields["algorithm"].annotation))
+def test_the_config_selects_from_the_registry():
+    assert set(ALGORITHMS) == {"protonet", "anil", "fomaml"}
+    assert all(MetaTrainConfig(algorithm=name).algorithm == name for name in ALGORITHMS)
+    with pytest.raises(ValidationError, match="meta-training algorithm"):
+        MetaTrainConfig(algorithm="maml")
 
 
-def test_prototype_logits_are_negative_squared_distances():
-    support = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
-    labels = torch.tensor([0, 0, 1])
-    query = torch.tensor([[1.0, 1.0]])
-    # prototypes (1, 0) and (0, 3)
-    assert torch.allclose(prototype_logits(support, labels, query, 2), torch.tensor([[-1.0, -5.0]]))
+@pytest.mark.parametrize(
+    ("step", "method"),
+    [(protonet_step, ProtoNet()), (anil_step, ANIL(steps=2, lr=0.1))],
+    ids=["protonet", "anil"],
+)
+def test_episode_steps_differentiate_the_methods_own_maths(pools, step, method):
+    backbone = _backbone().eval()  # running statistics: the features do not depend on the batch
+    batch = _batch(pools)
+    loss, accuracy = step(backbone, batch, MetaTrainConfig(inner_steps=2, inner_lr=0.1))
+    with torch.no_grad():
+        features = backbone(batch.images)
+    logits = method.fit(features[: batch.n_support], batch.support_labels).predict_logits(
+        features[batch.n_support :]
+    )
+    torch.testing.assert_close(loss, F.cross_entropy(logits, batch.query_labels), rtol=1e-6, atol=1e-6)
+    assert accuracy == (logits.argmax(dim=1) == batch.query_labels).float().mean()
+    assert all(p.grad is not None for p in backbone.parameters())
 
 
 def test_anil_inner_loop_is_differentiable_in_the_support_features():
     torch.manual_seed(0)
-    labels = torch.tensor([0, 0, 1, 1])
-    query = torch.randn(3, 4, dtype=torch.float64)
+    labels = torch.tensor([[0, 0, 1, 1]])
+    query = torch.randn(1, 3, 4, dtype=torch.float64)
 
     def query_loss(support: torch.Tensor) -> torch.Tensor:
-        weight, bias = fit_linear_head(support, labels, 2, steps=3, lr=0.5, create_graph=True)
-        return F.cross_entropy(F.linear(query, weight, bias), torch.tensor([0, 1, 1]))
+        weight, bias = fit_linear_head(support, labels, 2, steps=3, lr=0.5)
+        return F.cross_entropy(head_logits(query, weight, bias)[0], torch.tensor([0, 1, 1]))
 
-    support = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    support = torch.randn(1, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(query_loss, (support,))  # second order through the head steps
     assert torch.autograd.grad(query_loss(support), support)[0].abs().sum() > 0
 
@@ -201,8 +217,8 @@ def test_resume_reproduces_the_uninterrupted_weights(pools, tmp_path, algorithm)
 
     expected, got = load_checkpoint(whole), load_checkpoint(parts)
     assert got["episode"] == 4
-    for key, value in expected["current"].items():
-        assert torch.equal(got["current"][key], value), key
+    for key, value in expected["current"]["backbone"].items():
+        assert torch.equal(got["current"]["backbone"][key], value), key
 
     def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
         return [{k: v for k, v in record.items() if k != "seconds_per_episode"} for record in history]
@@ -221,3 +237,15 @@ def test_refuses_more_ways_than_base_classes(pools):
     spec, train, _, novel_val = pools
     with pytest.raises(FewshotMedError, match=r"meta_train\.n_way=9"):
         meta_train(_backbone(), spec, train, novel_val, MetaTrainConfig(n_way=9), CPU)
+
+
+def test_a_log_gets_a_progress_line_per_validation(pools, capsys):
+    spec, train, _, novel_val = pools
+    settings = MetaTrainConfig(episodes=4, n_way=3, k_shot=1, n_query=2, val_every=2)
+    meta_train(_backbone(), spec, train, novel_val, settings, CPU)
+    lines = capsys.readouterr().err.splitlines()  # captured stderr is not a terminal
+    number, clock = r"\d+(\.\d+)?(e-?\d+)?", r"\d+:\d\d:\d\d"
+    assert len(lines) == 2
+    for episode, line in zip((2, 4), lines, strict=True):
+        pattern = rf"meta-train \(protonet\): episode {episode}/4  loss={number}  val_acc={number}"
+        assert re.fullmatch(rf"{pattern}  elapsed={clock}  eta={clock}", line), line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -397,3 +398,16 @@ def assert_same_weights(first: torch.nn.Module, second: torch.nn.Module) -> None
     second_state = second.state_dict()
     for key, value in first.state_dict().items():
         assert torch.equal(value, second_state[key]), key
+
+
+def test_a_log_gets_a_progress_line_per_epoch(data, capsys):
+    train, val, spec = data
+    pretrain(fresh_backbone(spec), spec, train, val, quick(epochs=3, steps_per_epoch=1), CPU)
+    lines = capsys.readouterr().err.splitlines()  # captured stderr is not a terminal
+    number, clock = r"\d+(\.\d+)?(e-?\d+)?", r"\d+:\d\d:\d\d"
+    assert len(lines) == 3
+    for epoch, line in enumerate(lines, start=1):
+        pattern = (
+            rf"pretrain: epoch {epoch}/3  loss={number}  val_bal_acc={number}  elapsed={clock}  eta={clock}"
+        )
+        assert re.fullmatch(pattern, line), line

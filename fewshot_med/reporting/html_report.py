@@ -20,7 +20,8 @@ from urllib.parse import quote
 
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation.report import PERCENT_METRICS
-from fewshot_med.tracking.review import TRAINING_METRICS
+from fewshot_med.tracking import names
+from fewshot_med.tracking.review import TRAINING_FRACTIONS, TRAINING_METRICS
 
 if TYPE_CHECKING:
     from fewshot_med.tracking.review import RunReview
@@ -93,7 +94,8 @@ _TEMPLATE = """<!DOCTYPE html>
 <figcaption>{{ caption }}</figcaption></figure>
 {% endfor %}{% endfor %}{% endif %}
 {% if config %}<h2>Configuration</h2>
-<details><summary>The resolved config of the run (config.yaml)</summary><pre>{{ config }}</pre></details>
+<details><summary>The resolved config of the run ({{ config_file }})</summary>
+<pre>{{ config }}</pre></details>
 {% endif %}
 </main>
 <footer>{{ footer }}</footer>
@@ -138,6 +140,7 @@ def render_html(review: RunReview) -> str:
         calibration_note=CALIBRATION_NOTE,
         sections=sections,
         config=_config_text(review),
+        config_file=names.CONFIG,
         footer=_footer(review),
     )
 
@@ -256,7 +259,7 @@ def _lineage(review: RunReview) -> list[tuple[str, str]]:
 def _training(review: RunReview) -> list[tuple[str, str]]:
     rows = []
     for key, value in review.training.items():
-        shown = f"{100 * value:.1f} %" if key.endswith("accuracy") else _number(value)
+        shown = f"{100 * value:.1f} %" if key in TRAINING_FRACTIONS else _number(value)
         rows.append((TRAINING_METRICS.get(key, key), shown))
     return rows
 
