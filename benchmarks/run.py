@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bayes, peers, speed
-from benchmarks.suite import SuiteOptions, SuiteReport, environment, require_modules
+from benchmarks.common import SuiteOptions, SuiteReport, environment, require_modules
+from benchmarks.suites import bayes, peers, speed
 from fewshot_med import tracking
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.tracking import names

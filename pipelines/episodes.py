@@ -21,6 +21,7 @@ from fewshot_med import tracking
 from fewshot_med.config import Config
 from fewshot_med.data import ClassSubset, EpisodeList, sample_episodes
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.tracking import names
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def check_saved_episodes(episodes: Episodes, from_run: str, config: Config) -> s
     with tempfile.TemporaryDirectory(prefix="fewshot-med-episodes-") as folder:
         for k, drawn in episodes.test.items():
             path = tracking.download_stage_artifact(
-                from_run, "evaluate", f"episodes/test_{k}shot.json", Path(folder), config.tracking
+                from_run, names.EVALUATE, names.episodes_path("test", k), Path(folder), config.tracking
             )
             if path is None:
                 return f"{source} (run `{from_run}` saved none)"

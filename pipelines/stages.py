@@ -143,7 +143,7 @@ def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
                 device,
                 checkpoint_path=checkpoint_dir(config) / "pretrain.pt",
                 resume=resume,
-                log_metrics=tracking.log_metrics,
+                log_metrics=tracking.stage_metrics_logger(names.PRETRAIN),
                 seed=config.seed,
             )
             backbone = result.backbone
@@ -182,7 +182,7 @@ def meta_train_stage(context: StageContext, resume: bool = False) -> StageContex
             device,
             checkpoint_path=checkpoint_dir(config) / f"meta_train_{settings.algorithm}.pt",
             resume=resume,
-            log_metrics=tracking.log_metrics,
+            log_metrics=tracking.stage_metrics_logger(names.META_TRAIN),
             seed=config.seed,
         )
         tracking.log_metrics(

@@ -31,7 +31,7 @@ from fewshot_med.pipelines.stages import (
     open_context,
     pretrain_stage,
 )
-from fewshot_med.tracking import Registration
+from fewshot_med.tracking import Registration, names
 
 STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
 
@@ -98,7 +98,9 @@ def run_stages(
             f"stages {list(stages)} need a backbone: pass the run id of an earlier run (--from)"
         )
     context = open_context(config)
-    tags = {"stages": ",".join(stages), **({"from_run": from_run} if from_run else {})}
+    tags = {names.STAGES_TAG: names.list_value(stages)}
+    if from_run:
+        tags[names.FROM_RUN_TAG] = from_run
     seconds: dict[str, float] = {}
     report = registration = selection = None
     with tracking.pipeline_run(config, run_name=config.name, tags=tags) as run:
@@ -112,7 +114,7 @@ def run_stages(
         if "select" in stages:
             with _timed("select", seconds):
                 selection = select_stage(context)
-        tracking.log_metrics({f"time.{stage}_seconds": value for stage, value in seconds.items()})
+        tracking.log_metrics({names.time_metric(stage): value for stage, value in seconds.items()})
     return PipelineOutcome(run.run_id, report, seconds, registration, selection, context)
 
 

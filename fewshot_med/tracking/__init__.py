@@ -12,7 +12,7 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from fewshot_med.tracking import names
-from fewshot_med.tracking._store import experiment_pages, tracking_uri, ui_command
+from fewshot_med.tracking._store import experiment_pages, initialise_store, tracking_uri, ui_command
 from fewshot_med.tracking.models import load_backbone, load_swag, log_backbone, log_classifier, log_swag
 from fewshot_med.tracking.names import metric_key
 from fewshot_med.tracking.registry import Registration, register_model
@@ -26,12 +26,12 @@ from fewshot_med.tracking.runs import (
     log_dataset_input,
     log_dict_artifact,
     log_figure,
-    log_file_artifact,
     log_metrics,
     log_text_artifact,
     pipeline_run,
     pipeline_run_id,
     set_tags,
+    stage_metrics_logger,
     stage_run,
     store_uri,
     summary_metrics,
@@ -50,6 +50,7 @@ __all__ = [
     "experiment_pages",
     "find_stage_run",
     "flatten_params",
+    "initialise_store",
     "load_backbone",
     "load_swag",
     "log_backbone",
@@ -57,7 +58,6 @@ __all__ = [
     "log_dataset_input",
     "log_dict_artifact",
     "log_figure",
-    "log_file_artifact",
     "log_metrics",
     "log_swag",
     "log_text_artifact",
@@ -67,6 +67,7 @@ __all__ = [
     "pipeline_run_id",
     "register_model",
     "set_tags",
+    "stage_metrics_logger",
     "stage_run",
     "store_uri",
     "summary_metrics",

@@ -134,6 +134,14 @@ def ui_command(
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def initialise_store(uri: str) -> None:
+    """Create the store at ``uri`` now (a SQLite store runs its schema migrations once, on first use)."""
+    from mlflow import MlflowClient
+
+    prepare_store(uri)
+    MlflowClient(uri).search_experiments()
+
+
 def experiment_pages(base_url: str, settings: TrackingConfig | None = None) -> list[tuple[str, str]]:
     """``(name, url)`` of the runs table of every experiment in the store that holds runs.
 

@@ -277,6 +277,16 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str
     mlflow.log_metrics(values, step=step, run_id=target)
 
 
+def stage_metrics_logger(stage: str) -> Callable[[Mapping[str, Any], int], None]:
+    """The training loops' ``log_metrics(metrics, step)`` callback for ``stage``: it logs each record
+    field under ``names.stage_metric(stage, field)`` (``pretrain.train_loss``) to the current run."""
+
+    def log(metrics: Mapping[str, Any], step: int) -> None:
+        log_metrics({names.stage_metric(stage, key): value for key, value in metrics.items()}, step)
+
+    return log
+
+
 def summary_metrics(
     summary: Mapping[str, tuple[float, float]], key: Callable[[str], str]
 ) -> dict[str, float]:
@@ -338,19 +348,6 @@ def log_figure(figure: Figure, artifact_file: str, run_id: str | None = None) ->
 
         MlflowClient().log_figure(target, figure, artifact_file)
     figure.clear()
-
-
-def log_file_artifact(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
-    """Log a local file (or a folder's contents) under ``artifact_path`` of the run."""
-    target = _target(run_id)
-    if target is None:
-        return
-    import mlflow
-
-    if Path(path).is_dir():
-        mlflow.log_artifacts(str(path), artifact_path, run_id=target)
-    else:
-        mlflow.log_artifact(str(path), artifact_path, run_id=target)
 
 
 def log_dataset_input(

@@ -157,9 +157,8 @@ class Harness:
         device: where training runs (for the CUDA random state).
         patience: stop after this many validations without improvement (``None``: never).
         keep_last: every validation replaces the best weights (and early stopping never stops).
-        log_metrics: called after every checkpoint with ``{f"{prefix}.{key}": …}`` (the record less
-            ``unit``, plus ``best_<metric>``) and the units done.
-        prefix: of the logged keys, e.g. ``pretrain``.
+        log_metrics: called after every checkpoint with the record less ``unit``, plus
+            ``best_<metric>``, and the units done (the caller names the keys for its tracking store).
         history: the records so far.
         done: units done at the last record.
         best_step: units done at the best record (0: none yet).
@@ -182,7 +181,6 @@ class Harness:
     patience: int | None = None
     keep_last: bool = False
     log_metrics: Callable[[dict[str, float], int], None] | None = None
-    prefix: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
     done: int = 0
     best_step: int = 0
@@ -229,8 +227,8 @@ class Harness:
         self.finished = self.stopped_early or self.done == self.total
         self.save()
         if self.log_metrics is not None:
-            metrics = {f"{self.prefix}.{key}": value for key, value in record.items() if key != self.unit}
-            metrics[f"{self.prefix}.best_{self.metric}"] = self.best_metric
+            metrics = {key: value for key, value in record.items() if key != self.unit}
+            metrics[f"best_{self.metric}"] = self.best_metric
             self.log_metrics(metrics, self.done)
 
     def save(self) -> None:

@@ -274,7 +274,7 @@ def meta_train(
             ``backbone_from_state(load_checkpoint(path))`` rebuilds the best backbone from it.
         resume: continue from ``checkpoint_path`` if it exists (a finished run is returned as is); it
             must have been written for the same spec, data, settings and seed.
-        log_metrics: called at every validation with ``{"meta_train.val_accuracy": …, …}`` (the history
+        log_metrics: called at every validation with ``{"val_accuracy": …, …}`` (the history
             keys, plus ``best_val_accuracy``) and the number of episodes done.
         seed: seeds the episodes, the augmentation and (fresh runs) torch.
 
@@ -343,7 +343,6 @@ def _start(
         generators={"augment": augment_generator},
         device=device,
         log_metrics=log_metrics,
-        prefix="meta_train",
     )
     return harness, optimizer, augment_generator
 

@@ -186,7 +186,7 @@ def pretrain(
             ``backbone_from_state(load_checkpoint(path))`` rebuilds the best backbone from it.
         resume: continue from ``checkpoint_path`` if it exists (a finished run is returned as is);
             it must have been written for the same backbone spec, data, settings and seed.
-        log_metrics: called once per epoch with ``{"pretrain.train_loss": …, …}`` and the 1-based epoch.
+        log_metrics: called once per epoch with ``{"train_loss": …, …}`` and the 1-based epoch.
         seed: seeds the run.
 
     Returns:
@@ -305,7 +305,6 @@ def _harness(
         patience=settings.early_stopping_patience,
         keep_last=settings.keep == "last",
         log_metrics=log_metrics,
-        prefix="pretrain",
     )
 
 

@@ -12,7 +12,7 @@ easyfsl = pytest.importorskip(
     "easyfsl", reason="the peer benchmarks need the bench extra: pip install -e '.[bench]'"
 )
 
-from benchmarks.peer_methods import PEERS, PREPROCESSING, sklearn_logistic_regression  # noqa: E402
+from benchmarks.suites.peer_methods import PEERS, PREPROCESSING, sklearn_logistic_regression  # noqa: E402
 
 
 def _episode(seed: int = 0, n_way: int = 3, k_shot: int = 5, n_query: int = 15, dim: int = 16):

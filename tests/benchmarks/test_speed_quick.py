@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the checkout, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import speed  # noqa: E402
-from benchmarks.suite import SuiteOptions, SuiteReport  # noqa: E402
+from benchmarks.common import SuiteOptions, SuiteReport  # noqa: E402
+from benchmarks.suites import speed  # noqa: E402
 
 HEADLINES = (
     "speed.pretrain.bare_first_images_per_s",

@@ -53,7 +53,7 @@ def test_builders_write_the_documented_names():
 
 
 def test_names_and_the_results_table_import_no_mlflow():
-    for module in ("fewshot_med.tracking.names", "benchmarks.results_table"):
+    for module in ("fewshot_med.tracking.names", "benchmarks.scripts.results_table"):
         code = f"import sys, {module}; sys.exit('mlflow' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, module
 
@@ -150,7 +150,7 @@ def test_a_pipeline_tree_holds_contract_names_only_and_the_readers_find_them(
     assert set(review.training) == set(tracking.review.TRAINING_METRICS)
 
     # the results table reads the same run through the tracking package
-    from benchmarks.results_table import section
+    from benchmarks.scripts.results_table import section
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", str(store))
     experiment_name, text = section(outcome.run_id)

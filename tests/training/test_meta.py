@@ -182,10 +182,8 @@ def test_meta_train_learns(pools, algorithm, episodes, inner_steps, lr):
     assert result.best_val_accuracy == max(record["val_accuracy"] for record in history)
     assert not result.backbone.training
     assert [step for step, _ in logged] == [0, episodes // 2, episodes]
-    assert {"meta_train.train_loss", "meta_train.val_accuracy", "meta_train.val_accuracy_ci95"} <= set(
-        logged[1][1]
-    )
-    assert ("meta_train.val_adapted_accuracy" in logged[0][1]) == (algorithm == "anil")
+    assert {"train_loss", "val_accuracy", "val_accuracy_ci95"} <= set(logged[1][1])
+    assert ("val_adapted_accuracy" in logged[0][1]) == (algorithm == "anil")
 
 
 class _Interrupted(Exception):

@@ -1,6 +1,6 @@
 """End-to-end wall time per stage and peak memory of a pipeline config.
 
-Run: ``python -m benchmarks.pipeline_wall configs/quickstart.yaml [--set key=value …]``.
+Run: ``python -m benchmarks.scripts.pipeline_wall configs/quickstart.yaml [--set key=value …]``.
 Prints the seconds of each stage, the total, and the process's peak resident memory.
 """
 

@@ -3,7 +3,7 @@
 Embeddings are computed once per image; then every method fits all episodes in one batched call and
 the metrics of all episodes are computed in one vectorised pass. The per-method time includes the
 metrics (accuracy, AUROC, ECE variants, Brier, NLL, AURC, accuracy at 80% coverage).
-Run: ``python -m benchmarks.eval_cost [--data ham10000] [--methods simpleshot logreg]``.
+Run: ``python -m benchmarks.scripts.eval_cost [--data ham10000] [--methods simpleshot logreg]``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Four measurements, all on the real HAM10000 file (the 28 px file in quick mode),
 
 1. Pretraining throughput against a bare PyTorch loop: same resnet10t, base-class train images,
    batch 128, optimizer and threads, no augmentation; bare, ours, bare again in one process (see
-   ``benchmarks.pretrain_throughput``), so loop overhead shows as a ratio and drift as two bare numbers.
+   ``benchmarks.suites.throughput``), so loop overhead shows as a ratio and drift as two bare numbers.
 2. Evaluating 3-way 5-shot episodes of the novel test classes (600, or 20 in quick mode): the limit
    (one forward pass over the pool), ours (embed once, then ``evaluate_frozen`` fits all episodes in
    one batched call and computes every metric) and easyfsl's own loop (features recomputed per episode,
@@ -37,11 +37,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.suite import SuiteOptions, SuiteReport, require_modules
+from benchmarks.common import SuiteOptions, SuiteReport, require_modules
 
 #: Peer libraries the suite imports (the ``bench`` extra).
 REQUIRES = ("easyfsl",)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 BACKBONE = "resnet10t"
 BATCH_SIZE = 128
@@ -56,7 +56,7 @@ PRELOAD = [
     "fewshot_med.evaluation",
     "fewshot_med.methods",
     "fewshot_med.training.pretrain",
-    "benchmarks.pretrain_throughput",
+    "benchmarks.suites.throughput",
 ]
 #: the quickstart pipeline shrunk to a few steps of every stage: a smoke test of the full-mode-only
 #: pipeline measurement, ``measure(options, dataclasses.replace(QUICK, pipeline=TINY_PIPELINE))``
@@ -280,7 +280,7 @@ def _baseline(task: _Task) -> dict[str, Any]:
 
 
 def _pretrain_compare(task: _Task) -> dict[str, Any]:
-    from benchmarks.pretrain_throughput import compare
+    from benchmarks.suites.throughput import compare
 
     data = _load(task)
     steps = task.sizes.pretrain_steps
@@ -295,7 +295,7 @@ def _pretrain_compare(task: _Task) -> dict[str, Any]:
 
 
 def _pretrain_alone(task: _Task) -> dict[str, Any]:
-    from benchmarks.pretrain_throughput import bare_loop, loop_settings, our_loop
+    from benchmarks.suites.throughput import bare_loop, loop_settings, our_loop
 
     data = _load(task)
     steps = task.sizes.pretrain_steps
@@ -341,7 +341,7 @@ def _eval_forward(task: _Task) -> dict[str, Any]:
 def _eval_ours(task: _Task) -> dict[str, Any]:
     import torch
 
-    from benchmarks.suite import episode_list_digest
+    from benchmarks.common import episode_list_digest
     from fewshot_med.evaluation import evaluate_frozen
     from fewshot_med.methods import MethodContext, create_method
     from fewshot_med.models import embed
@@ -380,7 +380,7 @@ def _eval_easyfsl(task: _Task) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from benchmarks.suite import episode_list_digest
+    from benchmarks.common import episode_list_digest
     from fewshot_med.data.transforms import to_model_input
 
     require_modules(REQUIRES)
@@ -423,10 +423,10 @@ def _store_uri(task: _Task) -> str:
 
 def _initialise_store(uri: str) -> float:
     """Create the SQLite store (schema migrations run once per store); seconds it took."""
-    import mlflow
+    from fewshot_med import tracking
 
     start = time.perf_counter()
-    mlflow.MlflowClient(uri).search_experiments()
+    tracking.initialise_store(uri)
     return time.perf_counter() - start
 
 
@@ -472,7 +472,7 @@ def _tracking(task: _Task) -> dict[str, Any]:
             data["val"],
             config.pretrain,
             torch.device("cpu"),
-            log_metrics=tracking.log_metrics if on else None,
+            log_metrics=tracking.stage_metrics_logger("pretrain") if on else None,
             seed=config.seed,
         )
         train_seconds = time.perf_counter() - train_start
@@ -699,7 +699,7 @@ def _report(options: SuiteOptions, sizes: Sizes, measured: _Measured, wall: floa
     lines += [
         "",
         "- On: inside `pipeline_run` + `stage_run` on a SQLite store in a temporary folder, epoch metrics "
-        "through `log_metrics=fewshot_med.tracking.log_metrics`; off: `tracking.enabled=false`, "
+        "through `log_metrics=tracking.stage_metrics_logger('pretrain')`; off: `tracking.enabled=false`, "
         "`log_metrics=None`. Whole run = opening the runs (params, config) + training + closing.",
         f"- Creating the SQLite store (schema migrations, once per store) took {on['store_seconds']:.1f} s, "
         "not counted above.",

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.peer_methods import PEERS, PREPROCESSING, Peer
-from benchmarks.suite import (
+from benchmarks.common import (
     Lineage,
     SuiteOptions,
     SuiteReport,
@@ -30,6 +29,7 @@ from benchmarks.suite import (
     paired_on_common_episodes,
     require_modules,
 )
+from benchmarks.suites.peer_methods import PEERS, PREPROCESSING, Peer
 from fewshot_med import tracking
 from fewshot_med.data import EpisodeList
 from fewshot_med.evaluation import EpisodeResults, evaluate_episodewise, evaluate_frozen, softmax
@@ -40,7 +40,7 @@ from fewshot_med.pipelines.episodes import Episodes, draw_episodes
 from fewshot_med.pipelines.evaluation import evaluate_method, evaluate_oracle_rows
 from fewshot_med.tracking import names
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Dataset name -> the pipeline config whose backbone, episodes and methods the suite uses.
 DATASETS = {"ham10000": REPO / "configs/ham10000.yaml", "pbc": REPO / "configs/pbc.yaml"}
 #: A smoke run: minutes on 2 cores; its numbers mean nothing.

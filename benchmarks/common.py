@@ -27,6 +27,7 @@ from fewshot_med.pipelines.episodes import Episodes, check_saved_episodes, draw_
 from fewshot_med.pipelines.evaluation import Embedded, embed_subsets
 from fewshot_med.pipelines.stages import StageContext, open_context
 from fewshot_med.pipelines.transfer import backbone_stages
+from fewshot_med.tracking import names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -164,13 +165,14 @@ class Lineage:
     def record(self) -> dict[str, str]:
         """The record entries every suite logs per dataset (``<name>.<what>``)."""
         record = {
-            f"{self.name}.run_id": str(self.run_id),
-            f"{self.name}.backbone": self.backbone_source,
-            f"{self.name}.data_sha256": self.data_digest,
-            f"{self.name}.episodes": self.episode_source,
-            f"{self.name}.seed": str(self.config.seed),
+            names.record_key(self.name, "run_id"): str(self.run_id),
+            names.record_key(self.name, "backbone"): self.backbone_source,
+            names.record_key(self.name, "data_sha256"): self.data_digest,
+            names.record_key(self.name, "episodes"): self.episode_source,
+            names.record_key(self.name, "seed"): str(self.config.seed),
         }
-        record.update({f"{self.name}.episodes_sha256.{k}shot": d for k, d in self.episode_digests.items()})
+        digests = self.episode_digests.items()
+        record.update({names.record_key(self.name, "episodes_sha256", names.shot(k)): d for k, d in digests})
         return record
 
 
@@ -210,7 +212,7 @@ def open_dataset(
         config = configure(config)
     context = open_context(config)
     from_run = options.backbone_runs.get(name)
-    tags = {"suite": suite, **({"from_run": from_run} if from_run else {})}
+    tags = {names.SUITE_TAG: suite, **({names.FROM_RUN_TAG: from_run} if from_run else {})}
     with tracking.pipeline_run(config, run_name=f"{suite}:{name}", tags=tags) as run:
         context = backbone_stages(context, () if from_run else ("pretrain", "meta_train"), from_run)
         embedded = embed_subsets(context)
@@ -221,7 +223,7 @@ def open_dataset(
             episode_source = check_saved_episodes(episodes, from_run, config)
         tracking.log_dataset_input(context.data.dataset, "evaluation", "test", context.data.roles.novel)
         for k, test_episodes in episodes.test.items():
-            tracking.log_dict_artifact(test_episodes.to_dict(), f"episodes/test_{k}shot.json")
+            tracking.log_dict_artifact(test_episodes.to_dict(), names.episodes_path("test", k))
         lineage = Lineage(
             name=name,
             config=config,

@@ -7,7 +7,7 @@ bare loop feeds PyTorch's default (contiguous NCHW) layout, ours converts model 
 channels_last, so a fourth run gives the bare loop channels_last too. Order: one untimed warm-up
 step, bare, ours, bare again (drift shows as a difference between the two bare runs), bare
 channels_last. Images/s count training steps only (our loop's validation pass is not timed).
-Run: ``python -m benchmarks.pretrain_throughput [--data demo] [--image-size 32]``; ``benchmarks.speed``
+Run: ``python -m benchmarks.suites.throughput [--data demo] [--image-size 32]``; ``benchmarks.suites.speed``
 runs the same comparison on HAM10000.
 """
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.suite import (
+from benchmarks.common import (
     Lineage,
     SuiteOptions,
     SuiteReport,
@@ -47,7 +47,7 @@ from fewshot_med.pipelines.selection import SelectionResult, selection_studies
 from fewshot_med.priors import SwagPosterior
 from fewshot_med.tracking import names
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: The suite's name (its MLflow runs and artifacts, ``fewshot_med.tracking.names``).
 SUITE = "bayes"
 #: Dataset name -> the config of its Bayesian-transfer pipeline (SWAG pretraining, methods, selection grid).

@@ -6,7 +6,8 @@ signal the protocol allows tuning on) and of the test split (for reading only), 
 the mean of every 10th base train image. Prints one JSON line per epoch with the base-class val
 balanced accuracy beside them.
 
-Run: ``python -m benchmarks.pretrain_transfer configs/ham10000.yaml [--set pretrain.label_smoothing=0.1]``.
+Run: ``python -m benchmarks.scripts.pretrain_transfer configs/ham10000.yaml``
+``[--set pretrain.label_smoothing=0.1]``.
 """
 
 from __future__ import annotations
@@ -55,14 +56,14 @@ def main() -> None:
         started = time.perf_counter()
         centring = embed(backbone, base_train.images[::10], spec, device).mean(dim=0)  # every 10th: cheap
         context = MethodContext(base_feature_mean=centring)
-        record = {"epoch": epoch, "base_val_balanced_accuracy": metrics["pretrain.val_balanced_accuracy"]}
+        record = {"epoch": epoch, "base_val_balanced_accuracy": metrics["val_balanced_accuracy"]}
         for split, pool in pools.items():
             features = embed(backbone, pool.images, spec, device)
             result = evaluate_frozen(
                 lambda: create_method("simpleshot", context), features, pool, episodes[split]
             )
             record[f"novel_{split}_5shot_accuracy"] = result.summary()["accuracy"][0]
-        record["train_loss"] = metrics["pretrain.train_loss"]
+        record["train_loss"] = metrics["train_loss"]
         record["probe_seconds"] = time.perf_counter() - started
         print(json.dumps(record), flush=True)
         backbone.train()

@@ -1,0 +1,1 @@
+"""One-off measurements the README cites (each runs with ``python -m benchmarks.scripts.<name>``)."""
