@@ -8,9 +8,8 @@ first use, when a config is validated, not when this module is.
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,11 +39,11 @@ def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid", "{message}", {"message": message})
 
 
-def _registered(kind: str, module: str, registry: str) -> AfterValidator:
-    """Validator of a name that must be a key of the registry ``module.registry``, imported on first use."""
+def _registered(kind: str, registry: Callable[[], Collection[str]]) -> AfterValidator:
+    """Validator of a name that must be a key of ``registry()`` (which imports it on first use)."""
 
     def check(name: str) -> str:
-        choices: Collection[str] = getattr(importlib.import_module(module), registry)
+        choices = registry()
         if name not in choices:
             raise _invalid(not_one_of(name, kind, choices))
         return name
@@ -52,19 +51,41 @@ def _registered(kind: str, module: str, registry: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-MethodName = Annotated[str, _registered("few-shot method", "fewshot_med.methods", "METHODS")]
-CalibrationName = Annotated[
-    str, _registered("calibration setting", "fewshot_med.evaluation.calibration", "CALIBRATION_SETTINGS")
-]
-FeatureTransformName = Annotated[
-    str, _registered("feature transform", "fewshot_med.selection.candidates", "FEATURE_TRANSFORMS")
-]
-CriterionName = Annotated[
-    str, _registered("selection criterion", "fewshot_med.selection.criteria", "CRITERIA")
-]
-MetaAlgorithmName = Annotated[
-    str, _registered("meta-training algorithm", "fewshot_med.training.meta", "ALGORITHMS")
-]
+def _methods() -> Collection[str]:
+    from fewshot_med.methods import METHODS
+
+    return METHODS
+
+
+def _calibration_settings() -> Collection[str]:
+    from fewshot_med.evaluation.calibration import CALIBRATION_SETTINGS
+
+    return CALIBRATION_SETTINGS
+
+
+def _feature_transforms() -> Collection[str]:
+    from fewshot_med.selection.candidates import FEATURE_TRANSFORMS
+
+    return FEATURE_TRANSFORMS
+
+
+def _criteria() -> Collection[str]:
+    from fewshot_med.selection.criteria import CRITERIA
+
+    return CRITERIA
+
+
+def _meta_algorithms() -> Collection[str]:
+    from fewshot_med.training.meta import ALGORITHMS
+
+    return ALGORITHMS
+
+
+MethodName = Annotated[str, _registered("few-shot method", _methods)]
+CalibrationName = Annotated[str, _registered("calibration setting", _calibration_settings)]
+FeatureTransformName = Annotated[str, _registered("feature transform", _feature_transforms)]
+CriterionName = Annotated[str, _registered("selection criterion", _criteria)]
+MetaAlgorithmName = Annotated[str, _registered("meta-training algorithm", _meta_algorithms)]
 
 
 class StrictModel(BaseModel):

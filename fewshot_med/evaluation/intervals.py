@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.stats import t
 
 
 def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -21,6 +20,8 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     Returns:
         ``(mean, half_width)``; the half-width is 0 for one value, and both are NaN for none.
     """
+    from scipy.stats import t  # imported here: scipy.stats takes a second to import
+
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[~np.isnan(finite)]
     n = len(finite)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from fewshot_med.evaluation.selective import aurc
 
@@ -61,6 +60,8 @@ def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> Value:
     statistic (ties count one half). Classes absent from ``labels`` are skipped; NaN when fewer than
     two classes are present, since no class then has negatives.
     """
+    from scipy.stats import rankdata  # imported here: scipy.stats takes a second to import
+
     _check(probs, labels)
     n = probs.shape[-2]
     truth = _one_hot(labels, probs.shape[-1])
@@ -114,6 +115,8 @@ def adaptive_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> Val
     Deep Learning", CVPR Workshops 2019): samples sorted by top-label confidence fill ``n_bins`` bins
     of equal count (sizes differ by at most one; with fewer samples than bins, one sample a bin).
     Tied confidences share the bin of the first of them, so the result does not depend on their order."""
+    from scipy.stats import rankdata  # imported here: scipy.stats takes a second to import
+
     _check(probs, labels)
     confidence, correct = _top_label(probs, labels)
     n = confidence.shape[-1]

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
 
 from fewshot_med.data.episodes import EpisodeList
 from fewshot_med.data.roles import ClassSubset
@@ -590,6 +589,8 @@ def evaluate_oracle(
     Returns:
         Per-episode metrics, logits and labels (support sets are not used).
     """
+    from sklearn.linear_model import LogisticRegression  # imported here: sklearn takes seconds to import
+
     _check_rows("pool_features", pool_features, pool)
     labels = _label_array(labels_train_novel)
     if set(labels.tolist()) != set(range(len(pool.class_names))):

@@ -7,7 +7,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 #: episodes per Newton solve are chunked so that ``E · m²`` stays below this many float64 entries
@@ -86,6 +85,8 @@ def _solve_chunk(
         step_a = step[:, : n * n_way].reshape(n_episodes, n, n_way)
         step_b = F.pad(step[:, n * n_way :], (1, 0)) if intercept else torch.zeros_like(b)
         a, b = _line_search(gram, targets, c, a, b, step_a, step_b)
+    from sklearn.exceptions import ConvergenceWarning  # imported here: sklearn takes seconds to import
+
     warnings.warn(
         f"logistic regression: Newton did not converge in {max_iter} iterations; raise max_iter",
         ConvergenceWarning,

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,7 +52,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fewshot_med.config import MetaTrainConfig
 from fewshot_med.data.episodes import Episode, sample_episodes
 from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
@@ -63,6 +63,9 @@ from fewshot_med.methods.protonet import ProtoNet, prototype_logits
 from fewshot_med.models import BackboneSpec, autocast, embed
 from fewshot_med.progress import Progress
 from fewshot_med.training._harness import Harness, checkpoint_header
+
+if TYPE_CHECKING:
+    from fewshot_med.config import MetaTrainConfig
 
 CHECKPOINT_KIND = "fewshot_med.meta_train"
 #: 2: the shared ``Harness`` layout (``current`` by module name, ``best_metric``, ``finished``)
@@ -110,7 +113,7 @@ class EpisodeBatch:
 
 #: ``step(backbone, batch, settings) -> (loss, accuracy)``: leaves the episode's outer gradient in the
 #: ``.grad`` of the backbone's parameters and returns the detached query loss and accuracy (0-dim).
-EpisodeStep = Callable[[nn.Module, EpisodeBatch, MetaTrainConfig], tuple[Tensor, Tensor]]
+EpisodeStep = Callable[[nn.Module, "EpisodeBatch", "MetaTrainConfig"], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)

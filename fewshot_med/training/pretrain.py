@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from fewshot_med.config import PretrainConfig
 from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
@@ -39,6 +38,9 @@ from fewshot_med.models import BackboneSpec, autocast
 from fewshot_med.priors import SwagCollector, SwagPosterior
 from fewshot_med.progress import Progress
 from fewshot_med.training._harness import Harness, checkpoint_header
+
+if TYPE_CHECKING:
+    from fewshot_med.config import PretrainConfig
 
 CHECKPOINT_KIND = "fewshot_med.pretrain"
 CHECKPOINT_VERSION = 1
