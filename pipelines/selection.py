@@ -19,7 +19,6 @@ from functools import cached_property
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from tqdm.auto import tqdm
 
 from fewshot_med import tracking
 from fewshot_med.config import Config
@@ -30,6 +29,7 @@ from fewshot_med.methods.laplace_logreg import LaplaceLogReg
 from fewshot_med.pipelines.episodes import draw_episodes
 from fewshot_med.pipelines.evaluation import embed_subsets
 from fewshot_med.pipelines.stages import StageContext
+from fewshot_med.progress import Progress
 from fewshot_med.selection.candidates import Candidate, candidate_grid
 from fewshot_med.selection.criteria import CriterionSettings
 from fewshot_med.selection.select import pick, score_candidates
@@ -200,12 +200,16 @@ def selection_studies(
     settings = config.selection
     candidates = candidate_grid(settings.features, settings.prior_precision)
     options = CriterionSettings(settings.orderings, settings.conditioning, config.seed)
-    return [
-        selection_study(
-            features, pool, test_episodes, candidates, settings.criteria, options, base_feature_mean
-        )
-        for test_episodes in episodes.values()
-    ]
+    studies = []
+    with Progress("select", total=len(episodes), unit="K") as progress:
+        for test_episodes in episodes.values():
+            study = selection_study(
+                features, pool, test_episodes, candidates, settings.criteria, options, base_feature_mean
+            )
+            studies.append(study)
+            best = float(study.accuracy[study.best].mean())
+            progress.update(len(studies), force=True, k_shot=test_episodes.k_shot, best_accuracy=best)
+    return studies
 
 
 def selection_study(
@@ -245,9 +249,7 @@ def selection_study(
             episodes,
             label=candidate.label,
         )
-        for candidate in tqdm(
-            candidates, desc=f"candidates, {episodes.k_shot}-shot", leave=False, disable=None
-        )
+        for candidate in candidates
     ]
     result = SelectionResult(
         episodes.k_shot, candidates, {n: s.cpu().numpy() for n, s in scores.items()}, results, []
