@@ -62,10 +62,7 @@ def backbone_stages(
     ``stages`` and ``meta_train.enabled``, or when it is asked for alone). Each stage's wall time goes
     into ``seconds``."""
     seconds = {} if seconds is None else seconds
-    if from_run is None and "pretrain" not in stages:
-        raise FewshotMedError(
-            f"stages {list(stages)} need a backbone: pass the run id of an earlier run (--from)"
-        )
+    _require_backbone_source(stages, from_run)
     if from_run is not None:
         context = from_run_stage(context, from_run)
     if "pretrain" in stages:
@@ -93,10 +90,7 @@ def run_stages(
             one) the stages start from, instead of pretraining.
         resume: continue interrupted training from the stage's checkpoint.
     """
-    if from_run is None and "pretrain" not in stages:
-        raise FewshotMedError(
-            f"stages {list(stages)} need a backbone: pass the run id of an earlier run (--from)"
-        )
+    _require_backbone_source(stages, from_run)
     context = open_context(config)
     tags = {names.STAGES_TAG: names.list_value(stages)}
     if from_run:
@@ -116,6 +110,14 @@ def run_stages(
                 selection = select_stage(context)
         tracking.log_metrics({names.time_metric(stage): value for stage, value in seconds.items()})
     return PipelineOutcome(run.run_id, report, seconds, registration, selection, context)
+
+
+def _require_backbone_source(stages: Sequence[str], from_run: str | None) -> None:
+    """Refuse stages that would have no backbone: no earlier run and no pretraining."""
+    if from_run is None and "pretrain" not in stages:
+        raise FewshotMedError(
+            f"stages {list(stages)} need a backbone: pass the run id of an earlier run (--from)"
+        )
 
 
 @contextmanager
