@@ -8,13 +8,11 @@ A suite is a plain function ``run(options) -> SuiteReport`` registered in ``benc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +30,6 @@ from fewshot_med.tracking import names
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from fewshot_med.data import EpisodeList
 
 #: Distributions whose versions every benchmark records (absent ones are recorded as such).
 RECORDED_PACKAGES = (
@@ -65,8 +62,8 @@ SUITE_OVERRIDES = (
     "evaluation.generalised=false",
     "evaluation.plots=false",
 )
-#: Under ``--quick``, the datasets read from a smaller file.
-QUICK_DATA = {"ham10000": "data.source=ham10000-28"}
+#: Under ``--quick``, these data sources are read from a smaller file (``data.source`` -> quick source).
+QUICK_SOURCES = {"ham10000": "ham10000-28"}
 
 
 @dataclass(frozen=True)
@@ -79,12 +76,15 @@ class SuiteOptions:
         backbone_runs: dataset name -> MLflow run id whose backbone to reuse instead of training one
             (a pipeline run of that dataset's config, e.g. from ``fewshot-med run configs/pbc.yaml``).
         threads: torch CPU threads; all cores when ``None``.
+        configs: dataset name (the config's ``name``) -> pipeline config to benchmark instead of the
+            suite's built-in datasets (``--config``, peers suite); empty: the built-in ones.
     """
 
     quick: bool = False
     seed: int = 0
     backbone_runs: Mapping[str, str] = field(default_factory=dict)
     threads: int | None = None
+    configs: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +98,9 @@ class SuiteReport:
             MLflow params and printed under the section.
         tables: artifact file name -> text (CSV or markdown), logged as MLflow artifacts.
         figures: artifact file name -> matplotlib figure, logged as PNG artifacts.
+        verdicts: dataset name -> its machine-readable verdict, one JSON object per setting (empty when
+            no setting compared); written beside the markdown (``benchmarks.json``) and logged as
+            ``<suite>.json``.
     """
 
     markdown: str
@@ -105,6 +108,7 @@ class SuiteReport:
     record: dict[str, str] = field(default_factory=dict)
     tables: dict[str, str] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
+    verdicts: dict[str, list[dict[str, object]]] = field(default_factory=dict)
 
 
 def environment() -> dict[str, str]:
@@ -137,12 +141,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def episode_list_digest(episodes: EpisodeList) -> str:
-    """SHA-256 of an episode list's canonical JSON (the same list gives the same digest anywhere)."""
-    payload = json.dumps(asdict(episodes), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass
@@ -198,16 +196,18 @@ def open_dataset(
 ) -> Iterator[OpenedDataset]:
     """Open one dataset of a suite under an MLflow run ``<suite>:<name>`` nested in the suite's run.
 
-    The config gets ``SUITE_OVERRIDES``, the suite's seed and, for ``--quick``, ``quick_overrides``;
-    ``configure`` may adjust it further. The backbone is an earlier run's (``options.backbone_runs``)
-    or trained by the pipeline's stages (``backbone_stages``); the episodes are the pipeline's
-    (``draw_episodes``), checked against that run's saved lists; the test data and episode lists are
-    logged to the dataset's run.
+    The config gets ``SUITE_OVERRIDES``, the suite's seed and, for ``--quick``, ``quick_overrides``
+    and the smaller file of ``QUICK_SOURCES``; ``configure`` may adjust it further. The backbone is
+    an earlier run's (``options.backbone_runs``) or trained by the pipeline's stages
+    (``backbone_stages``); the episodes are the pipeline's (``draw_episodes``), checked against that
+    run's saved lists; the test data and episode lists are logged to the dataset's run.
     """
     overrides = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}"]
     if options.quick:
-        overrides += [*quick_overrides, *filter(None, [QUICK_DATA.get(name)])]
+        overrides += quick_overrides
     config = load_config(config_path, overrides)
+    if options.quick and config.data.source in QUICK_SOURCES:
+        config = load_config(config_path, [*overrides, f"data.source={QUICK_SOURCES[config.data.source]}"])
     if configure is not None:
         config = configure(config)
     context = open_context(config)
@@ -231,7 +231,7 @@ def open_dataset(
             backbone_source=_backbone_source(config, from_run),
             data_digest=context.data.dataset.digest,
             episode_source=episode_source,
-            episode_digests={k: episode_list_digest(e) for k, e in episodes.test.items()},
+            episode_digests={k: e.digest() for k, e in episodes.test.items()},
         )
         yield OpenedDataset(context, embedded, episodes, lineage)
 

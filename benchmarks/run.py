@@ -5,27 +5,34 @@
     python -m benchmarks.run --suite bayes            # informative priors, BMA, selection criteria
     python -m benchmarks.run --suite all --quick      # smoke run of every suite (numbers mean nothing)
     python -m benchmarks.run --suite peers --from ham10000=<run id> --from pbc=<run id>
+    python -m benchmarks.run --suite peers --config my_data.yaml [--from <run id>]   # any pipeline config
 
 Each suite opens an MLflow run (experiment ``benchmarks``) tagged with the machine, package versions,
 git commit and options, and logs its headline metrics, record (run ids, data and episode-list
 digests), tables and figures. Its section of the output file, between ``<!-- suite:<name> -->``
-markers, is replaced; other sections are kept.
+markers, is replaced; other sections are kept. A suite with a machine-readable verdict (peers) also
+writes it to the JSON file beside the output (``docs/benchmarks.json``), replacing the entries of the
+datasets it ran and keeping the others.
+
+Exit status: 2 when the options are refused, before any work; 1 when a suite fails; 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from benchmarks.common import SuiteOptions, SuiteReport, environment, require_modules
 from benchmarks.suites import bayes, peers, speed
 from fewshot_med import tracking
+from fewshot_med.config import load_config
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.tracking import names
 
@@ -58,30 +65,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="DATASET=RUN_ID",
-        help="reuse the backbone (and saved episodes) of an earlier pipeline run of that dataset",
+        help="reuse the backbone (and saved episodes) of an earlier pipeline run of that dataset\n"
+        "(RUN_ID alone with a single --config)",
+    )
+    parser.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="CONFIG",
+        help="peers suite: benchmark this pipeline config, named by its `name` (repeatable),\n"
+        "instead of the built-in datasets",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     parser.add_argument(
         "--output",
         type=Path,
         default=None,
-        help=f"markdown file (default {DOCUMENT}; {QUICK_DOCUMENT} with --quick)",
+        help=f"markdown file (default {DOCUMENT}; {QUICK_DOCUMENT} with --quick);\n"
+        "verdicts go to the same path with suffix .json",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser.parse_args(argv)
 
 
-def backbone_runs(pairs: list[str]) -> dict[str, str]:
-    """``["ham10000=<id>", …]`` -> ``{"ham10000": "<id>"}``; raises ``FewshotMedError`` on bad input."""
+def dataset_configs(paths: list[Path], suites: list[str]) -> dict[str, Path]:
+    """``--config`` files by their config's ``name``, each validated (``load_config``).
+
+    Raises:
+        FewshotMedError: a missing or invalid file, two configs of one name, or a suite besides peers.
+    """
+    others = [suite for suite in suites if suite != peers.SUITE]
+    if paths and others:
+        raise FewshotMedError(f"--config applies to the peers suite only, not {', '.join(others)}")
+    configs: dict[str, Path] = {}
+    for path in paths:
+        name = load_config(path).name
+        if name in configs:
+            raise FewshotMedError(f"--config {path}: {configs[name]} has the same name, '{name}'")
+        configs[name] = path
+    return configs
+
+
+def backbone_runs(pairs: list[str], datasets: Collection[str]) -> dict[str, str]:
+    """``["ham10000=<id>", …]`` -> ``{"ham10000": "<id>"}`` for names in ``datasets``; a bare ``<id>``
+    stands for the only dataset when there is one. Raises ``FewshotMedError`` on bad input."""
+    only = next(iter(datasets)) if len(datasets) == 1 else None
     runs = {}
     for pair in pairs:
         name, sep, run_id = pair.partition("=")
-        if not sep or not run_id or name not in peers.DATASETS:
+        if not sep and only is not None:
+            name, run_id = only, pair
+        if not run_id or name not in datasets:
+            alone = "" if sep else "; RUN_ID alone only with a single --config"
             raise FewshotMedError(
-                f"--from '{pair}' must be DATASET=RUN_ID with DATASET one of {', '.join(peers.DATASETS)}"
+                f"--from '{pair}' must be DATASET=RUN_ID with DATASET one of {', '.join(datasets)}{alone}"
             )
         runs[name] = run_id
     return runs
+
+
+def write_verdicts(path: Path, suite: str, verdicts: Mapping[str, list[dict[str, object]]]) -> None:
+    """Replace the ``suite`` entries of the datasets in ``verdicts`` in the JSON file ``path``
+    (``{suite: [{"dataset": …, …}, …]}``); other datasets' entries and other suites are kept."""
+    document = {}
+    if path.exists():
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise FewshotMedError(f"{path}: not valid JSON ({error}); move it away to start anew") from None
+    kept = [entry for entry in document.get(suite, []) if entry.get("dataset") not in verdicts]
+    document[suite] = kept + [entry for entries in verdicts.values() for entry in entries]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def write_section(path: Path, suite: str, markdown: str) -> None:
@@ -132,39 +189,57 @@ def run_suite(name: str, options: SuiteOptions, output: Path, command: str) -> S
             tracking.log_figure(figure, file_name)
         section = report.markdown.rstrip() + "\n" + _footer(command, env, run.run_id, seconds, options)
         tracking.log_text_artifact(section, names.suite_artifact(name, "md"))
+        if report.verdicts:
+            verdicts = {name: [entry for entries in report.verdicts.values() for entry in entries]}
+            tracking.log_text_artifact(
+                json.dumps(verdicts, indent=2, allow_nan=False), names.suite_artifact(name, "json")
+            )
     write_section(output, name, section)
-    print(
-        f"{name}: {seconds / 60:.1f} min; section written to {output}; MLflow run {run.run_id}",
-        file=sys.stderr,
-    )
+    written = f"section written to {output}"
+    if report.verdicts:
+        write_verdicts(output.with_suffix(".json"), name, report.verdicts)
+        written += f", verdicts to {output.with_suffix('.json')}"
+    print(f"{name}: {seconds / 60:.1f} min; {written}; MLflow run {run.run_id}", file=sys.stderr)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    try:  # refuse bad options, or a missing peer library, before any work
+        configs = dataset_configs(args.configs, suites)
         options = SuiteOptions(
             quick=args.quick,
             seed=args.seed,
-            backbone_runs=backbone_runs(args.backbone_runs),
+            backbone_runs=backbone_runs(args.backbone_runs, configs or peers.DATASETS),
             threads=args.threads,
+            configs=configs,
         )
         output = args.output or (QUICK_DOCUMENT if args.quick else DOCUMENT)
-        names = list(SUITES) if args.suite == "all" else [args.suite]
-        for name in names:  # refuse before any work when a peer library is missing
+        if output.suffix == ".json":
+            raise FewshotMedError(f"--output {output}: name the markdown file; verdicts go beside it (.json)")
+        for name in suites:
             require_modules(SUITES[name][1])
-        for name in names:
-            run_suite(name, options, output, command)
     except (FewshotMedError, ImportError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ImportError) else 1
+        return _refuse(error, args.debug, status=2)
+    try:
+        for name in suites:
+            run_suite(name, options, output, command)
+    except FewshotMedError as error:
+        return _refuse(error, args.debug, status=1)
     except KeyboardInterrupt:
         print("interrupted: the suite's MLflow runs end KILLED with what they logged", file=sys.stderr)
         return 130
     return 0
+
+
+def _refuse(error: Exception, debug: bool, status: int) -> int:
+    """Print ``error`` as one line and return ``status``; with ``--debug``, raise it instead."""
+    if debug:
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    return status
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -8,6 +8,7 @@ first use, when a config is validated, not when this module is.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -64,7 +65,7 @@ def _calibration_settings() -> Collection[str]:
 
 
 def _feature_transforms() -> Collection[str]:
-    from fewshot_med.selection.candidates import FEATURE_TRANSFORMS
+    from fewshot_med.models.feature_transforms import FEATURE_TRANSFORMS
 
     return FEATURE_TRANSFORMS
 
@@ -132,6 +133,14 @@ class EpisodesConfig(StrictModel):
     n_test_episodes: PositiveInt = Field(600, description="episodes drawn from the test split")
     n_val_episodes: PositiveInt = Field(200, description="episodes drawn from the val split, for tuning")
     seed: int = Field(0, description="seed of the episode lists")
+    query_dirichlet_alpha: PositiveFloat | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="class-imbalanced test queries: each test episode splits its n_way * n_query queries "
+        "by proportions ~ Dirichlet(alpha), smaller alpha more imbalanced (Veilleux et al., 'Realistic "
+        "evaluation of transductive few-shot learning', NeurIPS 2021, use 2); unset: balanced. Val "
+        "episodes stay balanced",
+    )
 
 
 class ModelConfig(StrictModel):
@@ -254,6 +263,12 @@ class MetaTrainConfig(StrictModel):
     val_every: PositiveInt = Field(250, description="episodes between validations on novel val episodes")
 
 
+def search_combinations(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a ``search`` grid, in order (the first name varies slowest); ``[{}]`` when
+    nothing is searched."""
+    return [dict(zip(search, values, strict=True)) for values in itertools.product(*search.values())]
+
+
 class MethodConfig(StrictModel):
     """One few-shot method from the registry, with its parameters."""
 
@@ -264,6 +279,12 @@ class MethodConfig(StrictModel):
         None,
         description="evaluate on the first N test episodes only (costly methods); episode lists are "
         "prefix-stable, so these N are the same tasks every other method sees",
+    )
+    search: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="hyperparameters chosen on the val episodes, per K: each name maps to the values to "
+        "try; every combination runs on the val episodes and the most accurate is used on the test "
+        "episodes (frozen-feature methods; needs val_temperature in evaluation.calibration)",
     )
 
     @field_validator("params")
@@ -278,6 +299,34 @@ class MethodConfig(StrictModel):
             except ConfigError as error:
                 raise _invalid(str(error)) from None
         return params
+
+    @field_validator("search")
+    @classmethod
+    def _search_is_valid(cls, search: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+        """Searched names are the method's hyperparameters, not also fixed in ``params``, each with at
+        least one value, and every combination is valid; only frozen-feature methods search."""
+        from fewshot_med.methods import METHODS
+
+        if "name" not in info.data or "params" not in info.data or not search:
+            return search
+        method = METHODS[info.data["name"]]
+        if method.inputs != "features":
+            raise _invalid(
+                f"method '{method.name}' fine-tunes on images: a search would rerun it on every val "
+                "episode per combination; set its params instead"
+            )
+        params = info.data["params"]
+        for name, values in search.items():
+            if name in params:
+                raise _invalid(f"'{name}' is both in params and in search; keep it in one")
+            if not values:
+                raise _invalid(f"search.{name} lists no values")
+        for combination in search_combinations(search):
+            try:
+                method.validate_params({**params, **combination})
+            except ConfigError as error:
+                raise _invalid(f"search: {error}") from None
+        return search
 
     @property
     def display_name(self) -> str:
@@ -386,6 +435,16 @@ class Config(StrictModel):
     selection: SelectionConfig = SelectionConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _searches_have_val_episodes(self) -> Config:
+        searching = [method.display_name for method in self.methods if method.search]
+        if searching and "val_temperature" not in self.evaluation.calibration:
+            raise _invalid(
+                f"methods {', '.join(searching)} search hyperparameters on the val episodes, which are drawn "
+                "only with val_temperature in evaluation.calibration: add it or remove the search"
+            )
+        return self
 
     def roles(self) -> ClassRoles:
         """Base and novel classes: from the config, else the catalogue's defaults for the source."""

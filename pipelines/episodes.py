@@ -1,19 +1,20 @@
 """The one place a run's episodes are drawn: the evaluation, the select stage, the ``episodes`` command and
 every benchmark suite call ``draw_episodes``, so they all see the identical seeded lists.
 
-Test episodes come from the novel classes of the test split for every K of ``episodes.shots``; val
-episodes (for the val-episode temperature) from the novel classes of the val split, with K capped by what
-the split holds (``validation_shots``).
+Test episodes come from the novel classes of the test split for every K of ``episodes.shots``, with
+class-imbalanced queries when ``episodes.query_dirichlet_alpha`` is set; val episodes (for the val-episode
+temperature) from the novel classes of the val split, always balanced, with K capped by what the split
+holds (``validation_shots``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -52,24 +53,40 @@ def draw_episodes(
     n_way: int,
     shots: Sequence[int] | None = None,
     val: bool | None = None,
+    query_dirichlet_alpha: float | Literal["config"] | None = "config",
 ) -> Episodes:
     """The seeded episode lists of a run.
 
     Args:
-        config: its ``episodes`` section gives the queries per class, the numbers of episodes and the seed.
+        config: its ``episodes`` section gives the queries per class, the numbers of episodes, the seed
+            and the test queries' Dirichlet imbalance.
         pools: ``{"test": ..., "val": ...}``, the novel-class images of the test and val splits.
         n_way: classes per episode.
         shots: the K values; ``episodes.shots`` when ``None``.
         val: draw the val episodes too; when ``None``, only if ``evaluation.calibration`` has
             ``val_temperature`` (the one user of val episodes).
+        query_dirichlet_alpha: the test episodes' query imbalance (``sample_episodes``; Veilleux et al.,
+            NeurIPS 2021): ``"config"`` for ``episodes.query_dirichlet_alpha``, ``None`` for balanced, or an
+            alpha, so a benchmark can draw imbalanced lists from a balanced config. Val episodes are
+            always balanced: they calibrate and choose, and should not carry one draw's class skew.
 
     Returns:
         ``Episodes`` with a test list (and a val list) per K. Episode *i* depends only on the seed and *i*.
     """
     protocol = config.episodes
     shots = list(protocol.shots if shots is None else shots)
+    if query_dirichlet_alpha == "config":
+        query_dirichlet_alpha = protocol.query_dirichlet_alpha
     test = {
-        k: sample_episodes(pools["test"], n_way, k, protocol.n_query, protocol.n_test_episodes, protocol.seed)
+        k: sample_episodes(
+            pools["test"],
+            n_way,
+            k,
+            protocol.n_query,
+            protocol.n_test_episodes,
+            protocol.seed,
+            query_dirichlet_alpha,
+        )
         for k in shots
     }
     if val is None:
@@ -108,7 +125,8 @@ def check_saved_episodes(episodes: Episodes, from_run: str, config: Config) -> s
                 return f"{source} (run `{from_run}` saved none)"
             saved = json.loads(path.read_text(encoding="utf-8"))
             saved.pop("format_version", None)  # runs before format-versioned artifacts lack it
-            if saved != json.loads(json.dumps(dataclasses.asdict(drawn))):
+            expected = {key: value for key, value in drawn.to_dict().items() if key != "format_version"}
+            if saved != json.loads(json.dumps(expected)):
                 raise FewshotMedError(
                     f"the {k}-shot test episodes saved by run {from_run} differ from those this config draws "
                     f"(seed {config.episodes.seed}); pass a run of the same config and seed to --from"

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from fewshot_med import tracking
-from fewshot_med.config import Config, EvaluationConfig, MethodConfig
+from fewshot_med.config import Config, EvaluationConfig, MethodConfig, search_combinations
 from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.data.transforms import to_model_input
 from fewshot_med.evaluation import (
@@ -156,7 +157,7 @@ def evaluate_stage(context: StageContext) -> EvaluationReport:
                 results, generalised, validation = evaluate_method(
                     method, methods_context, features, subsets, episodes, config
                 )
-                _log_method(method.display_name, results, generalised, config.evaluation)
+                _log_method(method.display_name, results, generalised, config.evaluation, validation)
                 report.few_shot += results
                 report.generalised += generalised
                 report.validation.update(validation)
@@ -186,10 +187,10 @@ def evaluate_method(
     (frozen-feature methods), and the val-episode results (when val episodes are drawn)."""
     label = method.display_name
     create_method(method.name, context, **method.params)  # refuse bad names/params before any work
-    factory = lambda: create_method(method.name, context, **method.params)  # noqa: E731
     settings = config.evaluation
     scoring: dict[str, Any] = {"label": label, "coverage": settings.coverage, "n_bins": settings.ece_bins}
-    frozen = METHODS[method.name].inputs == "features"
+    method_class = METHODS[method.name]
+    frozen = method_class.inputs == "features"
     spec, device = context.spec, context.device
     to_input = lambda images: to_model_input(images, spec.mean, spec.std, spec.in_chans, device)  # noqa: E731
     test_pool, val_pool = subsets["novel_test"], subsets["novel_val"]
@@ -197,9 +198,16 @@ def evaluate_method(
     for k, all_test in episodes.test.items():
         test_episodes = _prefix(all_test, method.max_episodes)
         val_episodes = None if episodes.val is None else _prefix(episodes.val[k], method.max_episodes)
-        val = None
+        val, chosen, tried = None, {}, ()
+        if method.search:
+            chosen, val, tried = search_on_val(
+                method, context, features["novel_val"], val_pool, val_episodes, scoring
+            )
+        factory = partial(create_method, method.name, context, **method.params, **chosen)
         if frozen:
-            leave_one_out = "loo_temperature" in settings.calibration and k >= 2
+            leave_one_out = (
+                "loo_temperature" in settings.calibration and k >= 2 and not method_class.transductive
+            )
             test = evaluate_frozen(
                 factory,
                 features["novel_test"],
@@ -208,7 +216,8 @@ def evaluate_method(
                 leave_one_out=leave_one_out,
                 **scoring,
             )
-            if val_episodes is not None:
+            test.params, test.search_scores = chosen, tried
+            if val_episodes is not None and val is None:
                 val = evaluate_frozen(factory, features["novel_val"], val_pool, val_episodes, **scoring)
         else:
             test = evaluate_images(factory, test_pool.images, test_pool, test_episodes, to_input, **scoring)
@@ -236,6 +245,40 @@ def evaluate_method(
                 )
             )
     return results, generalised, validation
+
+
+def search_on_val(
+    method: MethodConfig,
+    context: MethodContext,
+    features: torch.Tensor,
+    pool: ClassSubset,
+    episodes: EpisodeList | None,
+    scoring: dict[str, Any],
+) -> tuple[dict[str, Any], EpisodeResults, tuple[tuple[dict[str, Any], float], ...]]:
+    """Every combination of ``method.search`` on the val episodes: the most accurate one (the first
+    on ties; combinations that fail on some episode are never chosen while another did not), its val
+    results, and each combination with its mean val accuracy (NaN when it failed).
+
+    Args:
+        method: a frozen-feature method with a non-empty ``search``.
+        context: the methods' context.
+        features: ``(len(pool), D)`` embeddings of the val pool.
+        pool: the novel-class val images the episodes come from.
+        episodes: the val episodes of one K (``None`` is refused: config validation requires them).
+        scoring: ``evaluate_frozen``'s keyword arguments (label, coverage, bins).
+    """
+    if episodes is None:
+        raise ValueError(f"{method.display_name}: a search needs val episodes")
+    outcomes = []
+    for combination in search_combinations(method.search):
+        factory = partial(create_method, method.name, context, **method.params, **combination)
+        result = evaluate_frozen(factory, features, pool, episodes, **scoring)
+        accuracy = result.summary()["accuracy"][0] if result.n_failed == 0 else float("nan")
+        outcomes.append((combination, accuracy, result))
+    finite = [outcome for outcome in outcomes if np.isfinite(outcome[1])] or outcomes[:1]
+    chosen, _, val = max(finite, key=lambda outcome: outcome[1])  # max keeps the first of equals
+    tried = [(combination, accuracy) for combination, accuracy, _ in outcomes]
+    return chosen, val, tuple(tried)
 
 
 def evaluate_oracle_rows(
@@ -290,13 +333,26 @@ def _per_episode_csv(result: EpisodeResults) -> str:
 
 
 def _log_method(
-    label: str, results: list[EpisodeResults], generalised: list[EpisodeResults], settings: EvaluationConfig
+    label: str,
+    results: list[EpisodeResults],
+    generalised: list[EpisodeResults],
+    settings: EvaluationConfig,
+    validation: dict[tuple[str, int], EpisodeResults] | None = None,
 ) -> None:
-    """A nested run for the method: metrics, calibrator parameters, per-episode CSVs and plots; its
-    summaries also go on the pipeline run under the method's name."""
+    """A nested run for the method: metrics (val-episode summaries by test K included), calibrator
+    parameters, the hyperparameters its search chose with every combination's val accuracy, per-episode
+    CSVs and plots; its summaries also go on the pipeline run under the method's name."""
     shots = sorted({result.k_shot for result in results})
     tags = {names.METHOD_TAG: label, names.SHOTS_TAG: names.list_value(shots)}
+    val_results = {k: result for (_, k), result in (validation or {}).items()}
+    searched = [result for result in results if result.calibration == names.UNCALIBRATED and result.params]
+    pipeline_run = tracking.pipeline_run_id()
     with tracking.stage_run(names.method_stage(label), tags=tags):
+        for k, val in val_results.items():
+            tracking.log_metrics(tracking.summary_metrics(val.summary(), partial(names.val_metric, k)))
+        for result in searched:
+            tracking.log_params({names.search_param(result.k_shot, p): v for p, v in result.params.items()})
+            tracking.log_text_artifact(_search_csv(result), names.search_path(result.k_shot))
         for result in results:
             tracking.log_metrics(_summary_metrics(result, None))
             fitted = {
@@ -310,11 +366,27 @@ def _log_method(
             tracking.log_metrics(_summary_metrics(result, None, generalised=True))
         if settings.plots:
             _log_method_plots(label, results, generalised, settings.ece_bins)
-    pipeline_run = tracking.pipeline_run_id()
     for result in results:
         tracking.log_metrics(_summary_metrics(result, label), run_id=pipeline_run)
+    for k, val in val_results.items():
+        key = lambda metric, k=k: names.val_metric(k, metric, label)  # noqa: E731
+        tracking.log_metrics(tracking.summary_metrics(val.summary(), key), run_id=pipeline_run)
+    for result in searched:
+        params = {names.search_param(result.k_shot, p, label): v for p, v in result.params.items()}
+        tracking.log_params(params, run_id=pipeline_run)
     for result in generalised:
         tracking.log_metrics(_summary_metrics(result, label, generalised=True), run_id=pipeline_run)
+
+
+def _search_csv(result: EpisodeResults) -> str:
+    """Every combination a search tried at one K, with its mean val-episode accuracy, as CSV."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    names_ = list(result.params)
+    writer.writerow([*names_, "val_accuracy", "chosen"])
+    for combination, accuracy in result.search_scores:
+        writer.writerow([*(combination[n] for n in names_), accuracy, combination == result.params])
+    return buffer.getvalue()
 
 
 def _log_method_plots(

@@ -1,10 +1,12 @@
 """The registration stage: adapt the best method to labelled cases and register it in MLflow.
 
-Selection rule (stated in every registered version's description): among the evaluated methods, the
-one with the highest mean accuracy on the val episodes at the registered shot count (the test
-episodes are never used to choose). The classifier is that method fitted on K images per novel
-class drawn from the train split (seeded), with the temperature fitted on the val episodes, so the
-test-episode metrics of that method, K and calibration describe it.
+Selection rule (stated in every registered version's description): among the evaluated inductive
+methods, the one with the highest mean accuracy on the val episodes at the registered shot count (the
+test episodes are never used to choose). Transductive methods are not registered: a served classifier
+must give a file the same answer whatever other files arrive with it. The classifier is that method
+(with the hyperparameters its search chose at K) fitted on K images per novel class drawn from the
+train split (seeded), with the temperature fitted on the val episodes, so the test-episode metrics of
+that method, K and calibration describe it.
 """
 
 from __future__ import annotations
@@ -17,19 +19,23 @@ from fewshot_med.deploy.classifier import fit_classifier
 from fewshot_med.errors import ConfigError
 from fewshot_med.evaluation import EpisodeResults
 from fewshot_med.evaluation.report import markdown_table
-from fewshot_med.methods import create_method
+from fewshot_med.methods import METHODS, create_method
 from fewshot_med.pipelines.evaluation import EvaluationReport
 from fewshot_med.pipelines.stages import Data, StageContext
 from fewshot_med.tracking import Registration, names
 
 
-def _selected(report: EvaluationReport, k_shot: int) -> tuple[str, EpisodeResults]:
-    """The method with the highest mean val-episode accuracy at test ``k_shot``, and those results."""
-    at_k = {method: val for (method, k), val in report.validation.items() if k == k_shot}
+def _selected(report: EvaluationReport, k_shot: int, inductive: set[str]) -> tuple[str, EpisodeResults]:
+    """The method among ``inductive`` labels with the highest mean val-episode accuracy at test
+    ``k_shot``, and those results."""
+    at_k = {
+        method: val for (method, k), val in report.validation.items() if k == k_shot and method in inductive
+    }
     if not at_k:
         raise ConfigError(
-            f"tracking.registered_model needs val-episode results at K={k_shot}: keep val_temperature in "
-            "evaluation.calibration and K in episodes.shots (or set tracking.register_k_shot)"
+            f"tracking.registered_model needs val-episode results of an inductive method at K={k_shot}: "
+            "keep val_temperature in evaluation.calibration, K in episodes.shots (or set "
+            "tracking.register_k_shot) and a method that is not transductive in methods"
         )
     method = max(at_k, key=lambda name: at_k[name].summary()["accuracy"][0])
     return method, at_k[method]
@@ -43,7 +49,8 @@ def register_stage(context: StageContext, report: EvaluationReport) -> Registrat
     if name is None or not config.tracking.enabled:
         return None
     k_shot = config.tracking.register_k_shot or max(config.episodes.shots)
-    label, chosen = _selected(report, k_shot)
+    inductive = {m.display_name for m in config.methods if not METHODS[m.name].transductive}
+    label, chosen = _selected(report, k_shot, inductive)
     method_config = next(m for m in config.methods if m.display_name == label)
     test = {r.calibration: r for r in report.few_shot if r.method == label and r.k_shot == k_shot}
     calibrated = test.get("val_temperature", test["none"])
@@ -63,7 +70,8 @@ def register_stage(context: StageContext, report: EvaluationReport) -> Registrat
     )
     backbone, spec = context.trained()
     methods_context = context.method_context(report.base_feature_mean)
-    method = create_method(method_config.name, methods_context, **method_config.params)
+    params = {**method_config.params, **test["none"].params}  # with what its search chose at K
+    method = create_method(method_config.name, methods_context, **params)
     classifier = fit_classifier(
         backbone,
         spec,
@@ -114,9 +122,9 @@ def _description(
         f"**{chosen.method}** on a `{config.model.backbone}` backbone, adapted on {k_shot} labelled "
         f"images per class of the train split ({classes}; seed {config.seed}), temperature "
         f"{temperature:.3f} (fitted on val episodes).\n\n"
-        f"Selection rule: highest mean accuracy on {len(chosen)} val episodes ({score_name} = "
-        f"{accuracy:.3f} ± {half_width:.3f}); the alias `{config.tracking.model_alias}` moves to a new "
-        "version that scores at least as well.\n\n"
+        f"Selection rule: highest mean accuracy of the inductive methods on {len(chosen)} val episodes "
+        f"({score_name} = {accuracy:.3f} ± {half_width:.3f}); the alias `{config.tracking.model_alias}` "
+        "moves to a new version that scores at least as well.\n\n"
         f"Test episodes ({config.episodes.n_query} queries per class at most), mean ± 95% CI:\n\n"
         f"{markdown_table(rows)}\n\n"
         f"Data `{data.dataset.name}`, digest `{data.dataset.digest}`; pipeline run `{run_id}`; config "

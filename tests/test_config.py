@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fewshot_med.config import Config, load_config
+from fewshot_med.config import Config, load_config, search_combinations
 from fewshot_med.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -99,8 +99,8 @@ def test_missing_config_and_missing_roles(tmp_path):
     [
         (
             "methods=[{name: protonett}]",
-            "methods.0.name: unknown few-shot method 'protonett'; choose from anil, finetune, "
-            "laplace_logreg, logreg, protonet, r2d2, simpleshot; did you mean 'protonet'?",
+            "methods.0.name: unknown few-shot method 'protonett'; choose from anil, bd_cspn, finetune, "
+            "laplace_logreg, logreg, protonet, pt_map, r2d2, simpleshot, tim; did you mean 'protonet'?",
         ),
         (
             "methods=[{name: finetune, params: {steps: -3}}]",
@@ -112,8 +112,27 @@ def test_missing_config_and_missing_roles(tmp_path):
             "did you mean 'head'?",
         ),
         (
+            "methods=[{name: tim, search: {alpah: [1, 2]}}]",
+            "methods.0.search: search: method 'tim' has no parameter alpah; its parameters: features, "
+            "temperature, steps, lr, ce_weight, marginal_weight, conditional_weight, alpha; did you mean "
+            "'alpha'?",
+        ),
+        (
+            "methods=[{name: logreg, params: {C: 1}, search: {C: [0.1, 1]}}]",
+            "methods.0.search: 'C' is both in params and in search; keep it in one",
+        ),
+        (
+            "methods=[{name: pt_map, search: {features: [power, cosine]}}]",
+            "methods.0.search: search: method 'pt_map': features must be one of raw, l2, centred, power, "
+            "got 'cosine'",
+        ),
+        (
+            "methods=[{name: finetune, search: {steps: [5, 10]}}]",
+            "methods.0.search: method 'finetune' fine-tunes on images: a search would rerun it",
+        ),
+        (
             "methods=[{name: r2d2, params: {lamda: 1}}]",
-            "methods.0.params: method 'r2d2' has no parameter lamda; its parameters: lam, scale; "
+            "methods.0.params: method 'r2d2' has no parameter lamda; its parameters: features, lam, scale; "
             "did you mean 'lam'?",
         ),
         (
@@ -133,8 +152,8 @@ def test_missing_config_and_missing_roles(tmp_path):
         ),
         (
             "selection.features=[raw, centered]",
-            "selection.features.1: unknown feature transform 'centered'; choose from centred, l2, raw; "
-            "did you mean 'centred'?",
+            "selection.features.1: unknown feature transform 'centered'; choose from centred, l2, power, "
+            "raw; did you mean 'centred'?",
         ),
         ("selection.criteria=[cmll]", "selection.criteria.0: unknown selection criterion 'cmll'"),
         (
@@ -207,3 +226,17 @@ def test_weights_file_is_checked_where_it_is(tmp_path):
     weights.write_bytes(b"")
     config = load_config(CONFIGS / "quickstart.yaml", [f"model.weights={weights}"])
     assert config.model.weights == str(weights)
+
+
+def test_a_search_needs_the_val_episodes():
+    overrides = ["methods=[{name: bd_cspn, search: {features: [l2, power]}}]", "evaluation.calibration=[]"]
+    with pytest.raises(ConfigError, match="methods bd_cspn search hyperparameters on the val episodes"):
+        load_config(CONFIGS / "quickstart.yaml", overrides)
+    config = load_config(CONFIGS / "quickstart.yaml", overrides[:1])
+    assert search_combinations(config.methods[0].search) == [{"features": "l2"}, {"features": "power"}]
+    assert search_combinations({"a": [1, 2], "b": ["x", "y"]}) == [
+        {"a": 1, "b": "x"},
+        {"a": 1, "b": "y"},
+        {"a": 2, "b": "x"},
+        {"a": 2, "b": "y"},
+    ]

@@ -1,12 +1,15 @@
 """The peers suite: this toolkit's methods beside easyfsl's and scikit-learn's, on identical episodes.
 
-Per dataset (HAM10000 and PBC, the guide's protocol, section 3) one backbone, the pipeline's own
-(pretrained, then meta-trained when its config says so), trained here or reused from an earlier run
-(``--from``), embeds every image once. Then, on the same saved test episodes for K ∈ {1, 5, 10}:
+Per dataset (HAM10000 and PBC, the guide's protocol, section 3; or the pipeline configs given with
+``--config``) one backbone, the pipeline's own (pretrained, then meta-trained when its config says
+so), trained here or reused from an earlier run (``--from``), embeds every image once. Then, on the
+same saved test episodes for each K of the config:
 
 1. every method of the dataset's config, calibrated by its val-episode temperature, and every peer of
    ``peer_methods.PEERS`` (its feature preprocessing chosen on val episodes): accuracy, balanced
-   accuracy, pooled ECE, NLL with 95% CIs, and the paired accuracy difference against the best peer;
+   accuracy, pooled ECE, NLL with 95% CIs, and the paired accuracy difference of our best against the
+   best peer, of any kind, then inductive against inductive and transductive against transductive
+   (the verdicts, also returned as JSON objects, ``SuiteReport.verdicts``);
 2. temperature scaling here against netcal's on the same logits (fitted on val episodes, scored on
    test episodes): ECE, NLL and fit time, and our ECE against netcal's ECE on the same probabilities;
 3. the oracle (a probe on all novel-class train images) and accuracy against shots.
@@ -49,7 +52,7 @@ QUICK_OVERRIDES = (
     "pretrain.steps_per_epoch=4",
     "pretrain.warmup_epochs=0",
     "meta_train.enabled=false",
-    "methods=[{name: simpleshot}, {name: logreg}]",
+    "methods=[{name: simpleshot}, {name: logreg}, {name: bd_cspn}]",
     "episodes.shots=[1, 5]",
     "episodes.n_test_episodes=12",
     "episodes.n_val_episodes=8",
@@ -63,6 +66,9 @@ SUITE = "peers"
 REQUIRES = ("easyfsl", "netcal")
 #: Shots of the val episodes on which each peer's feature preprocessing is chosen.
 SELECTION_SHOTS = 5
+#: The comparisons of a setting -> the rows they take, by ``transductive``: our best against the best
+#: peer of any kind, then like against like.
+SIDES = {"any": (False, True), "inductive": (False,), "transductive": (True,)}
 
 
 @dataclass
@@ -88,26 +94,41 @@ class DatasetBenchmark(Lineage):
     netcal: list[dict[str, float | str | int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Our best row against the best peer's in one setting: ``delta`` (accuracy, ours minus peer) and
+    its 95% ``half_width``, paired over their ``episodes`` common episodes."""
+
+    ours: EpisodeResults
+    peer: EpisodeResults
+    delta: float
+    half_width: float
+    episodes: int
+
+
 def run(options: SuiteOptions) -> SuiteReport:
-    """The peers suite on every dataset of ``DATASETS``: tables, headline metrics and record."""
+    """The peers suite on every dataset of ``options.configs`` (else of ``DATASETS``): tables,
+    headline metrics, record and verdicts."""
     require_modules(REQUIRES)
     if options.threads:
         torch.set_num_threads(options.threads)
-    benchmarks = [benchmark_dataset(name, options) for name in DATASETS]
+    datasets = dict(options.configs) or DATASETS
+    benchmarks = [benchmark_dataset(name, path, options) for name, path in datasets.items()]
     report = SuiteReport(markdown=_suite_markdown(benchmarks, options.quick))
     for bench in benchmarks:
         report.record.update(bench.record())
         report.metrics.update(_headline_metrics(bench))
+        report.verdicts[bench.name] = _verdicts(bench)
         report.tables[names.dataset_artifact(SUITE, bench.name, "csv")] = _rows_csv(bench)
         figure = names.dataset_artifact(names.ACCURACY_VS_SHOTS, bench.name, "png")
         report.figures[figure] = _curve_figure(bench)
     return report
 
 
-def benchmark_dataset(name: str, options: SuiteOptions) -> DatasetBenchmark:
+def benchmark_dataset(name: str, config_path: Path, options: SuiteOptions) -> DatasetBenchmark:
     """Backbone, episodes, our methods, the oracle, the peers, the curve and the netcal comparison on
-    one dataset, under an MLflow run ``peers:<name>`` nested in the suite's run."""
-    with open_dataset(SUITE, name, DATASETS[name], options, QUICK_OVERRIDES) as opened:
+    the dataset of one pipeline config, under an MLflow run ``peers:<name>`` nested in the suite's run."""
+    with open_dataset(SUITE, name, config_path, options, QUICK_OVERRIDES) as opened:
         embedded, episodes = opened.embedded, opened.episodes
         subsets, features, context = embedded.subsets, embedded.features, embedded.methods
         bench = DatasetBenchmark(**opened.lineage.lineage())
@@ -286,6 +307,39 @@ def _on_all_episodes(bench: DatasetBenchmark, results: list[EpisodeResults]) -> 
     return [r for r in results if len(r) == bench.config.episodes.n_test_episodes]
 
 
+def _transductive(bench: DatasetBenchmark, kind: str, result: EpisodeResults) -> bool:
+    """Whether a row's method reads the episode's queries: the peer's ``Peer.transductive``, our
+    method's registry class's ``transductive``; never the oracle."""
+    if kind == "peer":
+        return PEERS[result.method].transductive
+    if kind == "ours":
+        method = next(m for m in bench.config.methods if m.display_name == result.method)
+        return METHODS[method.name].transductive
+    return False
+
+
+def _compare(ours: list[EpisodeResults], peers: list[EpisodeResults]) -> Comparison | None:
+    """The best of ``ours`` against the best of ``peers``; ``None`` when a side has no usable row."""
+    best_ours, best_peer = _best(ours), _best(peers)
+    if best_ours is None or best_peer is None:
+        return None
+    episodes = min(len(best_ours), len(best_peer))
+    return Comparison(best_ours, best_peer, *paired_on_common_episodes(best_ours, best_peer), episodes)
+
+
+def _comparisons(bench: DatasetBenchmark, k: int) -> dict[str, Comparison | None]:
+    """Per side of ``SIDES``, our best at ``k`` (among rows on every test episode) against the best
+    peer: of any kind, inductive against inductive, transductive against transductive."""
+    rows = _setting_rows(bench, k)
+    ours = _on_all_episodes(bench, [r for kind, r, _ in rows if kind == "ours"])
+    ours_kinds = [(r, _transductive(bench, "ours", r)) for r in ours]
+    peer_kinds = [(r, _transductive(bench, "peer", r)) for kind, r, _ in rows if kind == "peer"]
+    return {
+        side: _compare([r for r, t in ours_kinds if t in kinds], [r for r, t in peer_kinds if t in kinds])
+        for side, kinds in SIDES.items()
+    }
+
+
 def _settings(bench: DatasetBenchmark) -> list[int]:
     return sorted({r.k_shot for r in bench.peers})
 
@@ -341,12 +395,8 @@ def _dataset_markdown(bench: DatasetBenchmark) -> str:
 
 def _setting_table(bench: DatasetBenchmark, k: int) -> list[str]:
     rows = _setting_rows(bench, k)
-    peers = [r for kind, r, _ in rows if kind == "peer"]
-    best_peer, best_ours = (
-        _best(peers),
-        _best(_on_all_episodes(bench, [r for kind, r, _ in rows if kind == "ours"])),
-    )
-    best_inductive = _best([r for r in peers if not PEERS[r.method].transductive])
+    comparisons = _comparisons(bench, k)
+    best_peer = _best([r for kind, r, _ in rows if kind == "peer"])
     lines = [
         f"#### {bench.name}, K = {k}",
         "",
@@ -356,13 +406,12 @@ def _setting_table(bench: DatasetBenchmark, k: int) -> list[str]:
     ]
     for kind, raw, calibrated in rows:
         summary = raw.summary()
+        transductive = "yes" if _transductive(bench, kind, raw) else "no"
         if kind == "peer":
             name = raw.method
-            transductive = "yes" if PEERS[raw.method].transductive else "no"
             how = bench.peer_choices[raw.method].preprocessing
         else:
             name = f"**{raw.method}**" if kind == "ours" else "oracle (all novel train images)"
-            transductive = "no"
             how = "val temperature" if calibrated is not None else "none"
         if len(raw) < bench.config.episodes.n_test_episodes:
             name += f" (first {len(raw)} episodes)"
@@ -382,35 +431,33 @@ def _setting_table(bench: DatasetBenchmark, k: int) -> list[str]:
             f"| {_cell(*summary['nll'], digits=3, scale=1)} "
             f"| {_cell(*cal['nll'], digits=3, scale=1) if cal else '—'} | {delta} |"
         )
-    lines += ["", _verdict(bench, k, best_ours, best_peer, best_inductive), ""]
+    lines += ["", _verdict(bench, k, comparisons), ""]
     return lines
 
 
-def _verdict(
-    bench: DatasetBenchmark,
-    k: int,
-    best_ours: EpisodeResults | None,
-    best_peer: EpisodeResults | None,
-    best_inductive: EpisodeResults | None,
-) -> str:
-    """One sentence per setting: who wins accuracy (paired CI) and calibration (pooled ECE)."""
-    if best_ours is None or best_peer is None:
+def _verdict(bench: DatasetBenchmark, k: int, comparisons: dict[str, Comparison | None]) -> str:
+    """One sentence per setting: who wins accuracy (paired CI), of any kind then like against like,
+    and calibration (pooled ECE)."""
+    best = comparisons["any"]
+    if best is None:
         return "No comparison: a side has no usable result."
-    mean, half = paired_on_common_episodes(best_ours, best_peer)
+    ours, peer, mean, half = best.ours.method, best.peer.method, best.delta, best.half_width
     if mean - half > 0:
-        accuracy = f"**ours wins**: {best_ours.method} is ahead of {best_peer.method}"
+        accuracy = f"**ours wins**: {ours} is ahead of {peer}"
     elif mean + half < 0:
-        accuracy = f"**the peer wins**: {best_peer.method} is ahead of our best, {best_ours.method},"
+        accuracy = f"**the peer wins**: {peer} is ahead of our best, {ours},"
     else:
-        accuracy = f"**no significant difference** between {best_ours.method} and {best_peer.method}"
-    n_paired = min(len(best_ours), len(best_peer))
+        accuracy = f"**no significant difference** between {ours} and {peer}"
     text = (
         f"K = {k}: accuracy: {accuracy} (ours minus peer {_cell(mean, half)} points, paired over "
-        f"{n_paired} episodes)"
+        f"{best.episodes} episodes)"
     )
-    if best_inductive is not None and best_inductive is not best_peer:
-        mean_i, half_i = paired_on_common_episodes(best_ours, best_inductive)
-        text += f"; ours minus the best inductive peer, {best_inductive.method}: {_cell(mean_i, half_i)}"
+    for side, like in comparisons.items():
+        if side != "any" and like is not None:
+            text += (
+                f"; {side} against {side}: {like.ours.method} minus {like.peer.method} "
+                f"{_cell(like.delta, like.half_width)}"
+            )
     calibrated = [c for _, r, c in _setting_rows(bench, k) if c is not None and r.method != "oracle"]
     peers = [r for r in bench.peers if r.k_shot == k and r.n_failed == 0]
     if calibrated and peers:
@@ -524,8 +571,10 @@ def _suite_markdown(benchmarks: list[DatasetBenchmark], quick: bool) -> str:
         "Accuracy, balanced accuracy and NLL are means over episodes with 95% CIs; ECE is the pooled "
         "top-label ECE (15 bins) of all test queries, with a bootstrap CI over episodes (per-episode "
         "ECE of 45 queries has a floor near 0.16, see docs/evaluation.md). Δ is the paired difference "
-        "in accuracy points against the best peer of the setting, on the same episodes. Our methods "
-        "are inductive; transductive peers also read the episode's queries. Peers run with their "
+        "in accuracy points against the best peer of the setting, on the same episodes. A transductive "
+        "method, ours or a peer, also reads the episode's queries (all of them at once) while it "
+        "adapts; each verdict compares our best with the best peer of any kind, then inductive with "
+        "inductive and transductive with transductive where both sides have one. Peers run with their "
         "library defaults; only their feature preprocessing is chosen, on val episodes.",
         "",
     ]
@@ -560,20 +609,76 @@ def _rows_csv(bench: DatasetBenchmark) -> str:
 def _headline_metrics(bench: DatasetBenchmark) -> dict[str, float]:
     metrics = {}
     for k in _settings(bench):
-        rows = _setting_rows(bench, k)
-        best_ours = _best(_on_all_episodes(bench, [r for kind, r, _ in rows if kind == "ours"]))
-        best_peer = _best([r for kind, r, _ in rows if kind == "peer"])
-        if best_ours is None or best_peer is None:
+        best = _comparisons(bench, k)["any"]
+        if best is None:
             continue
-        mean, half = paired_on_common_episodes(best_ours, best_peer)
         values = {
-            "best_ours_accuracy": best_ours.summary()["accuracy"][0],
-            "best_peer_accuracy": best_peer.summary()["accuracy"][0],
-            "delta_accuracy": mean,
-            names.ci95("delta_accuracy"): half,
+            "best_ours_accuracy": best.ours.summary()["accuracy"][0],
+            "best_peer_accuracy": best.peer.summary()["accuracy"][0],
+            "delta_accuracy": best.delta,
+            names.ci95("delta_accuracy"): best.half_width,
         }
         metrics |= {names.benchmark_metric(bench.name, k, field): value for field, value in values.items()}
     return metrics
+
+
+def _verdicts(bench: DatasetBenchmark) -> list[dict[str, object]]:
+    """One JSON object per K: our best (on every test episode) against the best peer of any kind,
+    accuracies and paired ``delta`` with its 95% CI in percent points, our best's pooled ECE after its
+    val temperature (``None`` without one), and the like-against-like comparisons (``None`` where a
+    side has no row)."""
+    verdicts = []
+    for k in _settings(bench):
+        comparisons = _comparisons(bench, k)
+        best = comparisons["any"]
+        if best is None:
+            continue
+        calibrated = _calibrated(bench, best.ours)
+        ece_pooled = calibrated.summary()["ece_pooled"][0] if calibrated is not None else np.nan
+        verdicts.append(
+            {
+                "dataset": bench.name,
+                "shots": k,
+                "ours_method": best.ours.method,
+                "ours_accuracy": _json_number(best.ours.summary()["accuracy"][0], 100),
+                "ours_ece_pooled": _json_number(ece_pooled),
+                "best_peer": best.peer.method,
+                "best_peer_accuracy": _json_number(best.peer.summary()["accuracy"][0], 100),
+                **_json_delta(best),
+                "ours_transductive": _transductive(bench, "ours", best.ours),
+                "best_peer_transductive": _transductive(bench, "peer", best.peer),
+                "episodes": best.episodes,
+                "run_id": bench.run_id,
+                "inductive": _json_like(comparisons["inductive"]),
+                "transductive": _json_like(comparisons["transductive"]),
+            }
+        )
+    return verdicts
+
+
+def _json_like(comparison: Comparison | None) -> dict[str, object] | None:
+    """A like-against-like comparison: the two methods, ``delta`` and ``delta_ci95``."""
+    if comparison is None:
+        return None
+    return {
+        "ours_method": comparison.ours.method,
+        "best_peer": comparison.peer.method,
+        **_json_delta(comparison),
+    }
+
+
+def _json_delta(comparison: Comparison) -> dict[str, object]:
+    """``delta`` and ``delta_ci95`` (``[low, high]``) of a comparison, in percent points."""
+    low, high = comparison.delta - comparison.half_width, comparison.delta + comparison.half_width
+    return {
+        "delta": _json_number(comparison.delta, 100),
+        "delta_ci95": [_json_number(low, 100), _json_number(high, 100)],
+    }
+
+
+def _json_number(value: float, scale: float = 1.0) -> float | None:
+    """``scale * value`` rounded to 6 decimals for JSON; ``None`` when not finite."""
+    return round(float(scale * value), 6) if np.isfinite(value) else None
 
 
 def _curve_figure(bench: DatasetBenchmark):

@@ -341,7 +341,6 @@ def _eval_forward(task: _Task) -> dict[str, Any]:
 def _eval_ours(task: _Task) -> dict[str, Any]:
     import torch
 
-    from benchmarks.common import episode_list_digest
     from fewshot_med.evaluation import evaluate_frozen
     from fewshot_med.methods import MethodContext, create_method
     from fewshot_med.models import embed
@@ -371,7 +370,7 @@ def _eval_ours(task: _Task) -> dict[str, Any]:
         "accuracy": accuracy,
         "n_episodes": len(episodes),
         "n_query": episodes.n_query,
-        "episode_digest": episode_list_digest(episodes),
+        "episode_digest": episodes.digest(),
         "data_digest": data["dataset"].digest,
     }
 
@@ -380,7 +379,6 @@ def _eval_easyfsl(task: _Task) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from benchmarks.common import episode_list_digest
     from fewshot_med.data.transforms import to_model_input
 
     require_modules(REQUIRES)
@@ -412,7 +410,7 @@ def _eval_easyfsl(task: _Task) -> dict[str, Any]:
         "seconds": seconds,
         "accuracy": accuracy,
         "version": metadata.version("easyfsl"),
-        "episode_digest": episode_list_digest(episodes),
+        "episode_digest": episodes.digest(),
         "data_digest": data["dataset"].digest,
     }
 

@@ -4,14 +4,23 @@ Episode ``i`` of a list drawn with seed ``s`` depends only on ``(s, i)``: a list
 starts with the same 100 episodes as a list of 100. Indices are rows of the split the episodes were
 drawn from, so any library can rebuild the tasks from the original arrays.
 
-Query cap: every episode holds the same number of queries per class,
+Query cap: every balanced episode holds the same number of queries per class,
 ``min(n_query, fewest images of any candidate class - k_shot)``; the list records both the
 requested and the used number. A class with fewer than ``k_shot + 1`` images is an error.
+
+Imbalanced queries (``query_dirichlet_alpha``; Veilleux, Boudiaf, Piantanida & Ben Ayed, "Realistic
+evaluation of transductive few-shot learning", NeurIPS 2021): each episode still holds
+``n_way * n_query`` queries, but splits them across its classes by proportions
+``p ~ Dirichlet(alpha * 1_{n_way})`` (``split_queries``), so a class may get none. The support keeps
+``k_shot`` images per class, queries stay grouped by class, and every episode keeps the balanced
+list's array shapes, so every consumer of ``EpisodeList.arrays`` works unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,7 +42,8 @@ class Episode:
     Attributes:
         classes: the ``n_way`` class names; episode label ``i`` means ``classes[i]``.
         support: per class, the ``k_shot`` split rows of its support images.
-        query: per class, the split rows of its query images.
+        query: per class, the split rows of its query images (``n_query`` each, or, in a list with
+            ``query_dirichlet_alpha``, a Dirichlet share of ``n_way * n_query``, possibly none).
     """
 
     classes: tuple[str, ...]
@@ -49,7 +59,7 @@ class Episode:
         return np.repeat(np.arange(len(self.classes)), [len(rows) for rows in self.support])
 
     def query_rows(self) -> np.ndarray:
-        """``(n_way * n_query,)`` split rows, class-major."""
+        """``(n_way * n_query,)`` split rows, class-major (grouped by class; groups may differ in size)."""
         return np.concatenate([np.asarray(rows, dtype=np.int64) for rows in self.query])
 
     def query_labels(self) -> np.ndarray:
@@ -69,7 +79,12 @@ class EpisodeArrays(NamedTuple):
 
 @dataclass(frozen=True)
 class EpisodeList:
-    """Episodes drawn from one split of one dataset, with everything needed to redraw them."""
+    """Episodes drawn from one split of one dataset, with everything needed to redraw them.
+
+    ``n_query`` is the used number of queries per class, so every episode holds ``n_way * n_query``
+    queries; ``query_dirichlet_alpha`` is ``None`` for balanced queries, else the Dirichlet
+    concentration that split them across classes (see the module docstring).
+    """
 
     dataset_digest: str
     split: str
@@ -79,6 +94,7 @@ class EpisodeList:
     n_query_requested: int
     seed: int
     episodes: tuple[Episode, ...]
+    query_dirichlet_alpha: float | None = None
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -105,8 +121,20 @@ class EpisodeList:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready form ``save`` writes (and pipelines log as artifacts), with its format version."""
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        """The JSON-ready form ``save`` writes (and pipelines log as artifacts), with its format version.
+
+        A balanced list leaves out ``query_dirichlet_alpha``, so it serialises exactly as before the
+        field existed (same bytes, same ``digest``)."""
+        fields = asdict(self)
+        if self.query_dirichlet_alpha is None:
+            del fields["query_dirichlet_alpha"]
+        return {"format_version": FORMAT_VERSION, **fields}
+
+    def digest(self) -> str:
+        """SHA-256 of the list's canonical JSON (``to_dict`` without the format version, sorted keys):
+        the same list gives the same digest anywhere."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "format_version"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
         """Write the list as JSON (atomically: a crash leaves no partial file)."""
@@ -114,7 +142,7 @@ class EpisodeList:
 
     @classmethod
     def load(cls, path: str | Path) -> EpisodeList:
-        """Read a list written by ``save``."""
+        """Read a list written by ``save`` (files without ``query_dirichlet_alpha`` are balanced)."""
         path = Path(path)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
@@ -143,6 +171,50 @@ class EpisodeList:
             )
 
 
+def split_queries(proportions: np.ndarray, total: int, room: np.ndarray) -> np.ndarray:
+    """Split ``total`` queries across classes by ``proportions``, no class above its ``room``.
+
+    Largest-remainder (Hamilton) rounding: each class gets ``floor(p * total)`` and the queries left
+    go one each to the largest fractional parts (ties to the lower class index), so the counts sum to
+    ``total`` exactly. This is what Veilleux et al. (NeurIPS 2021, ``convert_prob_to_samples``)
+    compute by rounding and then moving the fractions closest to 1/2. A class whose share exceeds its
+    room gets its room, and the excess is split the same way across the classes that still have room,
+    by their proportions (evenly when those are all zero), until every class fits.
+
+    Args:
+        proportions: ``(n_way,)`` non-negative class proportions summing to 1 (a Dirichlet draw).
+        total: queries to split.
+        room: ``(n_way,)`` images each class has left for queries (after its support).
+
+    Returns:
+        ``(n_way,)`` int64 query counts, summing to ``total``, each at most its ``room``.
+
+    Raises:
+        DataError: the classes have fewer than ``total`` images left between them.
+    """
+    proportions, room = np.asarray(proportions, dtype=np.float64), np.asarray(room, dtype=np.int64)
+    if room.sum() < total:
+        raise DataError(
+            f"{total} queries cannot be split across classes with {room.tolist()} images left after "
+            "their support: lower n_query or k_shot"
+        )
+    counts = np.zeros(len(room), dtype=np.int64)
+    full = np.zeros(len(room), dtype=bool)
+    while True:
+        free = np.flatnonzero(~full)
+        left = total - int(counts[full].sum())
+        weights = proportions[free] if proportions[free].sum() > 0 else np.ones(len(free))
+        shares = weights / weights.sum() * left
+        share = np.floor(shares).astype(np.int64)
+        share[np.argsort(-(shares - share), kind="stable")[: left - int(share.sum())]] += 1
+        over = share > room[free]
+        if not over.any():
+            counts[free] = share
+            return counts
+        counts[free[over]] = room[free[over]]
+        full[free[over]] = True
+
+
 def sample_episodes(
     pool: ClassSubset,
     n_way: int,
@@ -150,6 +222,7 @@ def sample_episodes(
     n_query: int,
     n_episodes: int,
     seed: int,
+    query_dirichlet_alpha: float | None = None,
 ) -> EpisodeList:
     """Draw episodes from a pool of classes (e.g. the novel classes of the test split).
 
@@ -159,16 +232,28 @@ def sample_episodes(
         k_shot: support images per class.
         n_query: requested query images per class (capped, see the module docstring).
         n_episodes: how many episodes.
-        seed: the list is a pure function of ``(pool, n_way, k_shot, n_query, seed)``.
+        seed: the list is a pure function of ``(pool, n_way, k_shot, n_query, seed,
+            query_dirichlet_alpha)``.
+        query_dirichlet_alpha: ``None`` for ``n_query`` queries per class; else each episode splits
+            its ``n_way * n_query`` queries by ``p ~ Dirichlet(alpha * 1_{n_way})`` (Veilleux et al.,
+            NeurIPS 2021, use alpha = 2; smaller is more imbalanced). The cap on ``n_query`` keeps
+            every class with at least ``n_query`` images left after its support, so the split always
+            fits.
 
     Returns:
-        The episodes, rows given in ``pool.split`` coordinates.
+        The episodes, rows given in ``pool.split`` coordinates, queries grouped by class.
     """
     n_classes = len(pool.class_names)
     if not 2 <= n_way <= n_classes:
         raise DataError(f"n_way={n_way}: must be between 2 and the pool's {n_classes} classes")
     if k_shot < 1 or n_query < 1 or n_episodes < 1:
         raise DataError(f"k_shot={k_shot}, n_query={n_query}, n_episodes={n_episodes}: each must be ≥ 1")
+    if query_dirichlet_alpha is not None:
+        if not 0 < query_dirichlet_alpha < math.inf:
+            raise DataError(
+                f"query_dirichlet_alpha={query_dirichlet_alpha}: must be finite and > 0 (or None: balanced)"
+            )
+        query_dirichlet_alpha = float(query_dirichlet_alpha)  # 2 and 2.0 give the same list and digest
     counts = np.bincount(pool.labels, minlength=n_classes)
     smallest = int(np.argmin(counts))
     if counts[smallest] < k_shot + 1:
@@ -180,11 +265,16 @@ def sample_episodes(
     rows_of_class = [pool.indices[pool.labels == c] for c in range(n_classes)]
     episodes = []
     for index in range(n_episodes):
-        rng = np.random.default_rng([seed, index])
+        rng = np.random.default_rng([seed, index])  # episode i depends on (seed, i) only: prefix-stable
         classes = np.sort(rng.choice(n_classes, size=n_way, replace=False))
+        if query_dirichlet_alpha is None:
+            n_queries = [n_query_used] * n_way
+        else:
+            proportions = rng.dirichlet(np.full(n_way, query_dirichlet_alpha))
+            n_queries = split_queries(proportions, n_way * n_query_used, counts[classes] - k_shot).tolist()
         support, query = [], []
-        for c in classes:
-            drawn = rng.choice(rows_of_class[c], size=k_shot + n_query_used, replace=False)
+        for c, n_class_queries in zip(classes, n_queries, strict=True):
+            drawn = rng.choice(rows_of_class[c], size=k_shot + n_class_queries, replace=False)
             support.append(tuple(int(r) for r in drawn[:k_shot]))
             query.append(tuple(int(r) for r in drawn[k_shot:]))
         episodes.append(Episode(tuple(pool.class_names[c] for c in classes), tuple(support), tuple(query)))
@@ -197,4 +287,5 @@ def sample_episodes(
         n_query_requested=n_query,
         seed=seed,
         episodes=tuple(episodes),
+        query_dirichlet_alpha=query_dirichlet_alpha,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ class EpisodeResults:
         support_logits: ``(E, n_support, n_classes)`` leave-one-out logits of each support sample
             (from a method fitted on the rest of its support set), when computed.
         support_labels: ``(E, n_support)`` labels of the support samples, with ``support_logits``.
+        params: the hyperparameters the val episodes chose for these results (a method's ``search``;
+            empty when nothing was searched).
+        search_scores: every combination the search tried, with its mean val-episode accuracy.
         coverage: the fraction of most confident queries ``accuracy_at_coverage`` keeps.
         n_bins: confidence bins of the binned calibration metrics.
     """
@@ -74,6 +77,8 @@ class EpisodeResults:
     class_names: tuple[str, ...] = ()
     support_logits: np.ndarray | None = None
     support_labels: np.ndarray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    search_scores: tuple[tuple[dict[str, Any], float], ...] = ()
     coverage: float = DEFAULT_COVERAGE
     n_bins: int = 15
     _summary: dict[str, tuple[float, float]] | None = field(
@@ -333,7 +338,7 @@ def evaluate_frozen(
         coverage: kept fraction of the ``accuracy_at_coverage`` metric.
         n_bins: bins of the binned calibration metrics.
         leave_one_out: also compute the support samples' held-out logits (``leave_one_out_logits``;
-            needs ``k_shot ≥ 2``), for per-episode calibration.
+            needs ``k_shot ≥ 2`` and an inductive method), for per-episode calibration.
 
     Returns:
         Per-episode metrics, logits and labels.
@@ -346,7 +351,10 @@ def evaluate_frozen(
 
     support = gather(tasks.support)
     n_query, n_way = tasks.query.shape[1], tasks.class_ids.shape[1]
-    if len(pool) * n_way <= n_query * features.shape[1]:  # scoring the pool is cheaper than copying queries
+    transductive = _new_method(method_factory, "features").transductive  # reads its episode's queries
+    if leave_one_out and transductive:
+        raise ValueError("leave-one-out logits need an inductive method (transductive ones read the queries)")
+    if not transductive and len(pool) * n_way <= n_query * features.shape[1]:  # cheaper than copying queries
         logits, name = _batched_logits(method_factory, support, tasks.support_labels, features, tasks.query)
     else:
         logits, name = _batched_logits(method_factory, support, tasks.support_labels, gather(tasks.query))

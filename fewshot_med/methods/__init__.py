@@ -5,7 +5,18 @@ Frozen-feature methods (``inputs == "features"``) fit on cached embeddings; fine
 """
 
 # Importing the method modules fills the registry.
-from fewshot_med.methods import anil, finetune, laplace_logreg, logreg, protonet, r2d2, simpleshot  # noqa: F401
+from fewshot_med.methods import (  # noqa: F401
+    anil,
+    bd_cspn,
+    finetune,
+    laplace_logreg,
+    logreg,
+    protonet,
+    pt_map,
+    r2d2,
+    simpleshot,
+    tim,
+)
 from fewshot_med.methods.base import (
     METHODS,
     FewShotMethod,

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fewshot_med.errors import ConfigError, did_you_mean, not_one_of
 from fewshot_med.models.backbone import BackboneSpec
+from fewshot_med.models.feature_transforms import FEATURE_TRANSFORMS, needs_base_mean, transform_features
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -78,6 +79,10 @@ class FewShotMethod(ABC):
 
     name: ClassVar[str]
     inputs: ClassVar[Literal["features", "images"]]
+    #: Reads the episode's queries while adapting (``predict_logits`` infers over the whole query
+    #: batch it is given, so a query's logits depend on the other queries): evaluated on per-episode
+    #: queries only, never calibrated by leave-one-out, never registered as a per-file classifier.
+    transductive: ClassVar[bool] = False
     context_params: ClassVar[tuple[str, ...]] = ()
     optional_context_params: ClassVar[tuple[str, ...]] = ()
 
@@ -167,13 +172,16 @@ class FewShotMethod(ABC):
         """Score queries: ``(n_query, ...)`` as in ``fit`` -> ``(n_query, n_way)`` float32 CPU logits.
 
         After a batched ``fit``, ``(E, n_query, D)`` -> ``(E, n_query, n_way)``, and ``(N, D)`` queries
-        shared by all episodes -> ``(E, N, n_way)`` (broadcast, without copying them per episode). A
-        softmax over the last dimension gives the class probabilities.
+        shared by all episodes -> ``(E, N, n_way)`` (broadcast, without copying them per episode; a
+        transductive method infers over those ``N`` queries in every episode). A softmax over the last
+        dimension gives the class probabilities.
         """
         if not hasattr(self, "n_way_"):
             raise NotFittedError(f"{self.name} is not fitted; call fit(support, labels) first")
         shared = isinstance(query, Tensor) and query.ndim == 2 and tuple(query.shape[1:]) == self.input_shape_
         if self.n_episodes_ is not None and shared:
+            if self.transductive:  # every episode infers over the same N queries
+                return self._predict_logits(query.expand(self.n_episodes_, *query.shape)).float().cpu()
             return self._predict_logits(query.unsqueeze(0)).float().cpu()
         lead = () if self.n_episodes_ is None else (self.n_episodes_,)
         expected = (*lead, "n_query", *self.input_shape_)
@@ -238,6 +246,39 @@ class FewShotMethod(ABC):
                 f"n_way ≥ 2, got classes {classes}"
             )
         return support, labels
+
+
+class TransductiveMethod(FewShotMethod):
+    """A frozen-feature method that infers over its episode's queries (``transductive``).
+
+    ``fit`` only keeps the support set under the ``features`` transform; ``_predict_logits`` adapts to
+    the query batch it is given, so it holds the method's work. Subclasses set ``features`` and
+    ``base_feature_mean`` in ``__init__`` and extend ``check_params``.
+
+    Attributes:
+        support_: ``(E, n_support, D)`` transformed support features.
+        labels_: ``(E, n_support)`` their labels.
+    """
+
+    inputs = "features"
+    transductive = True
+    optional_context_params = ("base_feature_mean",)
+    features: str
+    base_feature_mean: Tensor | None
+
+    def check_params(self) -> None:
+        require_feature_transform(self.features)
+
+    def check_context(self) -> None:
+        require_base_mean_for(self.features, self.base_feature_mean)
+
+    def _fit(self, support: Tensor, labels: Tensor) -> None:
+        self.support_ = transform_features(self.features, support, self.base_feature_mean)
+        self.labels_ = labels
+
+    def _transform_queries(self, query: Tensor) -> Tensor:
+        """``(E, n_query, D)`` queries under the support's transform, on its device."""
+        return transform_features(self.features, query.to(self.support_.device), self.base_feature_mean)
 
 
 _M = TypeVar("_M", bound=type[FewShotMethod])
@@ -340,3 +381,15 @@ def require_bool(name: str, value: object) -> None:
     """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def require_feature_transform(name: object) -> None:
+    """Raise ``ValueError`` unless ``name`` is a ``FEATURE_TRANSFORMS`` entry (``check_params``)."""
+    require_choice("features", name, tuple(FEATURE_TRANSFORMS))
+
+
+def require_base_mean_for(name: str, base_feature_mean: Tensor | None) -> None:
+    """Raise ``ValueError`` when the transform ``name`` centres but the run has no base-class mean
+    feature (``check_context``)."""
+    if needs_base_mean(name) and base_feature_mean is None:
+        raise ValueError(f"features '{name}' needs the base-class mean feature, which this run does not have")

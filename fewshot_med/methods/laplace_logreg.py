@@ -17,7 +17,8 @@ from fewshot_med.methods.base import (
     require_choice,
     require_positive,
 )
-from fewshot_med.selection.candidates import FEATURE_TRANSFORMS, Candidate, candidate_grid
+from fewshot_med.models.feature_transforms import FEATURE_TRANSFORMS
+from fewshot_med.selection.candidates import Candidate, candidate_grid
 from fewshot_med.selection.criteria import CRITERIA, CriterionSettings
 from fewshot_med.selection.laplace import LaplaceFit, fit_laplace, predictive_log_probs
 from fewshot_med.selection.select import PICK_PER, pick, score_candidates

@@ -5,13 +5,21 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot_med.methods.base import FewShotMethod, episode_matmul, register_method, require_positive
+from fewshot_med.methods.base import (
+    FewShotMethod,
+    episode_matmul,
+    register_method,
+    require_base_mean_for,
+    require_feature_transform,
+    require_positive,
+)
 from fewshot_med.models.dual_logreg import solve_dual
+from fewshot_med.models.feature_transforms import transform_features
 
 
 @register_method("logreg")
 class LogReg(FewShotMethod):
-    """Multinomial logistic regression with an L2 penalty on L2-normalised features.
+    """Multinomial logistic regression with an L2 penalty, on L2-normalised features by default.
 
     The linear-probe baseline of transfer-learning few-shot work, e.g. Tian, Wang, Krishnan,
     Tenenbaum & Isola, "Rethinking Few-Shot Image Classification: a Good Embedding Is All You Need?",
@@ -34,6 +42,8 @@ class LogReg(FewShotMethod):
     (``E`` episodes, each solved separately; one episode may drop the axis).
 
     Args:
+        features: the ``FEATURE_TRANSFORMS`` entry applied first (``raw`` is scikit-learn's default
+            probe; ``centred`` needs the base mean).
         C: inverse strength of the L2 penalty.
         max_iter: Newton iterations.
         tol: stop when every optimality residual is below this.
@@ -46,19 +56,33 @@ class LogReg(FewShotMethod):
     """
 
     inputs = "features"
+    optional_context_params = ("base_feature_mean",)
 
-    def __init__(self, C: float = 1.0, max_iter: int = 100, tol: float = 1e-8) -> None:
+    def __init__(
+        self,
+        features: str = "l2",
+        C: float = 1.0,
+        max_iter: int = 100,
+        tol: float = 1e-8,
+        base_feature_mean: Tensor | None = None,
+    ) -> None:
+        self.features = features
+        self.base_feature_mean = base_feature_mean
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
 
     def check_params(self) -> None:
+        require_feature_transform(self.features)
         require_positive("C", self.C)
         require_positive("max_iter", self.max_iter, integer=True)
         require_positive("tol", self.tol)
 
+    def check_context(self) -> None:
+        require_base_mean_for(self.features, self.base_feature_mean)
+
     def _fit(self, support: Tensor, labels: Tensor) -> None:
-        x = F.normalize(support.float(), dim=-1)
+        x = transform_features(self.features, support, self.base_feature_mean)
         gram = (x @ x.transpose(1, 2)).double()  # the solve needs only the (E, n, n) Gram matrices
         targets = F.one_hot(labels, self.n_way_).double()
         self.dual_coef_, self.intercept_, self.n_iter_ = solve_dual(
@@ -67,7 +91,7 @@ class LogReg(FewShotMethod):
         self.coef_ = x.transpose(1, 2) @ self.dual_coef_.float()
 
     def _predict_logits(self, query: Tensor) -> Tensor:
-        q = F.normalize(query.float().to(self.coef_.device), dim=-1)
+        q = transform_features(self.features, query.to(self.coef_.device), self.base_feature_mean)
         return episode_matmul(q, self.coef_) + self.intercept_.float().unsqueeze(1)
 
     def _penalty_inverse(self) -> float:

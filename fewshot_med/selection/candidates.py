@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
-#: Feature transforms by name: ``(features (..., D), base_feature_mean (D,) or None) -> (..., D)``.
-FEATURE_TRANSFORMS: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
-    "raw": lambda features, base_mean: features,
-    "l2": lambda features, base_mean: F.normalize(features, dim=-1),
-    # SimpleShot's CL2N (Wang, Chao, Weinberger & van der Maaten, arXiv:1911.04623, 2019)
-    "centred": lambda features, base_mean: F.normalize(features - _required(base_mean), dim=-1),
-}
+from fewshot_med.models.feature_transforms import FEATURE_TRANSFORMS
 
 
 @dataclass(frozen=True)
@@ -49,9 +42,3 @@ def candidate_grid(features: Sequence[str], prior_precisions: Sequence[float]) -
     return [
         Candidate(name, float(precision)) for name, precision in itertools.product(features, prior_precisions)
     ]
-
-
-def _required(base_mean: Tensor | None) -> Tensor:
-    if base_mean is None:
-        raise ValueError("features 'centred' needs the base-class mean feature, which this run does not have")
-    return base_mean

@@ -15,6 +15,7 @@ evaluation, each also as `<metric>_ci95` (`ci95`: the 95% CI half-width).
 | `test.<K>shot.<method>[.<calibration>].<metric>` | pipeline | `test_metric` |
 | `test.<K>shot[.<calibration>].<metric>` | `method:<label>` | `test_metric` (method `None`) |
 | `generalised.<K>shot[.<method>].<metric>` | pipeline / `method:<label>` | `generalised_metric` |
+| `val.<K>shot[.<method>].<metric>` (val episodes, raw) | pipeline / `method:<label>` | `val_metric` |
 | `calibration.<K>shot.<calibrator>.<param>` | `method:<label>` | `calibration_metric` |
 | `pretrain.<field>`, `meta_train.<field>` (curves, `best_*`) | `pretrain`, `meta_train` | `stage_metric` |
 | `swag.rank`, `swag.n_snapshots` | `pretrain` | `SWAG_RANK`, `SWAG_SNAPSHOTS` |
@@ -37,7 +38,9 @@ evaluation, each also as `<metric>_ci95` (`ci95`: the 95% CI half-width).
 | `mlflow.experimentKind` = `custom_model_development` | every experiment the toolkit opens |
 | `selection_score`, `score_name` (`val.<K>shot.accuracy`: `val_metric`) | registered model versions |
 
-Params: the pipeline run holds the flattened config (`episodes.shots`, ...). A stage run holds its
+Params: the pipeline run holds the flattened config (`episodes.shots`, ...) and, for a method with a
+`search`, `search.<K>shot.<method>.<param>` (`search_param`; without the method on `method:<label>`),
+the value its val episodes chose. A stage run holds its
 section, without the section prefix: `pretrain`, `meta_train`, `selection` (on `select`), and on
 `evaluate` the `evaluation` section (`calibration` as a `list_value`) plus `episodes.*`.
 
@@ -49,6 +52,7 @@ section, without the section prefix: `pretrain`, `meta_train`, `selection` (on `
 | `plots/accuracy_vs_shots.png`, `plots/risk_coverage_<K>shot.png` | pipeline | `plot_path(s)` |
 | `plots/{reliability,confusion,generalised_confusion}_<K>shot.png` | `method:<label>` | `plot_path(s)` |
 | `per_episode/test_<K>shot[_<calibration>].csv` | `method:<label>` | `per_episode_path` |
+| `search/<K>shot.csv` | `method:<label>` with a `search` | `search_path` |
 | `episodes/{test,val}_<K>shot.json` | `evaluate`; `select` and benchmark runs: test | `episodes_path` |
 | `backbone_spec.json` | `pretrain`, `meta_train` | `BACKBONE_SPEC` |
 | `swag/posterior.pt` | `pretrain` | `SWAG_POSTERIOR` |
@@ -235,9 +239,16 @@ def select_metric(k: int, criterion: str | None, field: str) -> str:
     return metric_key(SELECT, shot(k), *([criterion] if criterion is not None else []), field)
 
 
-def val_metric(k: int, metric: str) -> str:
-    """``val.<K>shot.<metric>``: a val-episode score (the registry's ``score_name``)."""
-    return metric_key("val", shot(k), metric)
+def val_metric(k: int, metric: str, method: str | None = None) -> str:
+    """``val.<K>shot[.<method>].<metric>``: a val-episode score of the method evaluated at test ``K``
+    (the registry's ``score_name``; ``method`` ``None`` on the method's own run)."""
+    return metric_key("val", shot(k), *([method] if method is not None else []), metric)
+
+
+def search_param(k: int, param: str, method: str | None = None) -> str:
+    """``search.<K>shot[.<method>].<param>``: the value the val episodes chose for a searched
+    hyperparameter (``method`` ``None`` on the method's own run)."""
+    return metric_key("search", shot(k), *([method] if method is not None else []), param)
 
 
 def benchmark_metric(dataset: str, k: int, *parts: str) -> str:
@@ -303,6 +314,12 @@ def per_episode_path(k: int, calibration: str) -> str:
     """``per_episode/test_<K>shot[_<calibration>].csv``: one method's per-episode test metrics."""
     suffix = "" if calibration == UNCALIBRATED else "_" + calibration
     return f"per_episode/test_{shot(k)}{suffix}.csv"
+
+
+def search_path(k: int) -> str:
+    """``search/<K>shot.csv``: every combination of a method's searched hyperparameters with its mean
+    val-episode accuracy at K."""
+    return f"search/{shot(k)}.csv"
 
 
 def selection_table_path(k: int) -> str:
@@ -416,7 +433,7 @@ def _pipeline_names(vocabulary: Vocabulary) -> RunNames:
         tags=NameSet(
             frozenset({*_PIPELINE_TAGS, GIT_COMMIT_TAG, GIT_DIRTY_TAG, ERROR_TAG}), (_VERSION_PREFIX,)
         ),
-        params=NameSet(vocabulary.config_paths),
+        params=NameSet(vocabulary.config_paths, _search_prefixes(vocabulary, vocabulary.methods)),
         artifacts=NameSet(
             frozenset({CONFIG, RESULTS_MD, RESULTS_CSV, *_plot_files(PIPELINE_PLOTS, vocabulary.shots)})
         ),
@@ -430,8 +447,8 @@ def _method_names(vocabulary: Vocabulary) -> RunNames:
     return RunNames(
         metrics=NameSet(frozenset(_summaries(vocabulary, None)), fits),
         tags=NameSet(frozenset({STAGE_TAG, METHOD_TAG, SHOTS_TAG, ERROR_TAG})),
-        params=NameSet(),
-        artifacts=NameSet(frozenset({*_plot_files(METHOD_PLOTS, shots), *tables})),
+        params=NameSet(prefixes=_search_prefixes(vocabulary, [None])),
+        artifacts=NameSet(frozenset({*_plot_files(METHOD_PLOTS, shots), *tables, *map(search_path, shots)})),
     )
 
 
@@ -469,9 +486,16 @@ def _summaries(vocabulary: Vocabulary, method: str | None) -> set[str]:
             keys |= {
                 test_metric(k, method, name, metric) for name in (UNCALIBRATED, *vocabulary.calibrations)
             }
+        for metric in (*vocabulary.metrics, *map(ci95, vocabulary.metrics)):
+            keys.add(val_metric(k, metric, method))
         for metric in (*vocabulary.generalised_metrics, *map(ci95, vocabulary.generalised_metrics)):
             keys.add(generalised_metric(k, method, metric))
     return keys
+
+
+def _search_prefixes(vocabulary: Vocabulary, methods: Sequence[str | None]) -> tuple[str, ...]:
+    """What every ``search_param`` of ``methods`` starts with (its last part is the method's own)."""
+    return tuple(search_param(k, "", method) for k in vocabulary.shots for method in methods)
 
 
 def _plot_files(kinds: Sequence[str], shots: Sequence[int]) -> list[str]:

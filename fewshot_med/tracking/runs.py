@@ -299,6 +299,16 @@ def summary_metrics(
     return metrics
 
 
+def log_params(params: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Log params in one batched call (values become strings; a param, once logged, never changes)."""
+    target = _target(run_id)
+    if target is None or not params:
+        return
+    import mlflow
+
+    mlflow.log_params({key: str(value) for key, value in params.items()}, run_id=target)
+
+
 def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
     """Set run tags (values become strings)."""
     target = _target(run_id)

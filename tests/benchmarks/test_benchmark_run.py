@@ -3,13 +3,18 @@ checked through what the file and MLflow hold."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from benchmarks import run
+from benchmarks.suites import peers
 from fewshot_med.data import EpisodeList
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 def test_a_suite_replaces_only_its_own_section(tmp_path):
@@ -24,14 +29,69 @@ def test_a_suite_replaces_only_its_own_section(tmp_path):
     assert text.index("## Peers") < text.index("## Speed")  # replaced in place, not appended
 
 
+def test_verdicts_of_the_datasets_run_are_replaced_and_others_kept(tmp_path):
+    path = tmp_path / "docs" / "benchmarks.json"
+    run.write_verdicts(path, "peers", {"ham10000": [{"dataset": "ham10000", "shots": 1, "delta": 1.0}]})
+    run.write_verdicts(path, "peers", {"pbc": [{"dataset": "pbc", "shots": 1, "delta": 2.0}]})
+    run.write_verdicts(path, "peers", {"ham10000": [{"dataset": "ham10000", "shots": 5, "delta": 3.0}]})
+    document = json.loads(path.read_text())
+    assert [(v["dataset"], v["shots"], v["delta"]) for v in document["peers"]] == [
+        ("pbc", 1, 2.0),
+        ("ham10000", 5, 3.0),
+    ]
+
+
 def test_backbone_runs_are_parsed_and_bad_ones_refused(capsys):
-    assert run.backbone_runs(["ham10000=abc", "pbc=def"]) == {"ham10000": "abc", "pbc": "def"}
-    assert run.main(["--suite", "peers", "--from", "ham10000"]) == 1
+    assert run.backbone_runs(["ham10000=abc", "pbc=def"], peers.DATASETS) == {"ham10000": "abc", "pbc": "def"}
+    assert run.backbone_runs(["abc"], ["quickstart"]) == {"quickstart": "abc"}  # one dataset: RUN_ID alone
+    assert run.main(["--suite", "peers", "--from", "ham10000"]) == 2
     assert (
         "--from 'ham10000' must be DATASET=RUN_ID with DATASET one of ham10000, pbc"
         in capsys.readouterr().err
     )
-    assert run.main(["--suite", "peers", "--from", "chestxray=abc"]) == 1
+    assert run.main(["--suite", "peers", "--from", "chestxray=abc"]) == 2
+
+
+def _named_config(folder: Path, name: str) -> Path:
+    """The quickstart config under another ``name``."""
+    path = folder / f"{name}.yaml"
+    path.write_text(QUICKSTART.read_text().replace("name: quickstart", f"name: {name}"))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        ("--config missing.yaml", "missing.yaml: no such config file; see configs/ for examples"),
+        ("--config {bad}", "{bad}: episodes.n_queries"),
+        (
+            "--config {one} --config {two} --from abc",
+            "--from 'abc' must be DATASET=RUN_ID with DATASET one of one, two; "
+            "RUN_ID alone only with a single --config",
+        ),
+        (
+            "--config {one} --from ham10000=abc",
+            "--from 'ham10000=abc' must be DATASET=RUN_ID with DATASET one of one",
+        ),
+        ("--config {one} --config {one}", "--config {one}: {one} has the same name, 'one'"),
+        ("--config {one} --suite bayes", "--config applies to the peers suite only, not bayes"),
+        ("--config {one} --suite all", "--config applies to the peers suite only, not speed, bayes"),
+        ("--output bench.json", "--output bench.json: name the markdown file; verdicts go beside it (.json)"),
+    ],
+)
+def test_bad_configs_and_runs_are_one_line_before_any_work(argv, error, monkeypatch, tmp_path, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    bad = configs / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("n_query: 15", "n_queries: 15"))
+    paths = {"one": _named_config(configs, "one"), "two": _named_config(configs, "two"), "bad": bad}
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert run.main(["--suite", "peers", *argv.format(**paths).split()]) == 2  # a later --suite wins
+    message = capsys.readouterr().err
+    assert message.startswith("error: " + error.format(**paths)) and message.count("\n") == 1
+    assert list(work.iterdir()) == []  # no MLflow store, no document
 
 
 def test_a_missing_peer_library_is_one_line_before_any_work(monkeypatch, tmp_path, capsys):
@@ -62,6 +122,10 @@ def test_quick_peers_suite_writes_the_document_and_mlflow(shared_data, tmp_path,
         assert f"#### {dataset}: accuracy against shots, and the oracle" in text
     assert text.count("| easyfsl TIM | yes |") == 4 and text.count("| **simpleshot** | no |") == 4
     assert "Quick mode" in text and "*Regenerate:* `python -m benchmarks.run --suite peers --quick" in text
+    verdicts = json.loads((tmp_path / "bench.json").read_text())["peers"]
+    assert [(v["dataset"], v["shots"]) for v in verdicts] == [
+        (d, k) for d in ("ham10000", "pbc") for k in (1, 5)
+    ]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("benchmarks")
@@ -75,7 +139,7 @@ def test_quick_peers_suite_writes_the_document_and_mlflow(shared_data, tmp_path,
     )
     assert len(suite.data.tags["record.ham10000.data_sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(suite.info.run_id)}
-    assert {"peers.md", "peers_ham10000.csv", "peers_pbc.csv", "accuracy_vs_shots_pbc.png"} <= artifacts
+    assert {"peers.md", "peers.json", "peers_ham10000.csv", "accuracy_vs_shots_pbc.png"} <= artifacts
     children = client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{suite.info.run_id}'"
     )

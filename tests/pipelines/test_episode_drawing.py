@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from pydantic import ValidationError
 
 from fewshot_med.config import Config
 from fewshot_med.errors import FewshotMedError
@@ -76,3 +77,25 @@ def test_stages_that_need_a_backbone_say_so(demo_context):
         demo_context.trained()
     with pytest.raises(FewshotMedError, match="--from"):
         backbone_stages(demo_context, ("evaluate",))
+
+
+def test_imbalanced_test_queries_from_the_config_or_an_override_and_balanced_val(demo_context):
+    pools = {split: demo_context.data.subset(split, "novel") for split in ("val", "test")}
+    n_way, config = demo_context.n_way, demo_context.config
+    settings = {"name": "demo", "data": {"source": "demo", "image_size": 16}}
+    skewed_config = Config.model_validate({**settings, "episodes": {"query_dirichlet_alpha": 0.5}})
+    for alpha in (0, "inf"):
+        with pytest.raises(ValidationError, match="query_dirichlet_alpha"):
+            Config.model_validate({**settings, "episodes": {"query_dirichlet_alpha": alpha}})
+    balanced = draw_episodes(config, pools, n_way, shots=[5], val=True)
+    drawn = draw_episodes(skewed_config, pools, n_way, shots=[5], val=True)
+    test, val = drawn.test[5], drawn.val[5]
+    assert test.query_dirichlet_alpha == 0.5 and val.query_dirichlet_alpha is None
+    assert val == balanced.val[5]  # val episodes calibrate and choose: always balanced
+    assert test.arrays.query_rows.shape == balanced.test[5].arrays.query_rows.shape
+    assert len({tuple(len(rows) for rows in e.query) for e in test.episodes}) > 1
+    # a benchmark draws imbalanced lists from a balanced config, or balanced ones from an imbalanced config
+    override = draw_episodes(config, pools, n_way, shots=[5], val=False, query_dirichlet_alpha=0.5)
+    assert override.test[5] == test
+    override = draw_episodes(skewed_config, pools, n_way, shots=[5], val=False, query_dirichlet_alpha=None)
+    assert override.test[5] == balanced.test[5]

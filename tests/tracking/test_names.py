@@ -70,9 +70,11 @@ def test_a_pipeline_tree_holds_contract_names_only_and_the_readers_find_them(
     tmp_path, tiny_pipeline, monkeypatch
 ):
     store = tmp_path / "mlruns"
+    searched = {"name": "bd_cspn", "search": {"features": ["l2", "power"]}}  # transductive, val search
     config = Config.model_validate(
         {
             **tiny_pipeline,
+            "methods": [*tiny_pipeline["methods"], searched],
             "selection": {"features": ["l2"], "prior_precision": [1.0, 10.0], "orderings": 2},
             "tracking": {"tracking_uri": str(store), "registered_model": "tiny-names"},
             "runtime": {"output_dir": str(tmp_path / "outputs")},
@@ -119,6 +121,16 @@ def test_a_pipeline_tree_holds_contract_names_only_and_the_readers_find_them(
     assert not names.is_defined(
         "metric", "test.5shot.simpleshot.accuracy", names.method_stage("x"), vocabulary
     )
+    # the search's choice and every method's val-episode scores are on the runs, under contract names
+    pipeline, bd_cspn = runs[None].data, runs[names.method_stage("bd_cspn")]
+    for k in vocabulary.shots:
+        assert pipeline.params[names.search_param(k, "features", "bd_cspn")] in {"l2", "power"}
+        assert bd_cspn.data.params[names.search_param(k, "features")] in {"l2", "power"}
+        assert names.search_path(k) in _artifact_files(client, bd_cspn.info.run_id)
+        for label in ("simpleshot", "bd_cspn"):
+            assert 0 <= pipeline.metrics[names.val_metric(k, "accuracy", label)] <= 1
+    # a transductive method is never the registered classifier
+    assert runs[names.REGISTER].data.tags[names.METHOD_TAG] != "bd_cspn"
     assert not names.is_defined("artifact", "plots/reliability_5shot.png", None, vocabulary)
 
     # the review finds every plot, calibrator fit and training summary the writers logged
