@@ -149,9 +149,15 @@ def episodes_sample(
     drawn = draw_episodes(config, pools, n_way, [shots], val=split == "val")
     episodes = drawn.test[shots] if split == "test" else drawn.val[shots]
     episodes.save(out)
+    alpha = episodes.query_dirichlet_alpha
+    queries = (
+        f"{episodes.n_query} queries/class"
+        if alpha is None
+        else f"{episodes.n_query * episodes.n_way} queries split by Dirichlet({alpha:g})"
+    )
     console.print(
-        f"wrote {len(episodes)} {episodes.n_way}-way {episodes.k_shot}-shot episodes "
-        f"({episodes.n_query} queries/class) from the {split} split to {out}"
+        f"wrote {len(episodes)} {episodes.n_way}-way {episodes.k_shot}-shot episodes ({queries}) "
+        f"from the {split} split to {out}"
     )
 
 

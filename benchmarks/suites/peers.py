@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ QUICK_OVERRIDES = (
     "pretrain.steps_per_epoch=4",
     "pretrain.warmup_epochs=0",
     "meta_train.enabled=false",
-    "methods=[{name: simpleshot}, {name: logreg}, {name: bd_cspn}]",
+    "methods=[{name: simpleshot}, {name: logreg, search: {features: [l2, raw]}}, {name: bd_cspn}]",
     "episodes.shots=[1, 5]",
     "episodes.n_test_episodes=12",
     "episodes.n_val_episodes=8",
@@ -66,6 +67,10 @@ SUITE = "peers"
 REQUIRES = ("easyfsl", "netcal")
 #: Shots of the val episodes on which each peer's feature preprocessing is chosen.
 SELECTION_SHOTS = 5
+#: The class-imbalanced query test: Dirichlet concentration of the query proportions (Veilleux,
+#: Boudiaf, Piantanida & Ben Ayed, NeurIPS 2021) and the K it runs at (the largest K below if absent).
+IMBALANCE_ALPHA = 2.0
+IMBALANCE_SHOTS = 5
 #: The comparisons of a setting -> the rows they take, by ``transductive``: our best against the best
 #: peer of any kind, then like against like.
 SIDES = {"any": (False, True), "inductive": (False,), "transductive": (True,)}
@@ -92,6 +97,7 @@ class DatasetBenchmark(Lineage):
     seconds: dict[str, float] = field(default_factory=dict)
     curve: list[EpisodeResults] = field(default_factory=list)
     netcal: list[dict[str, float | str | int]] = field(default_factory=list)
+    imbalanced: list[EpisodeResults] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,7 @@ def benchmark_dataset(name: str, config_path: Path, options: SuiteOptions) -> Da
         validation = _evaluate_ours(bench, context, features, subsets, episodes)
         bench.oracle = evaluate_oracle_rows(features, subsets, episodes, bench.config.evaluation)
         _evaluate_peers(bench, context, features, subsets, episodes)
+        bench.imbalanced = _imbalanced_queries(bench, context, features, subsets, episodes)
         bench.curve = _accuracy_against_shots(bench, context, features, subsets, episodes, options.quick)
         bench.netcal = _netcal_comparison(bench, validation)
         tracking.log_text_artifact(_dataset_markdown(bench), names.suite_artifact(SUITE, "md"))
@@ -196,6 +203,59 @@ def _evaluate_peers(
                 )
             )
         bench.seconds[label] = time.perf_counter() - start
+
+
+def _imbalance_shots(episodes: Episodes) -> int:
+    return max((k for k in episodes.test if k <= IMBALANCE_SHOTS), default=min(episodes.test))
+
+
+def _imbalanced_queries(
+    bench: DatasetBenchmark,
+    context: MethodContext,
+    features: dict[str, torch.Tensor],
+    subsets: dict,
+    episodes: Episodes,
+) -> list[EpisodeResults]:
+    """Our frozen-feature methods (with what their search chose) and every peer (with its chosen
+    preprocessing), uncalibrated, on test episodes of the same K, seed and total query count whose
+    queries are split across classes by Dirichlet(``IMBALANCE_ALPHA``) proportions."""
+    k = _imbalance_shots(episodes)
+    pool = subsets["novel_test"]
+    drawn = draw_episodes(
+        bench.config,
+        {"test": pool},
+        episodes.test[k].n_way,
+        [k],
+        val=False,
+        query_dirichlet_alpha=IMBALANCE_ALPHA,
+    ).test[k]
+    scoring = {"coverage": bench.config.evaluation.coverage, "n_bins": bench.config.evaluation.ece_bins}
+    results = []
+    for method in bench.config.methods:
+        balanced = next(
+            (
+                r
+                for r in bench.ours
+                if r.method == method.display_name and r.k_shot == k and r.calibration == "none"
+            ),
+            None,
+        )
+        if METHODS[method.name].inputs != "features" or balanced is None:
+            continue
+        factory = partial(create_method, method.name, context, **method.params, **balanced.params)
+        results.append(
+            evaluate_frozen(
+                factory, features["novel_test"], pool, drawn, label=method.display_name, **scoring
+            )
+        )
+    centring = context.base_feature_mean
+    for label, peer in PEERS.items():
+        centre, normalise = PREPROCESSING[bench.peer_choices[label].preprocessing]
+        classify = peer.make(centring if centre else None, normalise)
+        results.append(
+            evaluate_episodewise(classify, features["novel_test"], pool, drawn, label=label, **scoring)
+        )
+    return results
 
 
 def _choose_preprocessing(
@@ -386,6 +446,8 @@ def _dataset_markdown(bench: DatasetBenchmark) -> str:
     ]
     for k in _settings(bench):
         lines += _setting_table(bench, k)
+    lines += _imbalance_table(bench)
+    lines += _search_table(bench)
     lines += _peer_choice_table(bench)
     lines += _netcal_table(bench)
     lines += _curve_table(bench)
@@ -470,6 +532,67 @@ def _verdict(bench: DatasetBenchmark, k: int, comparisons: dict[str, Comparison 
             f"{b:.3f} ({peer_ece.method}); {winner} lower"
         )
     return text + "."
+
+
+def _imbalance_table(bench: DatasetBenchmark) -> list[str]:
+    """Balanced against Dirichlet-imbalanced queries, per method (uncalibrated accuracy)."""
+    if not bench.imbalanced:
+        return []
+    k = bench.imbalanced[0].k_shot
+    lines = [
+        f"#### {bench.name}: class-imbalanced queries, K = {k}",
+        "",
+        f"The same number of queries per episode, split across classes by Dirichlet({IMBALANCE_ALPHA:g}) "
+        "proportions (Veilleux et al., NeurIPS 2021), on episodes drawn with the same seed; balanced "
+        "accuracy weighs each class equally. Change: imbalanced minus balanced accuracy (different query "
+        "sets, so unpaired).",
+        "",
+        "| method | transductive | accuracy, balanced queries | accuracy, imbalanced | change "
+        "| balanced acc., imbalanced |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in bench.imbalanced:
+        kind = "peer" if result.method in PEERS else "ours"
+        balanced = next(
+            (
+                r
+                for r in bench.ours + bench.peers
+                if r.method == result.method and r.k_shot == k and r.calibration == "none"
+            ),
+            None,
+        )
+        before, after = balanced.summary()["accuracy"], result.summary()["accuracy"]
+        name = result.method if kind == "peer" else f"**{result.method}**"
+        if result.n_failed:
+            name += f" — failed on {result.n_failed} episodes"
+        lines.append(
+            f"| {name} | {'yes' if _transductive(bench, kind, result) else 'no'} | {_cell(*before)} "
+            f"| {_cell(*after)} "
+            f"| {100 * (after[0] - before[0]):+.1f} | {_cell(*result.summary()['balanced_accuracy'])} |"
+        )
+    return [*lines, ""]
+
+
+def _search_table(bench: DatasetBenchmark) -> list[str]:
+    """What each of our searched methods chose per K on the val episodes, with every combination's
+    mean val accuracy."""
+    searched = [r for r in bench.ours if r.calibration == "none" and r.search_scores]
+    if not searched:
+        return []
+    lines = [
+        f"#### {bench.name}: our hyperparameters, chosen on val episodes",
+        "",
+        "| method | K | chosen | val accuracy of each combination |",
+        "|---|---|---|---|",
+    ]
+    for result in searched:
+        chosen = ", ".join(f"{name}={value}" for name, value in result.params.items())
+        tried = "; ".join(
+            f"{', '.join(f'{n}={v}' for n, v in combination.items())}: {_cell(accuracy, 0.0).split(' ±')[0]}"
+            for combination, accuracy in result.search_scores
+        )
+        lines.append(f"| {result.method} | {result.k_shot} | {chosen} | {tried} |")
+    return [*lines, ""]
 
 
 def _peer_choice_table(bench: DatasetBenchmark) -> list[str]:

@@ -58,7 +58,7 @@ section, without the section prefix: `pretrain`, `meta_train`, `selection` (on `
 | `swag/posterior.pt` | `pretrain` | `SWAG_POSTERIOR` |
 | `model_card.md` | `register` | `MODEL_CARD` |
 | `selection/<K>shot.md`, `selection/<K>shot_scores.csv` | `select` | `selection_*_path` |
-| `<suite>.md`, `<suite>.csv` | benchmark runs | `suite_artifact` |
+| `<suite>.md`, `<suite>.csv`; `peers.json` (the verdicts) | benchmark runs | `suite_artifact` |
 | `<kind>_<dataset>[_<K>shot].<ext>` | benchmark suite run | `dataset_artifact` |
 
 Logged models (MLflow 3 logged models, not run artifacts): `backbone` on `pretrain` and `meta_train`
@@ -333,7 +333,8 @@ def selection_scores_path(k: int) -> str:
 
 
 def suite_artifact(suite: str, extension: str) -> str:
-    """``<suite>.<extension>``: a benchmark's section (``peers.md``) or table (``peers.csv``)."""
+    """``<suite>.<extension>``: a benchmark's section (``peers.md``), table (``peers.csv``) or verdicts
+    (``peers.json``)."""
     return f"{suite}.{extension}"
 
 

@@ -84,8 +84,14 @@ def test_any_config_is_benchmarked_under_its_name(quick_run):
     folder, _ = quick_run
     text = (folder / "bench.md").read_text()
     assert "#### quickstart, K = 1" in text and "#### quickstart, K = 5" in text
-    assert text.count("| **simpleshot** | no |") == 2 and text.count("| easyfsl TIM | yes |") == 2
+    # a row per K, and one in the imbalanced-query table
+    assert text.count("| **simpleshot** | no |") == 3 and text.count("| easyfsl TIM | yes |") == 3
     assert "Our methods are inductive" not in text
+    # the imbalanced-query test runs our frozen methods and every peer; the search shows its val evidence
+    imbalanced = text[text.index("#### quickstart: class-imbalanced queries, K = 5") :]
+    assert "| **bd_cspn** | yes |" in imbalanced and "| easyfsl PT-MAP | yes |" in imbalanced
+    search = text[text.index("#### quickstart: our hyperparameters, chosen on val episodes") :]
+    assert "| logreg | 1 | features=" in search and "features=l2: " in search and "features=raw: " in search
     assert "*Regenerate:* `python -m benchmarks.run --suite peers --quick --threads 1 --config " in text
 
 
