@@ -75,7 +75,9 @@ def datasets_info(
             help="Catalogue name, 'demo', 'medmnist:<flag>[@size]', a .npz/.csv/folder, or a YAML config."
         ),
     ],
-    image_size: Annotated[int, typer.Option(help="Resize local images to this size.")] = 64,
+    image_size: Annotated[
+        int | None, typer.Option(help="Resize images to this size (default: .npz keep theirs, local 64).")
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Print classes, roles and image counts per split."""

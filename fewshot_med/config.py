@@ -99,7 +99,13 @@ class DataConfig(StrictModel):
     """Which dataset, how its images are read, and the roles of its classes."""
 
     source: str = Field(description="dataset spec: catalogue name, demo, medmnist:<flag>[@size], or a path")
-    image_size: int = Field(64, ge=8, le=1024, description="local images are resized to this square size")
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="square size every image is resized to (whole image, antialiased); unset, .npz and "
+        "MedMNIST files keep their own size and local images and the demo are 64",
+    )
     class_names: list[str] | None = Field(None, description="names for label indices of an unnamed .npz")
     base_classes: list[str] | None = Field(None, description="common classes; catalogue default if unset")
     novel_classes: list[str] | None = Field(None, description="rare classes; catalogue default if unset")

@@ -9,6 +9,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from fewshot_med.data.dataset import MedicalImageDataset
 from fewshot_med.data.roles import ClassRoles
+from fewshot_med.data.transforms import resize_images
 from fewshot_med.errors import DataError
 
 DATA_ROOT_ENV = "FEWSHOT_MED_DATA"
@@ -81,11 +83,17 @@ def _catalog_entry_for_file(path: Path) -> CatalogEntry | None:
     return next((e for e in CATALOG.values() if Path(e.relative_path).name == path.name), None)
 
 
+#: Side local images (folders, CSV manifests) and the demo are resized to when no size is set.
+DEFAULT_IMAGE_SIZE = 64
+
+
 @dataclass(frozen=True)
 class LoadOptions:
-    """How local images are read and split (ignored by sources that carry their own splits)."""
+    """How images are read and split. ``image_size`` resizes every source when set (``.npz`` and
+    MedMNIST files keep their own size when unset, local images and the demo take
+    ``DEFAULT_IMAGE_SIZE``); the split options apply to sources without splits of their own."""
 
-    image_size: int = 64
+    image_size: int | None = None
     nifti_slice: int | None = None
     split_fractions: Sequence[float] = (0.7, 0.1, 0.2)
     split_seed: int = 0
@@ -93,13 +101,21 @@ class LoadOptions:
 
 
 def load_dataset(spec: str, options: LoadOptions | None = None) -> MedicalImageDataset:
-    """Load the dataset a spec names (see the module docstring for the forms a spec takes)."""
+    """Load the dataset a spec names (see the module docstring for the forms a spec takes), resized to
+    ``options.image_size`` when set."""
+    options = options or LoadOptions()
+    dataset = _load(spec, options)
+    if options.image_size is not None and dataset.image_shape[0] != options.image_size:
+        return resize_dataset(dataset, options.image_size)
+    return dataset
+
+
+def _load(spec: str, options: LoadOptions) -> MedicalImageDataset:
     from fewshot_med.data.local import read_image_folder, read_manifest
     from fewshot_med.data.npz import read_medmnist_npz
 
-    options = options or LoadOptions()
     local = dict(
-        image_size=options.image_size,
+        image_size=options.image_size or DEFAULT_IMAGE_SIZE,
         nifti_slice=options.nifti_slice,
         fractions=options.split_fractions,
         seed=options.split_seed,
@@ -107,7 +123,7 @@ def load_dataset(spec: str, options: LoadOptions | None = None) -> MedicalImageD
     if spec == "demo":
         from fewshot_med.data.demo import make_demo_dataset
 
-        return make_demo_dataset(image_size=options.image_size)
+        return make_demo_dataset(image_size=options.image_size or DEFAULT_IMAGE_SIZE)
     if spec in CATALOG:
         entry = CATALOG[spec]
         path = data_root() / entry.relative_path
@@ -146,3 +162,14 @@ def default_roles(spec: str) -> ClassRoles | None:
         return ClassRoles(base=DEMO_BASE_CLASSES, novel=DEMO_NOVEL_CLASSES)
     entry = CATALOG.get(spec) or _catalog_entry_for_file(Path(spec))
     return entry.roles if entry else None
+
+
+def resize_dataset(dataset: MedicalImageDataset, image_size: int) -> MedicalImageDataset:
+    """Every split's ``(N, H, W, C)`` uint8 images resized to ``image_size`` (whole image, bilinear
+    with antialiasing, as local images are read); labels, groups and names kept. The content digest
+    follows the new pixels."""
+    splits = {
+        name: dataclasses.replace(split, images=resize_images(split.images, image_size))
+        for name, split in dataset.splits.items()
+    }
+    return dataclasses.replace(dataset, splits=splits)

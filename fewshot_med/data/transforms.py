@@ -22,6 +22,25 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(pixels.mean(axis=0).tolist()), tuple(np.maximum(pixels.std(axis=0), 1e-3).tolist())
 
 
+#: Images resized per chunk (bounds the float copy to a few hundred MB at 224 px).
+RESIZE_CHUNK = 1024
+
+
+def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
+    """``(N, H, W, C)`` uint8 -> ``(N, image_size, image_size, C)`` uint8: the whole image resized,
+    bilinear with antialiasing (``torch.nn.functional.interpolate``), rounded and clipped."""
+    chunks = []
+    for start in range(0, len(images), RESIZE_CHUNK):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + RESIZE_CHUNK])).permute(
+            0, 3, 1, 2
+        )
+        resized = F.interpolate(batch.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+        chunks.append(resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    if not chunks:
+        return np.zeros((0, image_size, image_size, images.shape[-1]), dtype=np.uint8)
+    return np.concatenate(chunks)
+
+
 def to_model_input(
     images: np.ndarray | torch.Tensor,
     mean: tuple[float, ...],

@@ -2,8 +2,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from fewshot_med.data import load_dataset
+from fewshot_med.config import DataConfig
+from fewshot_med.data import LoadOptions, load_dataset
 from fewshot_med.data.npz import read_medmnist_npz
 from fewshot_med.errors import DataError
 
@@ -109,3 +112,23 @@ def test_medmnist_unknown_name_and_size():
         load_dataset("medmnist:skinmnist")
     with pytest.raises(DataError, match="has no size 32"):
         load_dataset("medmnist:dermamnist@32")
+
+
+def test_image_size_resizes_npz_files_and_unset_keeps_their_size(tmp_path):
+    path = _write_npz(tmp_path / "x.npz", size=8)
+    native = load_dataset(str(path))
+    assert native.image_shape == (8, 8, 3)
+    resized = load_dataset(str(path), LoadOptions(image_size=16))
+    assert resized.image_shape == (16, 16, 3) and resized.digest != native.digest
+    for name, split in resized.splits.items():
+        np.testing.assert_array_equal(split.labels, native.splits[name].labels)
+    expected = F.interpolate(
+        torch.from_numpy(native.splits["train"].images).permute(0, 3, 1, 2).float(),
+        size=(16, 16),
+        mode="bilinear",
+        antialias=True,
+    )
+    expected = expected.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(resized.splits["train"].images, expected)
+    assert load_dataset(str(path), LoadOptions(image_size=8)).digest == native.digest
+    assert DataConfig(source=str(path)).load_options().image_size is None  # unset by default
