@@ -325,9 +325,14 @@ class FineTune(FewShotMethod):
             collector = SwagCollector(min(self.bma_snapshots, BMA_MAX_RANK)) if self.bma_samples > 0 else None
             # exactly the trainable parameters: the collector skips those without requires_grad
             trainable_module = nn.ModuleDict({"backbone": backbone, "head": head})
+            cached = self._support_features(backbone, support, generator) if self.mode == "head" else None
             for step in range(self.steps):
-                batch = augment_batch(support, generator) if self.augment else support
-                loss = F.cross_entropy(self._logits(backbone, head, batch), labels)
+                if cached is not None:
+                    logits = self.scale * head(cached[step % len(cached)])
+                else:
+                    batch = augment_batch(support, generator) if self.augment else support
+                    logits = self._logits(backbone, head, batch)
+                loss = F.cross_entropy(logits, labels)
                 if prior is not None:
                     loss = loss + per_image * prior.penalty()
                 optimizer.zero_grad(set_to_none=True)
@@ -338,6 +343,24 @@ class FineTune(FewShotMethod):
         self.bma_posterior_ = collector.posterior() if collector is not None else None
         self.backbone_ = backbone.eval().requires_grad_(False)
         self.head_ = head.requires_grad_(False)
+
+    def _support_features(self, backbone: nn.Module, support: Tensor, generator: torch.Generator) -> Tensor:
+        """With a frozen backbone (``mode="head"``), the features of every step's support batch, computed
+        before training in few large forward passes instead of one small pass per step: ``(steps, n, D)``
+        features of the ``steps`` augmentations (drawn in the order training would draw them, so the
+        head trains on the same batches), or ``(1, n, D)`` of the support itself without ``augment``.
+        The frozen backbone is in eval mode, so a sample's features do not depend on its batch."""
+        views = self.steps if self.augment else 1
+        per_pass = max(1, self.batch_size // len(support))
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, views, per_pass):
+                batches = [
+                    augment_batch(support, generator) if self.augment else support
+                    for _ in range(min(per_pass, views - start))
+                ]
+                chunks.append(self._embed(backbone, torch.cat(batches)).view(len(batches), len(support), -1))
+        return torch.cat(chunks)
 
     @torch.inference_mode()
     def _predict_logits(self, query: Tensor) -> Tensor:
