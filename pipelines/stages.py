@@ -28,6 +28,7 @@ from fewshot_med.data.transforms import channel_stats
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.methods import MethodContext
 from fewshot_med.models import BackboneSpec, create_backbone
+from fewshot_med.models.weights import input_normalization, weights_normalization
 from fewshot_med.priors import SwagPosterior
 from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.tracking import names
@@ -123,7 +124,8 @@ def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
     with its SWAG posterior (``pretrain.swag``) beside it. Returns the context with that backbone."""
     config, data, device = context.config, context.data, context.device
     base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
-    mean, std = channel_stats(base_train.images)
+    carried = weights_normalization(config.model.backbone, config.model.pretrained, config.model.weights)
+    mean, std = input_normalization(config.model.normalization, carried, channel_stats(base_train.images))
     spec = BackboneSpec(config.model.backbone, 3, data.dataset.image_shape[0], mean, std)
     backbone = create_backbone(
         spec.name, spec.in_chans, spec.image_size, config.model.pretrained, config.model.weights

@@ -242,31 +242,35 @@ def _batched_logits(
     support_labels: np.ndarray,
     queries: torch.Tensor,
     positions: np.ndarray | None = None,
-) -> tuple[np.ndarray, str]:
+) -> tuple[np.ndarray, type[FewShotMethod]]:
     """Fit fresh frozen-feature methods on ``(E, n_support, D)`` supports, ``EPISODES_PER_BATCH`` at a
     time, and score the queries.
 
     ``queries`` are either ``(E, n_query, D)`` per-episode features, or ``(N, D)`` pool features shared
-    by every episode with ``positions`` ``(E, n_query)`` picking each episode's queries: then each
-    method scores the whole pool once (``(E, N, n_way)``, no per-episode copy of the features) and the
-    queries' rows are taken from it.
+    by every episode with ``positions`` ``(E, n_query)`` picking each episode's queries: then an
+    inductive method scores the whole pool once (``(E, N, n_way)``, no per-episode copy of the
+    features) and the queries' rows are taken from it, while a transductive one gets each episode's
+    own queries gathered (it infers over the batch it is given).
 
     Returns:
-        ``(E, n_query, n_way)`` float64 logits and the method's class name.
+        ``(E, n_query, n_way)`` float64 logits and the method's class.
     """
-    chunks, name = [], ""
+    chunks, kind = [], type(None)
     labels = torch.as_tensor(support_labels, device=support.device)
     for start in range(0, len(support), EPISODES_PER_BATCH):
         stop = start + EPISODES_PER_BATCH
         method = _new_method(method_factory, "features")
-        name = type(method).__name__
+        kind = type(method)
         method.fit(support[start:stop], labels[start:stop])
         if positions is None:
             chunks.append(method.predict_logits(queries[start:stop]).double().numpy())
+        elif method.transductive:
+            rows = torch.as_tensor(positions[start:stop], device=queries.device)
+            chunks.append(method.predict_logits(queries[rows]).double().numpy())
         else:
             pool_logits = method.predict_logits(queries).double().numpy()  # (chunk, N, n_way)
             chunks.append(np.take_along_axis(pool_logits, positions[start:stop, :, None], axis=1))
-    return np.concatenate(chunks), name
+    return np.concatenate(chunks), kind
 
 
 def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -351,14 +355,15 @@ def evaluate_frozen(
 
     support = gather(tasks.support)
     n_query, n_way = tasks.query.shape[1], tasks.class_ids.shape[1]
-    transductive = _new_method(method_factory, "features").transductive  # reads its episode's queries
-    if leave_one_out and transductive:
-        raise ValueError("leave-one-out logits need an inductive method (transductive ones read the queries)")
-    if not transductive and len(pool) * n_way <= n_query * features.shape[1]:  # cheaper than copying queries
-        logits, name = _batched_logits(method_factory, support, tasks.support_labels, features, tasks.query)
+    if len(pool) * n_way <= n_query * features.shape[1]:  # scoring the pool is cheaper than copying queries
+        logits, kind = _batched_logits(method_factory, support, tasks.support_labels, features, tasks.query)
     else:
-        logits, name = _batched_logits(method_factory, support, tasks.support_labels, gather(tasks.query))
-    results = score_episodes(label or name, episodes.k_shot, logits, tasks.query_labels, coverage, n_bins)
+        logits, kind = _batched_logits(method_factory, support, tasks.support_labels, gather(tasks.query))
+    if leave_one_out and kind.transductive:
+        raise ValueError("leave-one-out logits need an inductive method (transductive ones read the queries)")
+    results = score_episodes(
+        label or kind.__name__, episodes.k_shot, logits, tasks.query_labels, coverage, n_bins
+    )
     results.class_ids, results.class_names = tasks.class_ids, tuple(pool.class_names)
     if leave_one_out:
         results.support_logits = leave_one_out_logits(method_factory, support, tasks.support_labels)
@@ -540,7 +545,7 @@ def evaluate_generalised(
     support_labels = np.concatenate([train_labels[shots], n_base + tasks.support_labels], axis=1)
     query = torch.cat([rows(base_test, queries), rows(novel_features, tasks.query)], dim=1)
     query_labels = np.concatenate([test_labels[queries], n_base + tasks.query_labels], axis=1)
-    logits, name = _batched_logits(method_factory, support, support_labels, query)
+    logits, kind = _batched_logits(method_factory, support, support_labels, query)
     correct = logits.argmax(axis=-1) == query_labels
     base_accuracy = correct[:, : queries.shape[1]].mean(axis=1)
     novel_recall = correct[:, queries.shape[1] :].mean(axis=1)
@@ -553,7 +558,7 @@ def evaluate_generalised(
         [np.broadcast_to(np.arange(n_base), (len(logits), n_base)), n_base + tasks.class_ids], axis=1
     )
     return EpisodeResults(
-        label or name,
+        label or kind.__name__,
         episodes.k_shot,
         logits,
         query_labels,

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from fewshot_med.errors import FewshotMedError, did_you_mean
+from fewshot_med.models.weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,8 @@ def create_backbone(
         image_size: input height and width; at ≤ 64 px the stem is adapted (see
             ``SMALL_INPUT_ADAPTERS``).
         pretrained: load timm's published weights through its hub (needs network or a warm cache).
-        weights: a local file with a ``state_dict`` (or a fewshot-med checkpoint) to load instead.
+        weights: starting weights loaded after the stem adaptation (``load_weights``): a local
+            ``state_dict``, checkpoint or ``.safetensors`` file, or ``package:<distribution>``.
 
     Returns:
         Module mapping ``(N, in_chans, image_size, image_size)`` to ``(N, num_features)``.
@@ -209,26 +210,3 @@ def create_backbone(
     if weights is not None:
         load_weights(model, weights)
     return model
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local ``state_dict`` file (or the ``backbone`` entry of a fewshot-med checkpoint)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FewshotMedError(f"{path}: no such weights file; check model.weights")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise FewshotMedError(f"{path}: not a readable PyTorch weights file ({error})") from None
-    state = state.get("backbone", state) if isinstance(state, dict) else state
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # same keys, other shapes
-        detail = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        message = f"{path}: weights do not fit this backbone ({detail}); check model.backbone"
-        raise FewshotMedError(message) from None
-    if missing or unexpected:
-        raise FewshotMedError(
-            f"{path}: weights do not fit this backbone ({len(missing)} missing keys, e.g. "
-            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); check model.backbone"
-        )

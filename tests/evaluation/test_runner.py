@@ -26,6 +26,7 @@ class NearestCentroid:
     a time."""
 
     inputs = "features"
+    transductive = False
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> "NearestCentroid":
         self.lead_ = labels.ndim
