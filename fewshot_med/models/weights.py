@@ -193,9 +193,9 @@ def weights_normalization(
     if weights is not None:
         entry = packaged_weights(weights)
         return entry.mean, entry.std
-    from timm.models import get_pretrained_cfg
+    from timm.models import get_deprecated_models, get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(backbone)
+    cfg = get_pretrained_cfg(get_deprecated_models().get(backbone, backbone))  # an alias: its new name.tag
     return tuple(cfg.mean), tuple(cfg.std)
 
 

@@ -35,7 +35,7 @@ def test_unknown_model_and_bad_weights(tmp_path):
     with pytest.raises(FewshotMedError, match="no such weights file"):
         create_backbone("resnet10t", weights=tmp_path / "absent.pt")
     torch.save(create_backbone("resnet18", image_size=32).state_dict(), tmp_path / "r18.pt")
-    with pytest.raises(FewshotMedError, match="weights do not fit this backbone"):
+    with pytest.raises(FewshotMedError, match=r"r18\.pt: weights do not fit resnet10t"):
         create_backbone("resnet10t", image_size=32, weights=tmp_path / "r18.pt")
 
 
