@@ -120,7 +120,9 @@ def test_quick_peers_suite_writes_the_document_and_mlflow(shared_data, tmp_path,
             assert f"#### {dataset}, K = {k}" in text
         assert f"#### {dataset}: temperature scaling here vs netcal, same logits" in text
         assert f"#### {dataset}: accuracy against shots, and the oracle" in text
-    assert text.count("| easyfsl TIM | yes |") == 4 and text.count("| **simpleshot** | no |") == 4
+        assert f"#### {dataset}: class-imbalanced queries, K = 5" in text
+    # per dataset a row per K and one in the imbalanced-query table
+    assert text.count("| easyfsl TIM | yes |") == 6 and text.count("| **simpleshot** | no |") == 6
     assert "Quick mode" in text and "*Regenerate:* `python -m benchmarks.run --suite peers --quick" in text
     verdicts = json.loads((tmp_path / "bench.json").read_text())["peers"]
     assert [(v["dataset"], v["shots"]) for v in verdicts] == [

@@ -332,7 +332,9 @@ def test_unknown_method_lists_the_known_ones(context: MethodContext) -> None:
 
 
 def test_unknown_parameter_is_named_with_the_allowed_ones(context: MethodContext) -> None:
-    message = r"method 'r2d2' has no parameter lamda; its parameters: lam, scale; did you mean 'lam'\?"
+    message = (
+        r"method 'r2d2' has no parameter lamda; its parameters: features, lam, scale; did you mean 'lam'\?"
+    )
     with pytest.raises(ConfigError, match=message):
         create_method("r2d2", context, lamda=0.1)
     with pytest.raises(ConfigError, match="its parameters: none"):
