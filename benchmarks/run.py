@@ -141,17 +141,33 @@ def write_verdicts(path: Path, suite: str, verdicts: Mapping[str, list[dict[str,
     path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
+#: A dataset's block inside a section (``names.dataset_block``), its name in group 1.
+DATASET_BLOCK = re.compile(r"<!-- dataset:(\S+) -->.*?<!-- /dataset:\1 -->", re.DOTALL)
+
+
 def write_section(path: Path, suite: str, markdown: str) -> None:
-    """Replace (or append) the ``suite`` section of the markdown file ``path``."""
+    """Replace (or append) the ``suite`` section of the markdown file ``path``. Dataset blocks of the
+    old section that ``markdown`` lacks (a run on some of the datasets) are kept, each followed by the
+    old section's regenerate line, so a reader sees which run they come from."""
     start, end = f"<!-- suite:{suite} -->", f"<!-- /suite:{suite} -->"
-    block = f"{start}\n{markdown.strip()}\n{end}"
     text = path.read_text(encoding="utf-8") if path.exists() else PREAMBLE
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    text = (
-        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    )
+    old = pattern.search(text)
+    block = f"{start}\n{markdown.strip()}{_kept_blocks(old.group(0), markdown) if old else ''}\n{end}"
+    text = pattern.sub(lambda _: block, text) if old else text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+def _kept_blocks(old_section: str, markdown: str) -> str:
+    """The old section's dataset blocks that ``markdown`` does not have, with the old regenerate line."""
+    rerun = {match.group(1) for match in DATASET_BLOCK.finditer(markdown)}
+    kept = [match.group(0) for match in DATASET_BLOCK.finditer(old_section) if match.group(1) not in rerun]
+    if not kept:
+        return ""
+    footer = next((line for line in old_section.splitlines() if line.startswith("*Regenerate:*")), "")
+    origin = footer.replace("*Regenerate:*", "*Kept from an earlier run, not rerun by the command below:*", 1)
+    return "".join(f"\n\n{block}\n\n{origin}" for block in kept)
 
 
 def _footer(

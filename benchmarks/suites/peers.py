@@ -701,8 +701,8 @@ def _suite_markdown(benchmarks: list[DatasetBenchmark], quick: bool) -> str:
         "library defaults; only their feature preprocessing is chosen, on val episodes.",
         "",
     ]
-    for bench in benchmarks:
-        lines += [_dataset_markdown(bench), ""]
+    for bench in benchmarks:  # marked per dataset: a run on some datasets keeps the others' blocks
+        lines += [names.dataset_block(bench.name, _dataset_markdown(bench)), ""]
     return "\n".join(lines)
 
 

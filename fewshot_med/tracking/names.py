@@ -338,6 +338,11 @@ def suite_artifact(suite: str, extension: str) -> str:
     return f"{suite}.{extension}"
 
 
+def dataset_block(dataset: str, markdown: str) -> str:
+    """A benchmark section's block for one dataset, between ``<!-- dataset:<name> -->`` markers."""
+    return f"<!-- dataset:{dataset} -->\n{markdown.strip()}\n<!-- /dataset:{dataset} -->"
+
+
 def dataset_artifact(kind: str, dataset: str, extension: str, k: int | None = None) -> str:
     """``<kind>_<dataset>[_<K>shot].<extension>``: a benchmark suite's per-dataset table or figure."""
     return f"{kind}_{dataset}{'' if k is None else '_' + shot(k)}.{extension}"

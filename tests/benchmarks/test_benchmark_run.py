@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from benchmarks import run
 from benchmarks.suites import peers
 from fewshot_med.data import EpisodeList
+from fewshot_med.tracking import names
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -27,6 +28,24 @@ def test_a_suite_replaces_only_its_own_section(tmp_path):
     assert text.count("<!-- suite:peers -->") == 1 and text.count("<!-- /suite:speed -->") == 1
     assert "first" not in text and "second" in text and "fast" in text
     assert text.index("## Peers") < text.index("## Speed")  # replaced in place, not appended
+
+
+def test_a_run_on_some_datasets_keeps_the_other_datasets_blocks_with_their_origin(tmp_path):
+    path = tmp_path / "bench.md"
+    old = "\n\n".join(
+        ["## Peers", names.dataset_block("a", "### a: old"), names.dataset_block("b", "### b: old")]
+    )
+    run.write_section(path, "peers", old + "\n\n*Regenerate:* `old command` · commit `111`")
+    run.write_section(
+        path, "peers", "## Peers\n\n" + names.dataset_block("a", "### a: new") + "\n\n*Regenerate:* `new`"
+    )
+    text = path.read_text()
+    assert "### a: new" in text and "### a: old" not in text and "### b: old" in text
+    assert text.index("*Regenerate:* `new`") < text.index("### b: old")
+    assert "*Kept from an earlier run, not rerun by the command below:* `old command` · commit `111`" in text
+    run.write_section(path, "peers", "## Peers\n\n" + names.dataset_block("b", "### b: new"))
+    text = path.read_text()
+    assert "### b: new" in text and "### b: old" not in text and "### a: new" in text
 
 
 def test_verdicts_of_the_datasets_run_are_replaced_and_others_kept(tmp_path):
