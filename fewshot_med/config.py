@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fewshot_med.data.catalog import LoadOptions, default_roles
+from fewshot_med.data.intensity import IntensityConfig
 from fewshot_med.data.roles import ClassRoles
 from fewshot_med.errors import ConfigError, FewshotMedError, not_one_of
 
@@ -110,6 +111,9 @@ class DataConfig(StrictModel):
     base_classes: list[str] | None = Field(None, description="common classes; catalogue default if unset")
     novel_classes: list[str] | None = Field(None, description="rare classes; catalogue default if unset")
     nifti_slice: int | None = Field(None, description="slice of 3D NIfTI volumes; middle slice if unset")
+    intensity: IntensityConfig = Field(
+        IntensityConfig(), description="how file pixel values become 0..255 (local images)"
+    )
     split_fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train/val/test")
     split_seed: int = Field(0, description="seed of patient-grouped split assignment for local data")
 
@@ -441,6 +445,11 @@ class TrackingConfig(StrictModel):
     )
     register_k_shot: PositiveInt | None = Field(
         None, description="shots per class of the registered classifier; the largest evaluated K if unset"
+    )
+    log_paths: bool = Field(
+        False,
+        description="log data paths, file names and manifest columns to MLflow as they are; otherwise "
+        "they are logged as salted hashes (hospital paths often hold names)",
     )
 
 
