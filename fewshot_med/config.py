@@ -257,6 +257,12 @@ class PretrainConfig(StrictModel):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     balanced_sampling: bool = Field(True, description="draw base classes equally often (nv is 60% of HAM)")
     augment: bool = Field(True, description="batched on-device crops, rotations, flips, colour jitter")
+    mixing: Literal["none", "mixup", "cutmix", "mixup_or_cutmix"] = Field(
+        "none",
+        description="mix pairs of training images and their labels (mixup, Zhang et al. 2018; cutmix, Yun "
+        "et al. 2019; or either, chosen per batch)",
+    )
+    mixing_alpha: PositiveFloat = Field(1.0, description="Beta(alpha, alpha) of the mixing proportion")
     early_stopping_patience: PositiveInt | None = Field(8, description="epochs without val improvement")
     keep: Literal["best", "last"] = Field(
         "best",

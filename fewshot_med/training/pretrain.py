@@ -3,10 +3,11 @@
 The quality of these features bounds every method downstream, so the recipe is a full one: a linear
 head on the pooled features, AdamW (or Nesterov SGD) without weight decay on norms and biases, a
 per-step linear warmup then cosine schedule, label smoothing, class-balanced sampling (HAM10000's
-``nv`` is 60% of the base images) and batched on-device augmentation. Model selection is by the
-balanced accuracy on the base classes of the val split, with early stopping, or the last epoch
-(``keep="last"``). Optionally, SWAG moments of the backbone's weights are collected over the last
-epochs (``settings.swag``): the posterior that serves as an informative prior downstream.
+``nv`` is 60% of the base images), batched on-device augmentation and optionally mixup or cutmix
+(torchvision's ``MixUp``/``CutMix``, seeded per step so a resumed run mixes the same pairs). Model
+selection is by the balanced accuracy on the base classes of the val split, with early stopping, or
+the last epoch (``keep="last"``). Optionally, SWAG moments of the backbone's weights are collected
+over the last epochs (``settings.swag``): the posterior that serves as an informative prior downstream.
 
 The loop is lean on purpose: batches are indexed from uint8 arrays on the CPU, moved as uint8 and
 normalised/augmented on the device, and losses are accumulated on the device, so the host syncs
@@ -55,7 +56,8 @@ class PretrainResult:
         head: ``nn.Linear(D, n_base_classes)`` of the best epoch, same device.
         spec: the backbone's spec (unchanged input).
         history: one dict per finished epoch with ``epoch`` (1-based), ``train_loss`` (label-smoothed,
-            mean over steps), ``train_accuracy``, ``val_loss`` (plain cross-entropy), ``val_accuracy``,
+            mean over steps), ``train_accuracy`` (against the larger label share of a mixed image),
+            ``val_loss`` (plain cross-entropy), ``val_accuracy``,
             ``val_balanced_accuracy``, ``lr`` (of the epoch's last step), ``images_per_second`` (training
             steps only) and ``epoch_seconds`` (training and validation).
         best_epoch: 1-based epoch whose weights were kept.
@@ -235,6 +237,29 @@ class _Loop:
     swag: SwagCollector | None
     swag_start: int
     swag_steps: frozenset[int]
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    seed: int
+
+
+def mixing_transform(
+    kind: str, n_classes: int, alpha: float
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """torchvision's batch mixing for ``settings.mixing``: ``(B, C, H, W)`` images and ``(B,)`` labels ->
+    mixed images and ``(B, n_classes)`` label proportions; ``None`` for ``"none"``.
+
+    mixup blends whole images (Zhang et al., ICLR 2018); cutmix pastes a box of one image into another
+    (Yun et al., ICCV 2019); ``mixup_or_cutmix`` picks one of the two per batch.
+    """
+    from torchvision.transforms import v2
+
+    mixers = {
+        "mixup": lambda: v2.MixUp(alpha=alpha, num_classes=n_classes),
+        "cutmix": lambda: v2.CutMix(alpha=alpha, num_classes=n_classes),
+        "mixup_or_cutmix": lambda: v2.RandomChoice(
+            [v2.MixUp(alpha=alpha, num_classes=n_classes), v2.CutMix(alpha=alpha, num_classes=n_classes)]
+        ),
+    }
+    return mixers[kind]() if kind != "none" else None
 
 
 def _build_loop(
@@ -276,6 +301,8 @@ def _build_loop(
         swag=SwagCollector(settings.swag.rank) if settings.swag.enabled else None,
         swag_start=swag_start,
         swag_steps=swag_steps,
+        mix=mixing_transform(settings.mixing, head.out_features, settings.mixing_alpha),
+        seed=seed,
     )
 
 
@@ -365,9 +392,15 @@ def _train_epoch(
         if settings.augment:
             images = augment_batch(images, loop.augment_generator)
         targets = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
+        goals = targets  # class indices, or label proportions after mixing
+        if loop.mix is not None:
+            with torch.random.fork_rng(devices=[]):  # torchvision draws on the CPU generator
+                step_seed = np.random.SeedSequence([loop.seed, 2, epoch, step]).generate_state(1)[0]
+                torch.manual_seed(int(step_seed))
+                images, goals = loop.mix(images, targets)
         with autocast(device):
             logits = head(backbone(images))
-            loss = criterion(logits, targets)
+            loss = criterion(logits, goals)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -376,7 +409,8 @@ def _train_epoch(
         if loop.swag is not None and epoch + 1 >= loop.swag_start and step in loop.swag_steps:
             loop.swag.collect(backbone)
         loss_sum += loss.detach()
-        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        dominant = goals.argmax(dim=1) if goals.ndim == 2 else targets  # the larger share of a mixed image
+        correct += (logits.detach().argmax(dim=1) == dominant).sum()
         progress.update(epoch + (step + 1) / loop.steps)
     n_images = loop.steps * batch_size
     return {

@@ -164,6 +164,30 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_weights(data, tm
         assert torch.equal(value, last_resumed["current"]["backbone"][key]), key
 
 
+def test_mixing_resumes_to_the_same_weights_and_changes_the_trajectory(data, tmp_path):
+    train, val, spec = data
+    settings = quick(mixing="mixup_or_cutmix")
+    whole = pretrain(fresh_backbone(spec), spec, train, val, settings, CPU)
+    path = tmp_path / "mixed.pt"
+    interrupt_after_second_epoch(data, settings, path)
+    resumed = resume_pretraining(path, data, settings)
+    assert_same_weights(resumed.backbone, whole.backbone)
+    unmixed = pretrain(fresh_backbone(spec), spec, train, val, quick(), CPU)
+    assert not np.array_equal(trainable(unmixed.backbone), trainable(whole.backbone))
+
+
+def test_mixup_blends_images_and_labels_in_the_same_proportion():
+    images = torch.rand(6, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.manual_seed(0)
+    mixed, proportions = pretrain_module.mixing_transform("mixup", 3, 1.0)(images, labels)
+    share = proportions[0, 0].item()  # torchvision pairs each image with the previous one (a roll by 1)
+    assert torch.allclose(mixed, share * images + (1 - share) * images.roll(1, dims=0), atol=1e-6)
+    expected = share * torch.eye(3)[labels] + (1 - share) * torch.eye(3)[labels.roll(1)]
+    assert torch.allclose(proportions, expected, atol=1e-6)
+    assert pretrain_module.mixing_transform("none", 3, 1.0) is None
+
+
 def trainable(module: torch.nn.Module) -> np.ndarray:
     """The module's trainable parameters flattened in ``named_parameters()`` order, float64."""
     return (
