@@ -1,0 +1,148 @@
+"""Pretraining levers decided on several training seeds: the evidence behind a recipe change.
+
+For every arm (a named set of ``--set`` overrides of the config; the first arm is the reference) and
+every training seed, pretrains a backbone on the base classes (the config's ``pretrain`` section; no
+meta-training), then scores SimpleShot and logistic regression on the novel classes at K shots: the
+val episodes (the signal the protocol allows choosing on) and the test episodes (for reading only),
+the same seeded episode lists for every arm and seed. Prints one JSON line per arm and seed, then a
+markdown table: per arm, the mean ± standard deviation over training seeds, and the paired difference
+from the reference arm over seeds (each seed's arms share their episode lists and initial weights).
+A lever is kept only when its val difference is positive for every seed. Everything is logged to an
+MLflow run in the ``benchmarks`` experiment.
+
+Run: ``python -m benchmarks.scripts.pretrain_levers configs/ham10000.yaml --seeds 0 1 2``
+``--arm reference --arm mixup:pretrain.mixing=mixup --arm cutmix:pretrain.mixing=cutmix``
+``[--set data.source=ham10000-28]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+from fewshot_med import tracking
+from fewshot_med.config import Config, load_config
+from fewshot_med.data import sample_episodes
+from fewshot_med.data.transforms import channel_stats
+from fewshot_med.evaluation import evaluate_frozen
+from fewshot_med.methods import MethodContext, create_method
+from fewshot_med.models import BackboneSpec, create_backbone, embed
+from fewshot_med.pipelines.transfer import load_data
+from fewshot_med.runtime import resolve_device, seed_everything
+from fewshot_med.tracking import names
+from fewshot_med.training.pretrain import pretrain
+
+#: Frozen-feature methods scored on each backbone (cheap, and the two families of the toolkit's heads).
+PROBES = ("simpleshot", "logreg")
+SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A named variant of the config: ``name`` and its ``--set`` overrides."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+def parse_arm(text: str) -> Arm:
+    """``NAME`` or ``NAME:key=value[;key=value…]`` -> an ``Arm``."""
+    name, _, rest = text.partition(":")
+    return Arm(name, tuple(item for item in rest.split(";") if item))
+
+
+def score_seed(config: Config, n_val: int, n_test: int, shots: int) -> dict[str, float | str]:
+    """Pretrain one backbone with ``config`` (its seed) and score the probes on novel val/test episodes."""
+    device = resolve_device(config.runtime.device)
+    seed_everything(config.seed)
+    data = load_data(config)
+    base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
+    pools = {split: data.subset(split, "novel") for split in SPLITS}
+    n_way = len(data.roles.novel)
+    counts, draw = {"val": n_val, "test": n_test}, config.episodes
+    episodes = {
+        split: sample_episodes(pool, n_way, shots, draw.n_query, counts[split], draw.seed)
+        for split, pool in pools.items()
+    }
+    mean, std = channel_stats(base_train.images)
+    spec = BackboneSpec(config.model.backbone, 3, data.dataset.image_shape[0], mean, std)
+    backbone = create_backbone(spec.name, spec.in_chans, spec.image_size)
+    settings = config.pretrain.model_copy(update={"early_stopping_patience": None})
+    started = time.perf_counter()
+    pretrain(backbone, spec, base_train, base_val, settings, device, seed=config.seed)
+    record: dict[str, float | str] = {"pretrain_seconds": time.perf_counter() - started}
+    context = MethodContext(base_feature_mean=embed(backbone, base_train.images, spec, device).mean(dim=0))
+    for split, pool in pools.items():
+        features = embed(backbone, pool.images, spec, device)
+        for probe in PROBES:
+            make = lambda probe=probe: create_method(probe, context)  # noqa: E731
+            result = evaluate_frozen(make, features, pool, episodes[split])
+            record[f"{split}.{probe}"] = 100 * result.summary()["accuracy"][0]
+    record["data_digest"] = data.dataset.digest
+    return record
+
+
+def summary_table(records: dict[str, dict[int, dict[str, float | str]]], shots: int) -> str:
+    """Markdown: per arm and column, mean ± sd over seeds and the paired difference from the first arm."""
+    arms = list(records)
+    reference = records[arms[0]]
+    columns = [f"{split}.{probe}" for split in SPLITS for probe in PROBES]
+    lines = [
+        f"| arm | seeds | {' | '.join(f'{c} ({shots}-shot)' for c in columns)} | "
+        f"{' | '.join(f'Δ {c} (per seed)' for c in columns)} |",
+        "|---|---|" + "---|" * (2 * len(columns)),
+    ]
+    for arm in arms:
+        seeds = sorted(records[arm])
+        cells = []
+        for column in columns:
+            values = [records[arm][s][column] for s in seeds]
+            spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        deltas = []
+        for column in columns:
+            paired = [records[arm][s][column] - reference[s][column] for s in seeds if s in reference]
+            per_seed = ", ".join(f"{d:+.1f}" for d in paired)
+            deltas.append(f"{statistics.mean(paired):+.1f} ({per_seed})" if paired else "—")
+        lines.append(f"| {arm} | {len(seeds)} | {' | '.join(cells)} | {' | '.join(deltas)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--arm", dest="arms", action="append", type=parse_arm, default=[])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--val-episodes", type=int, default=200)
+    parser.add_argument("--test-episodes", type=int, default=600)
+    args = parser.parse_args()
+    arms = args.arms or [Arm("reference", ())]
+    base = load_config(args.config, args.overrides)  # validates the shared overrides once, up front
+    configs = {
+        (arm.name, seed): load_config(args.config, [*args.overrides, *arm.overrides, f"seed={seed}"])
+        for arm in arms
+        for seed in args.seeds
+    }
+    records: dict[str, dict[int, dict[str, float | str]]] = {arm.name: {} for arm in arms}
+    command = {"config": args.config, "overrides": args.overrides, "arms": [a.__dict__ for a in arms]}
+    tags = {"command": json.dumps(command)}
+    with tracking.benchmark_run("pretrain-levers", tags=tags, settings=base.tracking):
+        for (arm, seed), config in configs.items():
+            record = score_seed(config, args.val_episodes, args.test_episodes, args.shots)
+            records[arm][seed] = record
+            print(json.dumps({"arm": arm, "seed": seed, **record}), flush=True)
+            prefix = (base.name, args.shots, arm, f"seed{seed}")
+            numbers = {key: value for key, value in record.items() if isinstance(value, float)}
+            tracking.log_metrics({names.benchmark_metric(*prefix, k): v for k, v in numbers.items()})
+        table = summary_table(records, args.shots)
+        tracking.log_text_artifact(table, "pretrain_levers.md")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
