@@ -301,6 +301,222 @@ def report_command(
     console.print(str(path), markup=False, highlight=False)
 
 
+@app.command("predict")
+def predict_command(
+    model_uri: Annotated[
+        str,
+        typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/classifier or a run id."),
+    ],
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders (recursive), globs, or a CSV manifest (column 'path')."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV file to write.")] = Path("predictions.csv"),
+    batch_size: Annotated[int, typer.Option(help="Images read and classified at a time.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
+        ),
+    ] = None,
+) -> None:
+    """Classify image files with a logged or registered classifier: one CSV row per file with the class
+    probabilities, prediction, confidence, abstain and error (a file that cannot be read gets an error
+    row; the others are still classified)."""
+    from fewshot_med.config import TrackingConfig
+    from fewshot_med.deploy.batch import expand_inputs, outcome_counts, predict_files
+    from fewshot_med.runtime import resolve_device
+    from fewshot_med.tracking.models import load_classifier
+
+    if not out.parent.is_dir():
+        raise FewshotMedError(f"--out {out}: folder {out.parent} does not exist; create it or pick another")
+    files = expand_inputs(paths)
+    target = resolve_device(device)
+    settings = TrackingConfig(tracking_uri=tracking_uri) if tracking_uri else None
+    classifier = load_classifier(model_uri, settings=settings)
+    table = predict_files(classifier, files, batch_size, target)
+    table.to_csv(out, index=False)
+    total, abstained, failed = outcome_counts(table)
+    console.print(
+        f"{total} images, {abstained} abstained, {failed} failed -> {out}", markup=False, highlight=False
+    )
+    if failed == total:
+        raise FewshotMedError(f"none of the {total} images could be read; the reasons are in {out}")
+
+
+@app.command("adapt")
+def adapt_command(
+    data: Annotated[
+        Path,
+        typer.Argument(help="Folder of class subfolders, or a CSV manifest path,label[,patient_id]."),
+    ],
+    source: Annotated[
+        str, typer.Option("--from", help="Pipeline run id, or a classifier's models:/NAME@ALIAS.")
+    ],
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "adapted-classifier",
+    alias: Annotated[
+        str, typer.Option(help="Alias the new version takes if it scores as well.")
+    ] = "champion",
+    methods: Annotated[
+        str, typer.Option(help="Candidate methods, comma-separated (frozen-feature, inductive).")
+    ] = "simpleshot,logreg,r2d2",
+    folds: Annotated[int, typer.Option(help="Folds (capped by the smallest class).")] = 5,
+    repeats: Annotated[int, typer.Option(help="Repeats with reshuffled folds.")] = 3,
+    choose_by: Annotated[
+        str, typer.Option("--choose-by", help="logloss, accuracy, or clml (no held-out images).")
+    ] = "logloss",
+    target_coverage: Annotated[
+        float | None, typer.Option(help="Keep this fraction of images, abstain on the rest (default 0.9).")
+    ] = None,
+    target_accuracy: Annotated[
+        float | None, typer.Option(help="Instead: the largest coverage reaching this accuracy.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of folds, bootstrap and methods.")] = 0,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "adapt",
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
+        ),
+    ] = None,
+    log_paths: Annotated[
+        bool, typer.Option("--log-paths", help="Log the data path and patient ids (default: never).")
+    ] = False,
+    allow_conflicts: Annotated[
+        bool, typer.Option("--allow-conflicts", help="Go on despite label conflicts or leakage.")
+    ] = False,
+    intensity: Annotated[
+        list[str] | None,
+        typer.Option(help="Pixel intensity setting key=value, repeatable (mode=window, center=40, ...)."),
+    ] = None,
+    nifti_slice: Annotated[int | None, typer.Option(help="Slice of 3D volumes (default middle).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Adapt to a hospital's own labelled images: choose a method by cross-validation, calibrate, set an
+    abstention threshold, register the classifier with a model card; the last line is its model URI."""
+    from fewshot_med.pipelines.adapt import AdaptSettings, adapt, intensity_from_options, summary
+
+    if target_coverage is None and target_accuracy is None:
+        target_coverage = 0.9
+    settings = AdaptSettings(
+        data=data,
+        source=source,
+        name=name,
+        alias=alias,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        folds=folds,
+        repeats=repeats,
+        choose_by=choose_by,
+        target_coverage=target_coverage,
+        target_accuracy=target_accuracy,
+        seed=seed,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        log_paths=log_paths,
+        allow_conflicts=allow_conflicts,
+        intensity=intensity_from_options(intensity or []),
+        nifti_slice=nifti_slice,
+        device=device,
+    )
+    outcome = adapt(settings)
+    console.print(summary(outcome), markup=False, highlight=False)
+    console.print(outcome.model_uri, markup=False, highlight=False)
+
+
+@datasets_app.command("demo-folder")
+def datasets_demo_folder(
+    out: Annotated[Path, typer.Argument(help="New folder to write: one subfolder of images per class.")],
+    classes: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated demo classes; default: dermatofibroma,vascular,actinic."),
+    ] = None,
+    per_class: Annotated[int, typer.Option("--per-class", help="Images per class.")] = 20,
+    image_size: Annotated[int, typer.Option(help="Side of the square images, in pixels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Same seed, same files; another seed, new images.")] = 1,
+    manifest: Annotated[
+        bool, typer.Option("--manifest", help="Also write manifest.csv (path,label,patient_id).")
+    ] = False,
+) -> None:
+    """Write synthetic PNG and DICOM files as a hospital export would look, to try local-data commands."""
+    from fewshot_med.data.demo import DEMO_NOVEL_CLASSES
+    from fewshot_med.data.demo_files import write_demo_folder
+
+    names = DEMO_NOVEL_CLASSES if classes is None else [name.strip() for name in classes.split(",")]
+    folder = write_demo_folder(out, names, per_class, image_size, seed, manifest=manifest)
+    console.print(str(folder), markup=False, highlight=False)
+
+
+@app.command("audit")
+def audit_command(
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Folder of class subfolders, CSV manifest path,label[,patient_id][,split], or a dataset "
+            "name (ham10000, a .npz)."
+        ),
+    ],
+    from_run: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="Run whose backbone gives the features (label checks, similar images, OOD)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for the report; default ./audit-<name>.")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 when any error-severity finding exists.")
+    ] = False,
+    shots: Annotated[
+        list[int] | None,
+        typer.Option("--k", help="K to check class sizes for (repeatable; default 1, 5, 10)."),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="With --from: what OOD scores refer to: a YAML config (its base classes' train split, the "
+            "run's pretraining data) or a dataset; default the audited data's own train split."
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Decode images to this side (default: the backbone's, else 64).")
+    ] = None,
+    log_paths: Annotated[
+        bool, typer.Option("--log-paths", help="Log file paths to MLflow as given (default: salted tokens).")
+    ] = False,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Check data before training: unreadable or odd files, duplicates, label conflicts, split and patient
+    leaks, suspected label errors, classes too small for K, and (with --from) out-of-distribution images.
+    Writes report.md, report.html and flagged.csv, and logs a copy (paths as tokens) to MLflow."""
+    from fewshot_med.audit import AuditSettings, audit_dataset, log_audit, summary_lines, write_report
+    from fewshot_med.config import TrackingConfig
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise FewshotMedError(f"--out {out}: a file of that name exists; give a folder")
+    settings = TrackingConfig(tracking_uri=tracking_uri, log_paths=log_paths)
+    options = AuditSettings(image_size=image_size, **({"shots": tuple(shots)} if shots else {}))
+    report = audit_dataset(data, options, from_run, reference, tracking_settings=settings, device=device)
+    folder = out or Path(f"audit-{report.name}")
+    written = write_report(report, folder)
+    run_id = log_audit(report, log_paths, settings, from_run)
+    for line in summary_lines(report):
+        console.print(line, markup=False, highlight=False)
+    console.print(
+        f"report: {written['report.md']} (also report.html, flagged.csv)", markup=False, highlight=False
+    )
+    console.print(f"MLflow run {run_id} in experiment 'audit'", markup=False, highlight=False)
+    if strict and report.errors():
+        raise typer.Exit(1)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a batch scheduler's time limit) ends runs like Ctrl-C: MLflow runs are marked
     KILLED with what they logged, training checkpoints stay for ``--resume``, and the exit status is

@@ -131,6 +131,7 @@ class DataConfig(StrictModel):
             split_fractions=self.split_fractions,
             split_seed=self.split_seed,
             class_names=self.class_names,
+            intensity=self.intensity,
         )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fewshot_med import tracking
 from fewshot_med.config import Config
-from fewshot_med.deploy.classifier import fit_classifier
+from fewshot_med.deploy import Preprocessing, fit_classifier
 from fewshot_med.errors import ConfigError
 from fewshot_med.evaluation import EpisodeResults
 from fewshot_med.evaluation.report import markdown_table
@@ -72,6 +72,12 @@ def register_stage(context: StageContext, report: EvaluationReport) -> Registrat
     methods_context = context.method_context(report.base_feature_mean)
     params = {**method_config.params, **test["none"].params}  # with what its search chose at K
     method = create_method(method_config.name, methods_context, **params)
+    preprocessing = Preprocessing(  # the registered model reads files as the training data was read
+        image_size=spec.image_size,
+        channels=pool.images.shape[-1],
+        intensity=config.data.intensity,
+        nifti_slice=config.data.nifti_slice,
+    )
     classifier = fit_classifier(
         backbone,
         spec,
@@ -81,6 +87,7 @@ def register_stage(context: StageContext, report: EvaluationReport) -> Registrat
         pool.class_names,
         temperature,
         context.device,
+        preprocessing=preprocessing,
     )
     score_name = names.val_metric(chosen.k_shot, "accuracy")
     score = chosen.summary()["accuracy"][0]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewshot_med.data.dataset import MedicalImageDataset
+from fewshot_med.data.intensity import IntensityConfig
 from fewshot_med.data.roles import ClassRoles
 from fewshot_med.data.transforms import resize_images
 from fewshot_med.errors import DataError
@@ -91,13 +92,15 @@ DEFAULT_IMAGE_SIZE = 64
 class LoadOptions:
     """How images are read and split. ``image_size`` resizes every source when set (``.npz`` and
     MedMNIST files keep their own size when unset, local images and the demo take
-    ``DEFAULT_IMAGE_SIZE``); the split options apply to sources without splits of their own."""
+    ``DEFAULT_IMAGE_SIZE``); the split options apply to sources without splits of their own.
+    ``intensity`` applies to local files (``.npz``, MedMNIST and the demo are uint8 already)."""
 
     image_size: int | None = None
     nifti_slice: int | None = None
     split_fractions: Sequence[float] = (0.7, 0.1, 0.2)
     split_seed: int = 0
     class_names: Sequence[str] | None = None
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
 
 
 def load_dataset(spec: str, options: LoadOptions | None = None) -> MedicalImageDataset:
@@ -119,6 +122,7 @@ def _load(spec: str, options: LoadOptions) -> MedicalImageDataset:
         nifti_slice=options.nifti_slice,
         fractions=options.split_fractions,
         seed=options.split_seed,
+        intensity=options.intensity,
     )
     if spec == "demo":
         from fewshot_med.data.demo import make_demo_dataset

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fewshot_med.data.dataset import SPLITS, MedicalImageDataset, Split
+from fewshot_med.data.intensity import IntensityConfig
 from fewshot_med.data.readers import READER_BY_SUFFIX, is_image_file, read_image
 from fewshot_med.data.splits import assign_splits
 from fewshot_med.errors import DataError
@@ -23,10 +24,12 @@ def _natural_key(text: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
-def _read_images(paths: Sequence[Path], image_size: int, nifti_slice: int | None) -> np.ndarray:
+def _read_images(
+    paths: Sequence[Path], image_size: int, nifti_slice: int | None, intensity: IntensityConfig | None
+) -> np.ndarray:
     """Read files into one ``(N, S, S, C)`` uint8 array; grey images become RGB if any is RGB."""
     images = [
-        read_image(path, image_size, nifti_slice)
+        read_image(path, image_size, nifti_slice, intensity)
         for path in tqdm(paths, desc="reading images", unit="img", leave=False, disable=len(paths) < 200)
     ]
     if any(image.shape[-1] == 3 for image in images):
@@ -45,6 +48,7 @@ def _build(
     nifti_slice: int | None,
     fractions: Sequence[float],
     seed: int,
+    intensity: IntensityConfig | None,
 ) -> MedicalImageDataset:
     """Read the images and cut them into splits (given, or patient-grouped when not given)."""
     class_names = sorted(set(label_names), key=_natural_key)
@@ -56,7 +60,7 @@ def _build(
         split_array = np.asarray(split_names, dtype=str)
         if group_array is not None:
             _check_no_group_leak(group_array, split_array, source)
-    images = _read_images(paths, image_size, nifti_slice)
+    images = _read_images(paths, image_size, nifti_slice, intensity)
     splits = {
         split: Split(
             images=images[split_array == split],
@@ -85,6 +89,7 @@ def read_image_folder(
     nifti_slice: int | None = None,
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 0,
+    intensity: IntensityConfig | None = None,
 ) -> MedicalImageDataset:
     """Read ``root/<class>/<image>`` or ``root/{train,val,test}/<class>/<image>``.
 
@@ -96,6 +101,7 @@ def read_image_folder(
         nifti_slice: slice of 3D NIfTI volumes (middle slice when ``None``).
         fractions: train/val/test fractions when the folder has no split subfolders.
         seed: seed of the split assignment.
+        intensity: how pixel values become 0..255 (``data.intensity``); ``None`` is mode ``auto``.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -136,6 +142,7 @@ def read_image_folder(
         nifti_slice,
         fractions,
         seed,
+        intensity,
     )
 
 
@@ -145,6 +152,7 @@ def read_manifest(
     nifti_slice: int | None = None,
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 0,
+    intensity: IntensityConfig | None = None,
 ) -> MedicalImageDataset:
     """Read a CSV manifest with columns ``path,label[,patient_id][,split]``.
 
@@ -158,6 +166,7 @@ def read_manifest(
         nifti_slice: slice of 3D NIfTI volumes (middle slice when ``None``).
         fractions: train/val/test fractions when there is no split column.
         seed: seed of the split assignment.
+        intensity: how pixel values become 0..255 (``data.intensity``); ``None`` is mode ``auto``.
     """
     manifest = Path(manifest).expanduser()
     if not manifest.is_file():
@@ -204,4 +213,5 @@ def read_manifest(
         nifti_slice,
         fractions,
         seed,
+        intensity,
     )

@@ -1,8 +1,13 @@
-"""Reading single image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI) through MONAI's readers."""
+"""Reading single images (PNG, JPEG, BMP, TIFF, DICOM, NIfTI) through MONAI's readers: from a file, from
+a file's encoded bytes, or from an array of pixels. All three end in the same intensity handling and
+resizing, so one image gives the same uint8 pixels whichever way it arrives."""
 
 from __future__ import annotations
 
+import io
+import tempfile
 import warnings
+import zlib
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -10,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewshot_med.data.intensity import IntensityConfig, to_byte_range
 from fewshot_med.errors import DataError
 
 #: File suffix -> name of the MONAI reader that opens it.
@@ -26,6 +32,20 @@ READER_BY_SUFFIX: dict[str, str] = {
     ".nii.gz": "nifti",
 }
 
+#: (offset, magic number, suffix) of the formats ``sniff_format`` recognises; BMP's two-byte magic last.
+MAGIC_NUMBERS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", ".png"),
+    (0, b"\xff\xd8\xff", ".jpg"),
+    (0, b"II*\x00", ".tif"),
+    (0, b"MM\x00*", ".tif"),
+    (128, b"DICM", ".dcm"),
+    (344, b"n+1\x00", ".nii"),  # NIfTI-1 single file
+    (4, b"n+2\x00", ".nii"),  # NIfTI-2 single file
+    (0, b"BM", ".bmp"),
+)
+GZIP_MAGIC = b"\x1f\x8b"
+NOT_AN_IMAGE = "not a PNG, JPEG, DICOM or NIfTI image"
+
 
 def image_suffix(path: Path) -> str:
     """Return the suffix that selects a reader (``.nii.gz`` counts as one suffix)."""
@@ -39,8 +59,11 @@ def is_image_file(path: Path) -> bool:
 
 
 @cache
-def _loader(kind: str) -> Callable[[str], torch.Tensor]:
-    """Build (once) the MONAI ``LoadImage`` for a reader kind; MONAI is imported lazily."""
+def _loader(kind: str, channels_last: bool = False) -> Callable[[str], torch.Tensor]:
+    """Build (once) the MONAI ``LoadImage`` for a reader kind; MONAI is imported lazily. Pixels keep
+    their stored dtype (after DICOM rescale slope and intercept), so 8-bit files can be told apart.
+    ``channels_last`` tells ``PydicomReader`` that the last axis holds colour samples, which it cannot
+    tell from a 3-slice volume itself."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
         from monai.data import NibabelReader, PILReader, PydicomReader
@@ -48,31 +71,30 @@ def _loader(kind: str) -> Callable[[str], torch.Tensor]:
 
     readers = {
         "pil": lambda: PILReader(reverse_indexing=False),
-        "dicom": lambda: PydicomReader(swap_ij=False),
+        "dicom": lambda: PydicomReader(swap_ij=False, channel_dim=-1 if channels_last else None),
         "nifti": lambda: NibabelReader(),
     }
-    return LoadImage(reader=readers[kind](), image_only=True, ensure_channel_first=True)
+    return LoadImage(reader=readers[kind](), image_only=True, ensure_channel_first=True, dtype=None)
 
 
-def _scale_to_byte_range(image: torch.Tensor, kind: str) -> torch.Tensor:
-    """Map intensities to 0..255.
+def _is_colour_dicom(path: Path) -> bool:
+    """Whether a DICOM file's pixels carry several samples (RGB, YBR), read from its header only."""
+    import pydicom
 
-    8-bit photographs pass through; DICOM, NIfTI and 16-bit images are scaled by their 0.5 and 99.5
-    percentiles, which ignores outlier pixels (a constant image becomes 0).
-    """
-    if kind == "pil" and image.min() >= 0 and image.max() <= 255:
-        return image
-    low, high = np.percentile(image.numpy(), (0.5, 99.5))
-    return (image - low) / max(float(high - low), 1e-8) * 255
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SamplesPerPixel"])
+    return int(header.get("SamplesPerPixel", 1)) > 1
 
 
-def read_image(path: Path, image_size: int, nifti_slice: int | None = None) -> np.ndarray:
+def read_image(
+    path: Path, image_size: int, nifti_slice: int | None = None, intensity: IntensityConfig | None = None
+) -> np.ndarray:
     """Read one 2D image (or one slice of a 3D volume), resized to a square.
 
     Args:
         path: the file; its suffix picks the reader (see ``READER_BY_SUFFIX``).
         image_size: output height and width; the whole image is resized, not cropped.
         nifti_slice: index along the last axis of a 3D volume; ``None`` takes the middle slice.
+        intensity: how pixel values become 0..255 (``to_byte_range``); ``None`` is mode ``auto``.
 
     Returns:
         ``(image_size, image_size, C)`` uint8 array with ``C`` 1 (grey) or 3 (RGB; alpha dropped).
@@ -80,30 +102,198 @@ def read_image(path: Path, image_size: int, nifti_slice: int | None = None) -> n
     kind = READER_BY_SUFFIX.get(image_suffix(path))
     if kind is None:
         raise DataError(f"{path}: unsupported file type; use one of {sorted(READER_BY_SUFFIX)}")
+
+    def unreadable(reason: str) -> str:
+        return f"{path}: cannot read this {kind} image ({reason}); replace or remove the file"
+
+    image = _load(path, kind, unreadable)
+    return _file_pixels(image, kind, str(path), image_size, nifti_slice, intensity)
+
+
+def decode_image(
+    data: bytes,
+    image_size: int,
+    nifti_slice: int | None = None,
+    intensity: IntensityConfig | None = None,
+    name: str = "bytes",
+) -> np.ndarray:
+    """Read an image from a file's encoded bytes, as ``read_image`` reads the file.
+
+    The format comes from the bytes' magic number (``sniff_format``), not from a file name; the bytes
+    are written to a temporary file with the matching suffix and read by the same MONAI reader.
+
+    Args:
+        data: the whole file: PNG, JPEG, BMP, TIFF, DICOM (with or without the 128-byte preamble) or
+            NIfTI (plain or gzipped).
+        image_size: output height and width; the whole image is resized, not cropped.
+        nifti_slice: index along the last axis of a 3D volume; ``None`` takes the middle slice.
+        intensity: how pixel values become 0..255; ``None`` is mode ``auto``.
+        name: what error messages call the input, e.g. the upload's file name or ``"bytes #3"``.
+
+    Returns:
+        ``(image_size, image_size, C)`` uint8 array with ``C`` 1 or 3.
+    """
+    suffix = sniff_format(data)
+    if suffix is None:
+        raise DataError(f"{name}: {NOT_AN_IMAGE} ({_describe(data)}); send the image file itself")
+
+    def unreadable(reason: str) -> str:
+        return f"{name}: {NOT_AN_IMAGE} (truncated or corrupt {suffix} file: {reason}); send the whole file"
+
+    kind = READER_BY_SUFFIX[suffix]
+    if kind == "dicom" and data[128:132] != b"DICM":
+        data = _with_file_meta(data, unreadable)
+    with tempfile.TemporaryDirectory(prefix="fewshot-med-decode-") as folder:
+        path = Path(folder) / f"image{suffix}"
+        path.write_bytes(data)
+        image = _load(path, kind, unreadable)
+    return _file_pixels(image, kind, name, image_size, nifti_slice, intensity)
+
+
+def prepare_array(
+    array: np.ndarray, image_size: int, intensity: IntensityConfig | None = None, name: str = "array"
+) -> np.ndarray:
+    """Turn an array of pixels into the uint8 square image ``read_image`` makes of a file.
+
+    uint8 arrays are 8-bit photographs (they pass through under ``auto``); any other dtype (uint16,
+    int16, float) follows the intensity mode, e.g. per-image percentiles under ``auto``.
+
+    Args:
+        array: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` (alpha dropped), any real dtype.
+        image_size: output height and width; the whole image is resized (antialiased bilinear).
+        intensity: how pixel values become 0..255; ``None`` is mode ``auto``.
+        name: what error messages call the input.
+
+    Returns:
+        ``(image_size, image_size, C)`` uint8 array with ``C`` 1 or 3.
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise DataError(
+            f"{name}: array of shape {array.shape}; give (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) pixels"
+        )
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{name}: array of dtype {array.dtype}; give integer or float pixel values")
+    tensor = torch.from_numpy(np.ascontiguousarray(array[..., :3], dtype=np.float32)).permute(2, 0, 1)
+    return _square_bytes(tensor, name, image_size, intensity, photo=array.dtype == np.uint8)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The file suffix (a key of ``READER_BY_SUFFIX``) that the bytes' magic number names, or ``None``.
+
+    Recognises PNG, JPEG, TIFF, BMP, DICOM (``DICM`` at offset 128, or a bare dataset without preamble
+    and file meta that pydicom reads and that holds pixel data) and NIfTI-1/2, plain or gzipped.
+    """
+    if data[:2] == GZIP_MAGIC:
+        try:  # only the header: 352 bytes hold the NIfTI-1 magic
+            head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data, 352)
+        except zlib.error:
+            return None
+        return ".nii.gz" if _magic_suffix(head) == ".nii" else None
+    return _magic_suffix(data) or (".dcm" if _is_bare_dicom(data) else None)
+
+
+def _magic_suffix(data: bytes) -> str | None:
+    """The suffix of the first magic number in ``MAGIC_NUMBERS`` that ``data`` carries."""
+    found = (suffix for offset, magic, suffix in MAGIC_NUMBERS if data.startswith(magic, offset))
+    return next(found, None)
+
+
+def _is_bare_dicom(data: bytes) -> bool:
+    """Whether pydicom reads ``data`` as a DICOM dataset (no preamble needed) holding pixel data."""
+    import pydicom
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tensor = torch.as_tensor(_loader(kind)(str(path))).float()
+            return "PixelData" in pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception:  # pydicom raises many types on bytes that are not DICOM
+        return False
+
+
+def _with_file_meta(data: bytes, unreadable: Callable[[str], str]) -> bytes:
+    """A bare DICOM dataset (no preamble, no file meta, as sent over the network) as a DICOM file;
+    pydicom (>= 3) writes the file meta from the dataset and the transfer syntax it was read with."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+            buffer = io.BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+    except Exception as error:  # missing SOP UIDs, inconsistent elements
+        raise DataError(unreadable(_first_line(error))) from None
+    return buffer.getvalue()
+
+
+def _describe(data: bytes) -> str:
+    """What unrecognised bytes look like, without echoing their content."""
+    if not data:
+        return "empty"
+    if data[:2] == GZIP_MAGIC:
+        return f"{len(data)} bytes of gzip data that is not a NIfTI volume"
+    return f"{len(data)} bytes with an unknown header"
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's first message line, or its type when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load(path: Path, kind: str, unreadable: Callable[[str], str]) -> torch.Tensor:
+    """``(C, H, W)`` or ``(C, H, W, D)`` pixels of a file in their stored dtype; a failure becomes a
+    ``DataError`` with the message ``unreadable(reason)``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            colour = kind == "dicom" and _is_colour_dicom(path)
+            return _loader(kind, colour)(str(path)).as_tensor()
     except Exception as error:  # MONAI wraps every reader failure differently
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(
-            f"{path}: cannot read this {kind} image ({reason}); replace or remove the file"
-        ) from None
-    if tensor.ndim == 4:  # (C, H, W, D) volume: take one slice
-        depth = tensor.shape[-1]
+        raise DataError(unreadable(_first_line(error))) from None
+
+
+def _file_pixels(
+    image: torch.Tensor,
+    kind: str,
+    label: str,
+    image_size: int,
+    nifti_slice: int | None,
+    intensity: IntensityConfig | None,
+) -> np.ndarray:
+    """A loaded file's pixels as an ``(S, S, C)`` uint8 image: one slice of a volume, alpha dropped.
+
+    Photographs for ``auto`` are PIL-read files and 8-bit DICOM (secondary captures, VL photographic
+    images); NIfTI volumes never are."""
+    photo = kind == "pil" or (kind == "dicom" and image.dtype == torch.uint8)
+    if image.ndim == 4:  # (C, H, W, D) volume: take one slice
+        depth = image.shape[-1]
         index = depth // 2 if nifti_slice is None else nifti_slice
         if not -depth <= index < depth:
-            raise DataError(f"{path}: slice {index} is outside the volume's {depth} slices; set nifti_slice")
-        tensor = tensor[..., index]
-    if tensor.ndim != 3:
-        raise DataError(f"{path}: image has shape {tuple(tensor.shape)}; expected a 2D image or 3D volume")
-    if tensor.shape[0] == 4:
-        tensor = tensor[:3]
-    if tensor.shape[0] not in (1, 3):
-        raise DataError(f"{path}: image has {tensor.shape[0]} channels; expected 1 (grey) or 3 (RGB)")
-    tensor = _scale_to_byte_range(tensor, kind)
-    if tuple(tensor.shape[1:]) != (image_size, image_size):
-        tensor = torch.nn.functional.interpolate(
-            tensor[None], size=(image_size, image_size), mode="bilinear", antialias=True
+            raise DataError(f"{label}: slice {index} is outside the volume's {depth} slices; set nifti_slice")
+        image = image[..., index]
+    if image.ndim != 3:
+        raise DataError(f"{label}: image has shape {tuple(image.shape)}; expected a 2D image or 3D volume")
+    if image.shape[0] == 4:
+        image = image[:3]
+    if image.shape[0] not in (1, 3):
+        raise DataError(f"{label}: image has {image.shape[0]} channels; expected 1 (grey) or 3 (RGB)")
+    return _square_bytes(image.float(), label, image_size, intensity, photo)
+
+
+def _square_bytes(
+    image: torch.Tensor, label: str, image_size: int, intensity: IntensityConfig | None, photo: bool
+) -> np.ndarray:
+    """``(C, H, W)`` float32 pixels -> ``(S, S, C)`` uint8: intensity mode, then the whole image resized
+    (bilinear, antialiased), rounded and clipped."""
+    if not torch.isfinite(image).all():
+        raise DataError(f"{label}: image holds NaN or infinite values; fix or remove it")
+    image = to_byte_range(image, intensity or IntensityConfig(), photo)
+    if tuple(image.shape[1:]) != (image_size, image_size):
+        image = torch.nn.functional.interpolate(
+            image[None], size=(image_size, image_size), mode="bilinear", antialias=True
         )[0]
-    return tensor.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return image.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()

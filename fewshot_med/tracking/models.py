@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fewshot_med.errors import FewshotMedError
 from fewshot_med.tracking import names
 from fewshot_med.tracking._store import using_store
-from fewshot_med.tracking.runs import _target, download_stage_artifact, log_metrics, store_uri
+from fewshot_med.tracking.runs import _target, download_stage_artifact, find_stage_run, log_metrics, store_uri
 
 if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
     from torch import nn
 
     from fewshot_med.config import TrackingConfig
@@ -23,6 +27,20 @@ if TYPE_CHECKING:
 
 #: Batch size of the input example; 2, because ``torch.export`` fixes a batch dimension of size 1.
 _EXAMPLE_BATCH = 2
+#: What a served classifier imports: the model, its methods, and the readers of image files.
+_CLASSIFIER_REQUIREMENTS = (
+    "torch",
+    "timm",
+    "scikit-learn",
+    "numpy",
+    "pandas",
+    "scipy",
+    "pydantic",
+    "monai",
+    "pydicom",
+    "nibabel",
+    "pillow",
+)
 
 
 def _pinned(package: str) -> str:
@@ -146,42 +164,164 @@ def load_swag(run_id: str, settings: TrackingConfig | None = None) -> SwagPoster
     return SwagPosterior.from_state_dict(state)
 
 
-def log_classifier(classifier: FewShotClassifier, name: str = names.CLASSIFIER_MODEL) -> str | None:
+def log_classifier(
+    classifier: FewShotClassifier, name: str = names.CLASSIFIER_MODEL, card: Mapping[str, Any] | None = None
+) -> str | None:
     """Log a ``FewShotClassifier`` to the current run as an MLflow pyfunc model.
 
-    ``mlflow.pyfunc.load_model(uri).predict(images)`` takes ``(N, H, W, C)`` uint8 images (as in the
-    training data) and returns a table with one probability column per class and ``prediction``,
-    the most probable class. The ``fewshot_med`` package travels with the model (``code_paths``), so
-    it loads wherever torch, timm and scikit-learn are installed.
+    With preprocessing, ``mlflow.pyfunc.load_model(uri).predict(table)`` takes a one-column DataFrame
+    (``path``: file paths; ``image``: encoded files as bytes or base64, which ``mlflow models serve``
+    decodes) and returns ``FewShotClassifier.predict_table``: one probability column per class,
+    ``prediction``, ``confidence``, ``abstain`` and ``error``; the signature says so and the input
+    example is a small PNG. Without preprocessing it takes ``(N, S, S, C)`` uint8 arrays of the
+    training size. The ``fewshot_med`` package travels with the model (``code_paths``), so it loads
+    wherever torch, timm and scikit-learn are installed; preprocessing, abstention threshold, backbone
+    spec and ``card`` are kept in the ``MLmodel`` metadata (``names.*_METADATA_KEY``).
+
+    Args:
+        classifier: the classifier (pickled whole into the model).
+        name: the logged model's name in the run.
+        card: a model card (JSON-able), also logged as the model's ``model_card.json`` and
+            ``model_card.md`` artifacts. It must hold no data paths or patient data.
 
     Returns:
         The model URI, or ``None`` when tracking is off.
     """
     if _target() is None:
         return None
+    import tempfile
+
     import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
 
     import fewshot_med
     from fewshot_med.tracking.pyfunc import ClassifierModel
 
-    size, channels = classifier.spec.image_size, classifier.spec.in_chans
-    example = np.zeros((_EXAMPLE_BATCH, size, size, 3 if channels == 3 else 1), dtype=np.uint8)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, example.shape[-1]))]),
-        outputs=Schema(
-            [*(ColSpec("double", c) for c in classifier.class_names), ColSpec("string", "prediction")]
-        ),
-    )
+    signature, example = _classifier_signature(classifier)
+    preprocessing = classifier.preprocessing
+    metadata = {
+        names.SPEC_METADATA_KEY: classifier.spec.to_dict(),
+        names.PREPROCESSING_METADATA_KEY: preprocessing.to_dict() if preprocessing else None,
+        names.ABSTAIN_METADATA_KEY: classifier.abstain_below,
+        **({names.CARD_METADATA_KEY: dict(card)} if card is not None else {}),
+    }
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=ClassifierModel(classifier),
         signature=signature,
         input_example=example,
         code_paths=[str(Path(fewshot_med.__file__).parent)],
-        pip_requirements=[_pinned(p) for p in ("torch", "timm", "scikit-learn", "numpy", "pandas", "scipy")],
-        metadata={names.SPEC_METADATA_KEY: json.loads(json.dumps(classifier.spec.to_dict()))},
+        pip_requirements=[_pinned(p) for p in _CLASSIFIER_REQUIREMENTS],
+        metadata=json.loads(json.dumps(metadata, default=str)),
     )
+    if card is not None:
+        with tempfile.TemporaryDirectory(prefix="fewshot-med-card-") as folder:
+            (Path(folder) / names.MODEL_CARD_JSON).write_text(json.dumps(card, indent=2, default=str))
+            (Path(folder) / names.MODEL_CARD).write_text(card_markdown(card))
+            mlflow.MlflowClient().log_model_artifacts(info.model_id, folder)
     return info.model_uri
+
+
+def _classifier_signature(classifier: FewShotClassifier) -> tuple[ModelSignature, Any]:
+    """The signature and input example: file paths or encoded files in, the prediction table out; a
+    classifier without preprocessing keeps the uint8-array input of the training size."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+    from PIL import Image
+
+    from fewshot_med.tracking.pyfunc import IMAGE_COLUMN, PATH_COLUMN
+
+    outputs = Schema(
+        [
+            *(ColSpec("double", c) for c in classifier.class_names),
+            ColSpec("string", "prediction"),
+            ColSpec("double", "confidence"),
+            ColSpec("boolean", "abstain"),
+            ColSpec("string", "error"),
+        ]
+    )
+    size = classifier.spec.image_size
+    preprocessing = classifier.preprocessing
+    if preprocessing is None:
+        channels = 3 if classifier.spec.in_chans == 3 else 1
+        example = np.zeros((_EXAMPLE_BATCH, size, size, channels), dtype=np.uint8)
+        inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, channels))])
+        return ModelSignature(inputs=inputs, outputs=outputs), example
+    ramp = np.linspace(0, 255, size * size, dtype=np.uint8).reshape(size, size)
+    pixels = np.repeat(ramp[..., None], 3, axis=-1) if preprocessing.channels == 3 else ramp
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    inputs = Schema(
+        [ColSpec("string", PATH_COLUMN, required=False), ColSpec("binary", IMAGE_COLUMN, required=False)]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs), pd.DataFrame({IMAGE_COLUMN: [png.getvalue()]})
+
+
+def card_markdown(card: Mapping[str, Any]) -> str:
+    """A model card as markdown: a section per top-level key; lists as bullets, mappings as
+    ``key: value`` bullets, anything deeper as JSON."""
+
+    def render(value: Any) -> str:
+        if isinstance(value, Mapping):
+            return "\n".join(f"- **{key}**: {_inline(item)}" for key, item in value.items())
+        if isinstance(value, (list, tuple)):
+            return "\n".join(f"- {_inline(item)}" for item in value)
+        return str(value)
+
+    sections = [f"## {key}\n\n{render(value)}" for key, value in card.items()]
+    return "\n\n".join(["# Model card", *sections]) + "\n"
+
+
+def _inline(value: Any) -> str:
+    """A value on one line: strings as they are, anything else as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def load_classifier(
+    run_id_or_uri: str, name: str = names.CLASSIFIER_MODEL, settings: TrackingConfig | None = None
+) -> FewShotClassifier:
+    """The ``FewShotClassifier`` inside a model logged by ``log_classifier``.
+
+    Args:
+        run_id_or_uri: a model URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/<id>``,
+            ``runs:/<run_id>/<name>``), or the id of the run that logged it, or of the pipeline run
+            whose ``register`` stage did.
+        name: the model's name in that run, when a run id is given.
+        settings: the tracking section of a config (which store to read); see ``store_uri``.
+
+    Raises:
+        FewshotMedError: the store holds no such model, or it is not a fewshot-med classifier.
+    """
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+    from mlflow.exceptions import MlflowException
+
+    from fewshot_med.tracking.pyfunc import ClassifierModel
+
+    store = store_uri(settings)
+    uri = run_id_or_uri
+    if ":" not in run_id_or_uri:
+        uri = f"runs:/{find_stage_run(run_id_or_uri, names.REGISTER, settings) or run_id_or_uri}/{name}"
+    bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set("false")  # a bar per downloaded file would flood stderr
+    try:
+        with using_store(store):
+            model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except (MlflowException, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FewshotMedError(
+            f"cannot load model {run_id_or_uri} from the MLflow store {store} ({reason}); give "
+            "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/classifier or a run id, and point "
+            "MLFLOW_TRACKING_URI at the store that holds it"
+        ) from None
+    finally:
+        if bar is None:
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.unset()
+        else:
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(bar)
+    if not isinstance(model, ClassifierModel):
+        raise FewshotMedError(f"{run_id_or_uri} is a {type(model).__name__}, not a fewshot-med classifier")
+    return model.classifier

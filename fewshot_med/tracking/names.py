@@ -23,6 +23,9 @@ evaluation, each also as `<metric>_ci95` (`ci95`: the 95% CI half-width).
 | `select.<K>shot.<criterion>.<field>`, `select.<K>shot.best_accuracy` | `select` | `select_metric` |
 | `<dataset>.<K>shot.<...>` | benchmark runs | `benchmark_metric` |
 | `<suite>.wall_seconds` | benchmark suite run | `suite_wall_metric` |
+| `adapt.cv[.calibrated].<metric>[_ci95]`, `adapt.cv.recall.<class>[_ci95]` | `adapt` | `adapt_metric` |
+| `adapt.<field>` (`temperature`, `threshold`, ...), `time.<step>_seconds` | `adapt` | `adapt_value` |
+| `audit.<check>`, `audit.<severity>`, `audit.items`, `audit.seconds` | `audit` | `audit_metric` |
 
 | Tag | Run |
 |---|---|
@@ -36,13 +39,19 @@ evaluation, each also as `<metric>_ci95` (`ci95`: the 95% CI half-width).
 | `error` | any run that failed |
 | `suite`, `quick`, `command`, `env.<key>`, `record.<key>` | benchmark suite run |
 | `mlflow.experimentKind` = `custom_model_development` | every experiment the toolkit opens |
-| `selection_score`, `score_name` (`val.<K>shot.accuracy`: `val_metric`) | registered model versions |
+| `selection_score`, `score_name` (`val_metric`; `adapt.cv.accuracy`) | registered model versions |
+| `stage`=`adapt`, `method`, `data.digest`, `from_run`/`from_model`, `registered_*`, `holds_*` | `adapt` |
+| `stage`=`audit`, `data.digest`, `data.name`, `data.source`, `audit.features`, `from_run` | `audit` |
 
 Params: the pipeline run holds the flattened config (`episodes.shots`, ...) and, for a method with a
 `search`, `search.<K>shot.<method>.<param>` (`search_param`; without the method on `method:<label>`),
 the value its val episodes chose. A stage run holds its
 section, without the section prefix: `pretrain`, `meta_train`, `selection` (on `select`), and on
-`evaluate` the `evaluation` section (`calibration` as a `list_value`) plus `episodes.*`.
+`evaluate` the `evaluation` section (`calibration` as a `list_value`) plus `episodes.*`. The `adapt`
+run (top level, `fewshot-med adapt`) holds `adapt.<setting>` (`adapt_param`: the salted data token,
+folds, choice rule, targets, the chosen method's `adapt.params.<name>`, `adapt.preprocessing.*`).
+The `audit` run (top level, `fewshot-med audit`) holds its thresholds and Ks as params (`shots`,
+`phash_distance`, `feature_cosine`, …: `AuditReport.settings`).
 
 | Artifact path | Run | Builder |
 |---|---|---|
@@ -60,10 +69,16 @@ section, without the section prefix: `pretrain`, `meta_train`, `selection` (on `
 | `selection/<K>shot.md`, `selection/<K>shot_scores.csv` | `select` | `selection_*_path` |
 | `<suite>.md`, `<suite>.csv`; `peers.json` (the verdicts) | benchmark runs | `suite_artifact` |
 | `<kind>_<dataset>[_<K>shot].<ext>` | benchmark suite run | `dataset_artifact` |
+| `adapt/candidates.csv`, `adapt/oof_predictions.csv` | `adapt` | `ADAPT_CANDIDATES`, `ADAPT_PREDICTIONS` |
+| `model_card.{md,json}`, `plots/{confusion,reliability,risk_coverage}.png` | `adapt` | `plot_path` |
+| `audit/report.md`, `audit/report.html`, `audit/flagged.csv` (paths as tokens) | `audit` | `AUDIT_*` |
 
 Logged models (MLflow 3 logged models, not run artifacts): `backbone` on `pretrain` and `meta_train`
-(model tag `backbone`), `classifier` on `register`; both keep the backbone spec in their `MLmodel`
-metadata under `SPEC_METADATA_KEY`.
+(model tag `backbone`), `classifier` on `register` and `adapt`; both keep the backbone spec in their `MLmodel`
+metadata under `SPEC_METADATA_KEY`. A classifier also keeps its preprocessing, abstention threshold and
+model card there (`PREPROCESSING_METADATA_KEY`, `ABSTAIN_METADATA_KEY`, `CARD_METADATA_KEY`) and, when
+given a card, holds `model_card.json` and `model_card.md` among its own artifacts (`MODEL_CARD_JSON`,
+`MODEL_CARD`).
 """
 
 from __future__ import annotations
@@ -85,6 +100,10 @@ ORACLE = "oracle"
 #: ``calibration`` of uncalibrated results.
 UNCALIBRATED = "none"
 _METHOD_STAGE = "method:"
+#: The top-level run of ``fewshot-med adapt``: its run name, ``stage`` tag and default experiment.
+ADAPT = "adapt"
+#: Its steps, each timed as ``time_metric(step)``.
+ADAPT_STEPS = ("load", "cross_validate", "refit", "register")
 
 
 def method_stage(label: str) -> str:
@@ -103,6 +122,8 @@ DATA_DIGEST_TAG = "data.digest"
 DATA_NAME_TAG = "data.name"
 STAGES_TAG = "stages"
 FROM_RUN_TAG = "from_run"
+#: The model URI an ``adapt`` run started from (``models:/NAME@ALIAS``), when not a run.
+FROM_MODEL_TAG = "from_model"
 GIT_COMMIT_TAG = "git_commit"
 GIT_DIRTY_TAG = "git_dirty"
 ERROR_TAG = "error"
@@ -127,6 +148,11 @@ INPUT_SPLIT_TAG = "split"
 INPUT_CLASSES_TAG = "classes"
 #: Key of the ``BackboneSpec`` in a logged model's ``MLmodel`` metadata.
 SPEC_METADATA_KEY = "fewshot_med_backbone_spec"
+#: Keys of a logged classifier's ``MLmodel`` metadata: its ``Preprocessing`` (``to_dict``; ``None``:
+#: uint8 arrays only), its abstention threshold and its model card.
+PREPROCESSING_METADATA_KEY = "fewshot_med_preprocessing"
+ABSTAIN_METADATA_KEY = "fewshot_med_abstain_below"
+CARD_METADATA_KEY = "fewshot_med_model_card"
 _VERSION_PREFIX = "version."
 _ENV_PREFIX = "env."
 _RECORD_PREFIX = "record."
@@ -251,6 +277,27 @@ def search_param(k: int, param: str, method: str | None = None) -> str:
     return metric_key("search", shot(k), *([method] if method is not None else []), param)
 
 
+def adapt_metric(metric: str, calibrated: bool = False) -> str:
+    """``adapt.cv[.calibrated].<metric>``: a cross-validated metric of the ``adapt`` run's chosen model,
+    out of fold, before (or after) temperature scaling."""
+    return metric_key(ADAPT, "cv", *(["calibrated"] if calibrated else []), metric)
+
+
+def recall_metric(class_name: str) -> str:
+    """``recall.<class>``: one class's recall, as the ``metric`` of ``adapt_metric``."""
+    return metric_key("recall", class_name)
+
+
+def adapt_value(field: str) -> str:
+    """``adapt.<field>``: a number of the ``adapt`` run (``temperature``, ``threshold``, ...)."""
+    return metric_key(ADAPT, field)
+
+
+def adapt_param(*parts: str) -> str:
+    """``adapt.<parts…>``: a setting of the ``adapt`` run (``adapt.folds``, ``adapt.params.lam``)."""
+    return ".".join([ADAPT, *parts])
+
+
 def benchmark_metric(dataset: str, k: int, *parts: str) -> str:
     """``<dataset>.<K>shot.<parts…>``: a benchmark suite's headline number for one dataset and K."""
     return metric_key(dataset, shot(k), *parts)
@@ -274,6 +321,11 @@ RESULTS_JSON = "results.json"
 BACKBONE_SPEC = "backbone_spec.json"
 SWAG_POSTERIOR = "swag/posterior.pt"
 MODEL_CARD = "model_card.md"
+#: The model card as JSON, beside ``MODEL_CARD`` among a logged classifier's artifacts.
+MODEL_CARD_JSON = "model_card.json"
+#: The ``adapt`` run's candidates with their cross-validated scores, and its out-of-fold predictions.
+ADAPT_CANDIDATES = "adapt/candidates.csv"
+ADAPT_PREDICTIONS = "adapt/oof_predictions.csv"
 PLOTS_DIR = "plots"
 #: Names of the logged models.
 BACKBONE_MODEL = "backbone"
@@ -348,6 +400,23 @@ def dataset_artifact(kind: str, dataset: str, extension: str, k: int | None = No
     return f"{kind}_{dataset}{'' if k is None else '_' + shot(k)}.{extension}"
 
 
+# --- data audit (``fewshot-med audit``) -----------------------------------------------------------
+#: The top-level run of ``fewshot-med audit``: its run name, ``stage`` tag and experiment.
+AUDIT = "audit"
+#: Its report, rendered report and flagged rows, with every data path as its token unless --log-paths.
+AUDIT_REPORT_MD = "audit/report.md"
+AUDIT_REPORT_HTML = "audit/report.html"
+AUDIT_FLAGGED_CSV = "audit/flagged.csv"
+#: Tag: how the audit represented the images (a backbone's features, or the cheap representation).
+AUDIT_FEATURES_TAG = "audit.features"
+
+
+def audit_metric(field: str) -> str:
+    """``audit.<field>``: findings per check (``audit.label_conflict``) or severity (``audit.error``),
+    images listed (``audit.items``), wall time (``audit.seconds``)."""
+    return metric_key(AUDIT, field)
+
+
 # --- the contract as a check ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Vocabulary:
@@ -410,8 +479,8 @@ def run_names(stage: str | None, vocabulary: Vocabulary) -> RunNames:
     """The names the toolkit may write on one run of a pipeline tree.
 
     Args:
-        stage: the run's ``stage`` tag: one of ``STAGES``, ``method_stage(label)``, or ``None`` for the
-            pipeline run itself.
+        stage: the run's ``stage`` tag: one of ``STAGES``, ``method_stage(label)``, ``ADAPT``, or
+            ``None`` for the pipeline run itself.
         vocabulary: the Ks, labels and calibrators of the tree.
 
     Returns:
@@ -419,6 +488,8 @@ def run_names(stage: str | None, vocabulary: Vocabulary) -> RunNames:
     """
     if stage is None:
         return _pipeline_names(vocabulary)
+    if stage == ADAPT:
+        return _adapt_names(vocabulary)
     if stage in STAGES:
         return _stage_names(stage, vocabulary)
     return _method_names(vocabulary)
@@ -455,6 +526,22 @@ def _method_names(vocabulary: Vocabulary) -> RunNames:
         tags=NameSet(frozenset({STAGE_TAG, METHOD_TAG, SHOTS_TAG, ERROR_TAG})),
         params=NameSet(prefixes=_search_prefixes(vocabulary, [None])),
         artifacts=NameSet(frozenset({*_plot_files(METHOD_PLOTS, shots), *tables, *map(search_path, shots)})),
+    )
+
+
+def _adapt_names(vocabulary: Vocabulary) -> RunNames:
+    """The ``adapt`` run: its ``adapt.*`` metrics and params, step times, tags and artifacts."""
+    tags = {STAGE_TAG, METHOD_TAG, DATA_DIGEST_TAG, FROM_RUN_TAG, FROM_MODEL_TAG, ERROR_TAG}
+    tags |= {REGISTERED_MODEL_TAG, REGISTERED_VERSION_TAG, holds_alias_tag(vocabulary.alias)}
+    tags |= {GIT_COMMIT_TAG, GIT_DIRTY_TAG}
+    plots = (plot_path(kind) for kind in (CONFUSION, RELIABILITY, RISK_COVERAGE))
+    return RunNames(
+        metrics=NameSet(frozenset(time_metric(step) for step in ADAPT_STEPS), (ADAPT + ".",)),
+        tags=NameSet(frozenset(tags), (_VERSION_PREFIX,)),
+        params=NameSet(prefixes=(ADAPT + ".",)),
+        artifacts=NameSet(
+            frozenset({ADAPT_CANDIDATES, ADAPT_PREDICTIONS, MODEL_CARD, MODEL_CARD_JSON, *plots})
+        ),
     )
 
 

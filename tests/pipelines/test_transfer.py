@@ -1,9 +1,12 @@
 """A tiny end-to-end pipeline run on demo data, checked through what MLflow actually holds."""
 
+import io
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
+import PIL.Image
 import pytest
 import torch
 import yaml
@@ -124,8 +127,14 @@ def test_pipeline_run_tree_metrics_artifacts_and_model(workdir, tiny_pipeline):
     assert client.get_registered_model("tiny-rare").description == version.description
     classifier = mlflow.pyfunc.load_model("models:/tiny-rare@champion")
     rare = select_classes(make_demo_dataset(image_size=16), "test", DEMO_NOVEL_CLASSES)
-    table = classifier.predict(rare.images[:6])
-    assert list(table.columns) == [*rare.class_names, "prediction"]
+    encoded = []
+    for image in rare.images[:6]:  # the registered model takes encoded files, as a hospital sends them
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    table = classifier.predict(pd.DataFrame({"image": encoded}))
+    assert list(table.columns) == [*rare.class_names, "prediction", "confidence", "abstain", "error"]
+    assert not table["error"].any() and not table["abstain"].any()
     assert np.allclose(table[list(rare.class_names)].sum(axis=1), 1.0)
 
     evaluated = run_stages(
