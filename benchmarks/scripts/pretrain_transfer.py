@@ -22,7 +22,7 @@ from fewshot_med.data.transforms import channel_stats
 from fewshot_med.evaluation import evaluate_frozen
 from fewshot_med.methods import MethodContext, create_method
 from fewshot_med.models import BackboneSpec, create_backbone, embed
-from fewshot_med.pipelines.transfer import load_data
+from fewshot_med.pipelines.stages import load_data
 from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.training.pretrain import pretrain
 
