@@ -134,6 +134,6 @@ def _description(
         "moves to a new version that scores at least as well.\n\n"
         f"Test episodes ({config.episodes.n_query} queries per class at most), mean ± 95% CI:\n\n"
         f"{markdown_table(rows)}\n\n"
-        f"Data `{data.dataset.name}`, digest `{data.dataset.digest}`; pipeline run `{run_id}`; config "
-        f"`{config.name}`."
+        f"Data `{tracking.logged_dataset_name(data.dataset)}`, digest `{data.dataset.digest}`; "
+        f"pipeline run `{run_id}`; config `{config.name}`."
     )

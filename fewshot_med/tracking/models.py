@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.tracking import names
 from fewshot_med.tracking._store import using_store
-from fewshot_med.tracking.runs import _target, download_stage_artifact, find_stage_run, log_metrics, store_uri
+from fewshot_med.tracking.runs import (
+    _target,
+    download_stage_artifact,
+    find_stage_run,
+    log_metrics,
+    model_tags,
+    redact_text,
+    store_uri,
+)
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -83,7 +91,7 @@ def log_backbone(backbone: nn.Module, spec: BackboneSpec, name: str = names.BACK
         serialization_format="pt2",
         pip_requirements=[_pinned("torch"), _pinned("timm")],
         metadata={names.SPEC_METADATA_KEY: json.loads(json.dumps(spec.to_dict()))},
-        tags={names.BACKBONE_TAG: spec.name},
+        tags={**model_tags(), names.BACKBONE_TAG: spec.name},
     )
     return info.model_uri
 
@@ -212,11 +220,14 @@ def log_classifier(
         code_paths=[str(Path(fewshot_med.__file__).parent)],
         pip_requirements=[_pinned(p) for p in _CLASSIFIER_REQUIREMENTS],
         metadata=json.loads(json.dumps(metadata, default=str)),
+        tags=model_tags(),
     )
     if card is not None:
         with tempfile.TemporaryDirectory(prefix="fewshot-med-card-") as folder:
-            (Path(folder) / names.MODEL_CARD_JSON).write_text(json.dumps(card, indent=2, default=str))
-            (Path(folder) / names.MODEL_CARD).write_text(card_markdown(card))
+            (Path(folder) / names.MODEL_CARD_JSON).write_text(
+                redact_text(json.dumps(card, indent=2, default=str))
+            )
+            (Path(folder) / names.MODEL_CARD).write_text(redact_text(card_markdown(card)))
             mlflow.MlflowClient().log_model_artifacts(info.model_id, folder)
     return info.model_uri
 

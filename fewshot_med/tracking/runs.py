@@ -3,6 +3,12 @@
 Everything logs to the *current* run (the innermost ``pipeline_run``/``stage_run`` of this thread or
 task), or to an explicit ``run_id``. Outside a tracked run every function here does nothing, so
 pipelines call them unconditionally and ``enabled=False`` switches tracking off as a whole.
+
+Privacy by default (``fewshot_med.privacy``, ``docs/privacy.md``): unless ``tracking.log_paths``, every
+value these functions log passes the run's ``Redaction``: the config's paths become salted tokens in
+params, tags, ``config.yaml`` and dataset inputs; any known path in a tag, param, text artifact or
+error message becomes its token; MLflow's own context tags hold no absolute path; a dataset named after
+its file or folder is logged under its path's token.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.privacy import Redaction, is_absolute_path, is_dataset_path, looks_like_path
 from fewshot_med.tracking import names
 from fewshot_med.tracking._store import experiment_id, prepare_store, tracking_uri
 from fewshot_med.tracking.names import metric_key
@@ -51,6 +58,12 @@ class RunHandle:
 
 _current: ContextVar[RunHandle | None] = ContextVar("fewshot_med_current_run", default=None)
 _pipeline: ContextVar[RunHandle | None] = ContextVar("fewshot_med_pipeline_run", default=None)
+_redaction: ContextVar[Redaction | None] = ContextVar("fewshot_med_redaction", default=None)
+
+
+def _redacting() -> Redaction:
+    """The current run's redaction; outside a run, paths become tokens and no path is known."""
+    return _redaction.get() or Redaction()
 
 
 def _target(run_id: str | None = None) -> str | None:
@@ -62,11 +75,14 @@ def _target(run_id: str | None = None) -> str | None:
 
 
 @contextmanager
-def _activate(handle: RunHandle, pipeline: bool) -> Iterator[RunHandle]:
-    """Make ``handle`` the current run; end it FINISHED, FAILED (exception) or KILLED (Ctrl-C)."""
-    tokens = [(_current, _current.set(handle))]
+def _activate(handle: RunHandle, pipeline: bool, redaction: Redaction | None = None) -> Iterator[RunHandle]:
+    """Make ``handle`` the current run (and ``redaction`` the current redaction, when given); end it
+    FINISHED, FAILED (exception, its message tagged ``error`` with paths redacted) or KILLED (Ctrl-C)."""
+    tokens: list[tuple[ContextVar[Any], Any]] = [(_current, _current.set(handle))]
     if pipeline:
         tokens.append((_pipeline, _pipeline.set(handle)))
+    if redaction is not None:
+        tokens.append((_redaction, _redaction.set(redaction)))
     status = "FAILED"
     try:
         yield handle
@@ -76,7 +92,8 @@ def _activate(handle: RunHandle, pipeline: bool) -> Iterator[RunHandle]:
         raise
     except BaseException as error:
         with suppress(Exception):  # a tracking failure must not hide the error itself
-            set_tags({names.ERROR_TAG: f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]})
+            message = _redacting().text(f"{type(error).__name__}: {error}")
+            set_tags({names.ERROR_TAG: message[:_MAX_ERROR_CHARS]})
         raise
     finally:
         for variable, token in reversed(tokens):
@@ -98,7 +115,9 @@ def pipeline_run(
 
     Sets the tracking URI (see ``tracking_uri``) and the experiment (``tracking.experiment``, else the
     config name), then logs the config as dotted params and as ``config.yaml``, and tags the run with
-    the git commit, package versions, seed, backbone and data source.
+    the git commit, package versions, seed, backbone and data source. Unless ``tracking.log_paths``,
+    the config's paths are logged as tokens, and the run and the runs nested in it redact (see the
+    module docstring).
 
     Args:
         config: the validated pipeline config.
@@ -121,16 +140,20 @@ def pipeline_run(
     prepare_store(uri)
     mlflow.set_tracking_uri(uri)
     experiment = experiment_id(mlflow.MlflowClient(uri), config.tracking.experiment or config.name, uri)
+    resolved = config.model_dump(mode="json")
+    redaction = Redaction.for_config(resolved, config.tracking.log_paths)
     run = mlflow.start_run(
         experiment_id=experiment,
         run_name=run_name,
         nested=True,
-        tags={**_context_tags(config), **(tags or {})},
+        tags=_run_tags(redaction, {**_context_tags(config, redaction), **(tags or {})}),
     )
-    with _activate(RunHandle(run.info.run_id, experiment), pipeline=True) as handle:
-        resolved = config.model_dump(mode="json")
-        mlflow.log_params(flatten_params(resolved), run_id=handle.run_id)
-        mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), names.CONFIG, run_id=handle.run_id)
+    with _activate(RunHandle(run.info.run_id, experiment), pipeline=True, redaction=redaction) as handle:
+        logged = redaction.tree(resolved)
+        params = {key: redaction.text(value) for key, value in flatten_params(logged).items()}
+        mlflow.log_params(params, run_id=handle.run_id)
+        text = redaction.text(yaml.safe_dump(logged, sort_keys=False))
+        mlflow.log_text(text, names.CONFIG, run_id=handle.run_id)
         yield handle
 
 
@@ -148,7 +171,8 @@ def benchmark_run(
         name: run name (the suite).
         experiment: MLflow experiment.
         tags: extra run tags (machine, options).
-        settings: which store (``tracking_uri``); the default store when ``None``.
+        settings: which store (``tracking_uri``) and whether paths are logged (``log_paths``); the
+            default store, paths as tokens, when ``None``.
 
     Yields:
         The run's handle; an exception ends it FAILED, ``KeyboardInterrupt`` KILLED.
@@ -159,10 +183,17 @@ def benchmark_run(
     prepare_store(uri)
     mlflow.set_tracking_uri(uri)
     experiment_key = experiment_id(mlflow.MlflowClient(uri), experiment, uri)
-    run = mlflow.start_run(
-        experiment_id=experiment_key, run_name=name, tags={**version_tags(), **(tags or {})}
+    redaction = (
+        Redaction.for_config({"tracking": settings.model_dump(mode="json")}, settings.log_paths)
+        if settings is not None
+        else Redaction()
     )
-    with _activate(RunHandle(run.info.run_id, experiment_key), pipeline=True) as handle:
+    run = mlflow.start_run(
+        experiment_id=experiment_key,
+        run_name=name,
+        tags=_run_tags(redaction, {**version_tags(), **(tags or {})}),
+    )
+    with _activate(RunHandle(run.info.run_id, experiment_key), pipeline=True, redaction=redaction) as handle:
         yield handle
 
 
@@ -187,16 +218,20 @@ def stage_run(
         return
     import mlflow
 
+    redaction = _redacting()
     run = mlflow.start_run(
         experiment_id=parent.experiment_id,
         run_name=name,
         nested=True,
         parent_run_id=parent.run_id,
-        tags={names.STAGE_TAG: name, **(tags or {})},
+        tags=_run_tags(redaction, {names.STAGE_TAG: name, **(tags or {})}),
     )
     with _activate(RunHandle(run.info.run_id, parent.experiment_id), pipeline=False) as handle:
         if params:
-            mlflow.log_params(flatten_params(dict(params)), run_id=handle.run_id)
+            flat = flatten_params(redaction.tree(_plain(dict(params))))
+            mlflow.log_params(
+                {key: redaction.text(value) for key, value in flat.items()}, run_id=handle.run_id
+            )
         yield handle
 
 
@@ -300,24 +335,56 @@ def summary_metrics(
 
 
 def log_params(params: Mapping[str, Any], run_id: str | None = None) -> None:
-    """Log params in one batched call (values become strings; a param, once logged, never changes)."""
+    """Log params in one batched call (values become strings, known paths tokens; a param, once logged,
+    never changes)."""
     target = _target(run_id)
     if target is None or not params:
         return
     import mlflow
 
-    mlflow.log_params({key: str(value) for key, value in params.items()}, run_id=target)
+    text = _redacting().text
+    mlflow.log_params({key: text(str(value)) for key, value in params.items()}, run_id=target)
 
 
 def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
-    """Set run tags (values become strings)."""
+    """Set run tags (values become strings, known paths tokens)."""
     target = _target(run_id)
     if target is None or not tags:
         return
     from mlflow import MlflowClient
     from mlflow.entities import RunTag
 
-    MlflowClient().log_batch(target, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    text = _redacting().text
+    MlflowClient().log_batch(target, tags=[RunTag(key, text(str(value))) for key, value in tags.items()])
+
+
+def redact_text(text: str) -> str:
+    """``text`` as the current run may log it: its known paths as tokens (``Redaction.text``); for
+    text that reaches MLflow outside these functions (model registry descriptions, model cards)."""
+    return _redacting().text(text)
+
+
+def logged_dataset_name(dataset: MedicalImageDataset) -> str:
+    """The dataset's name as the current run logs it (``data.name``, dataset inputs, descriptions):
+    as is for the catalogue, the demo, MedMNIST, a dataset without a local source, or with
+    ``log_paths``; the token of its source when the name was taken from a file or folder name."""
+    redaction = _redacting()
+    if redaction.log_paths or not _is_local(dataset.source) or not is_dataset_path(dataset.name):
+        return dataset.name  # a catalogue name or the demo
+    spec = redaction.data_source or ""
+    if spec.startswith("medmnist:") and dataset.name.startswith(
+        spec.removeprefix("medmnist:").partition("@")[0]
+    ):
+        return dataset.name  # the MedMNIST cache file of the run's own spec, named by its flag
+    return redaction.path(dataset.source)
+
+
+def model_tags() -> dict[str, str]:
+    """MLflow's context tags (user, source program, git) as the current run may log them, for
+    ``log_model(tags=…)``: MLflow otherwise tags a logged model with the program's absolute path."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return _run_tags(_redacting(), resolve_tags())
 
 
 def log_dict_artifact(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
@@ -336,17 +403,17 @@ def log_dict_artifact(obj: Any, artifact_file: str, run_id: str | None = None) -
         text = yaml.safe_dump(plain, sort_keys=False)
     else:
         text = json.dumps(plain, indent=1, allow_nan=False)
-    mlflow.log_text(text, artifact_file, run_id=target)
+    mlflow.log_text(_redacting().text(text), artifact_file, run_id=target)
 
 
 def log_text_artifact(text: str, artifact_file: str, run_id: str | None = None) -> None:
-    """Log text (markdown, CSV, …) as an artifact file of the run."""
+    """Log text (markdown, CSV, …) as an artifact file of the run (known paths as tokens)."""
     target = _target(run_id)
     if target is None:
         return
     import mlflow
 
-    mlflow.log_text(text, artifact_file, run_id=target)
+    mlflow.log_text(_redacting().text(text), artifact_file, run_id=target)
 
 
 def log_figure(figure: Figure, artifact_file: str, run_id: str | None = None) -> None:
@@ -369,10 +436,12 @@ def log_dataset_input(
 ) -> None:
     """Record one split of ``dataset`` as an ``mlflow.data`` input of the run (lineage).
 
-    The MLflow dataset is named ``<dataset>.<split>``, carries the leading ``DIGEST_CHARS`` characters of
-    our content digest (MLflow allows 36), the source (a local file/folder, an URL, or the generator
-    spec) and the split's image/label schema. The full digest is also tagged ``data.digest`` on the run
-    and on the pipeline run.
+    The MLflow dataset is named ``<dataset>.<split>`` (``logged_dataset_name``), carries the leading
+    ``DIGEST_CHARS`` characters of our content digest (MLflow allows 36), the source (a local
+    file/folder, as its token unless ``log_paths``; an URL; or the generator spec) and the split's
+    image/label schema. The full digest is also tagged ``data.digest`` on the run and on the pipeline
+    run. Patient ids (``Split.groups``) and file names are never logged; the digest is a SHA-256 of the
+    content, so it cannot be turned back into them.
 
     Args:
         dataset: the loaded dataset.
@@ -389,31 +458,39 @@ def log_dataset_input(
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     part = dataset.splits[split]
+    name = logged_dataset_name(dataset)
     logged = mlflow.data.from_numpy(
         features=part.images,
         targets=part.labels,
-        source=_dataset_source(dataset.source),
-        name=names.dataset_input_name(dataset.name, split),
+        source=_dataset_source(dataset.source, _redacting()),
+        name=names.dataset_input_name(name, split),
         digest=dataset.digest[:DIGEST_CHARS],
     )
     input_tags = {MLFLOW_DATASET_CONTEXT: context, names.INPUT_SPLIT_TAG: split}
     if classes is not None:
         input_tags[names.INPUT_CLASSES_TAG] = json.dumps(list(classes))
-    entity = DatasetInput(logged._to_mlflow_entity(), [InputTag(k, v) for k, v in input_tags.items()])
+    text = _redacting().text
+    entity = DatasetInput(logged._to_mlflow_entity(), [InputTag(k, text(v)) for k, v in input_tags.items()])
     mlflow.MlflowClient().log_inputs(target, datasets=[entity])
-    data_tags = {names.DATA_DIGEST_TAG: dataset.digest, names.DATA_NAME_TAG: dataset.name}
+    data_tags = {names.DATA_DIGEST_TAG: dataset.digest, names.DATA_NAME_TAG: name}
     for run in {target, pipeline_run_id() or target}:
         set_tags(data_tags, run_id=run)
 
 
-def _dataset_source(source: str) -> DatasetSource:
-    """An MLflow dataset source: a URL, an existing local path, or else the spec string as code."""
+def _is_local(source: str) -> bool:
+    """Whether a dataset's ``source`` is a file or folder of this machine."""
+    return looks_like_path(source) or is_absolute_path(source) or Path(source).exists()
+
+
+def _dataset_source(source: str, redaction: Redaction) -> DatasetSource:
+    """An MLflow dataset source: a URL, a local path (its token unless ``log_paths``), or else the spec
+    string as code."""
     from mlflow.data.sources import CodeDatasetSource, HTTPDatasetSource, LocalArtifactDatasetSource
 
     if source.startswith(("http://", "https://")):
         return HTTPDatasetSource(source)
-    if Path(source).exists():
-        return LocalArtifactDatasetSource(Path(source).resolve().as_posix())
+    if _is_local(source):
+        return LocalArtifactDatasetSource(redaction.path(Path(source).expanduser().resolve().as_posix()))
     return CodeDatasetSource({"fewshot_med.source": source})
 
 
@@ -449,14 +526,30 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _context_tags(config: Config) -> dict[str, str]:
-    """Tags that make a run reproducible: code version, package versions, seed, backbone, data source."""
+def _context_tags(config: Config, redaction: Redaction) -> dict[str, str]:
+    """Tags that make a run reproducible: code version, package versions, seed, backbone, data source
+    (a path as its token)."""
     return {
         names.SEED_TAG: str(config.seed),
         names.BACKBONE_TAG: config.model.backbone,
-        names.DATA_SOURCE_TAG: config.data.source,
+        names.DATA_SOURCE_TAG: redaction.source(config.data.source),
         **version_tags(),
     }
+
+
+def _run_tags(redaction: Redaction, tags: Mapping[str, str]) -> dict[str, str]:
+    """``tags`` over MLflow's own context tags (``mlflow.user``, ``mlflow.source.name``, git), as
+    ``mlflow.start_run`` would set them, redacted: the source program's path (``sys.argv[0]``), any
+    other absolute path and any known path become tokens. ``mlflow.start_run`` keeps the given values."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME
+
+    def redact(key: str, value: str) -> str:
+        if (key == MLFLOW_SOURCE_NAME and looks_like_path(value)) or is_absolute_path(value):
+            return redaction.path(value)
+        return redaction.text(value)
+
+    return {key: redact(key, str(value)) for key, value in resolve_tags(dict(tags)).items()}
 
 
 def version_tags() -> dict[str, str]:

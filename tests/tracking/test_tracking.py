@@ -23,6 +23,7 @@ from fewshot_med.config import Config
 from fewshot_med.data.demo import make_demo_dataset
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, create_backbone
+from fewshot_med.privacy import redact_path
 
 BACKBONE_SPEC = BackboneSpec("resnet10t", in_chans=3, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -111,7 +112,7 @@ def test_pipeline_run_holds_tree_params_tags_metrics_inputs_and_artifacts(store,
     assert json.loads(input_tags["classes"]) == list(dataset.class_names[:5])
     (file_input,) = store.get_run(evaluate.run_id).inputs.dataset_inputs
     assert (file_input.dataset.name, file_input.dataset.source_type) == ("demo.test", "local")
-    assert json.loads(file_input.dataset.source) == {"uri": file_dataset.source}
+    assert json.loads(file_input.dataset.source) == {"uri": redact_path(file_dataset.source)}  # privacy.md
 
     assert [a.path for a in store.list_artifacts(pipeline.run_id)] == ["config.yaml"]
     logged_config = yaml.safe_load(mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/config.yaml"))
