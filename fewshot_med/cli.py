@@ -517,6 +517,39 @@ def audit_command(
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export_command(
+    model_uri: Annotated[
+        str,
+        typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/classifier or a run id."),
+    ],
+    out: Annotated[Path, typer.Argument(help="New or empty folder to write the export into.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="monai-bundle: a MONAI bundle (metadata, config, TorchScript).")
+    ] = "monai-bundle",
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
+        ),
+    ] = None,
+) -> None:
+    """Export a logged or registered classifier for another runtime: a MONAI bundle that
+    `python -m monai.bundle run` runs on a folder of images, with the classifier's probabilities."""
+    if fmt != "monai-bundle":
+        raise FewshotMedError(f"--format {fmt}: unknown export format; choose monai-bundle")
+    from fewshot_med.config import TrackingConfig
+    from fewshot_med.deploy.monai_bundle import check_bundle_folder, write_bundle
+    from fewshot_med.tracking.models import load_classifier, load_model_card
+
+    check_bundle_folder(out)
+    settings = TrackingConfig(tracking_uri=tracking_uri) if tracking_uri else None
+    classifier = load_classifier(model_uri, settings=settings)
+    card = load_model_card(model_uri, settings=settings)
+    bundle = write_bundle(classifier, out, source=model_uri, card=card)
+    console.print(str(bundle), markup=False, highlight=False)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a batch scheduler's time limit) ends runs like Ctrl-C: MLflow runs are marked
     KILLED with what they logged, training checkpoints stay for ``--resume``, and the exit status is

@@ -207,18 +207,5 @@ def from_run_stage(context: StageContext, run_id: str) -> StageContext:
 
 
 def backbone_from_run(run_id: str, config: Config) -> tuple[nn.Module, BackboneSpec]:
-    """The backbone an earlier run produced: its meta-trained one if any, else its pretrained one.
-
-    ``run_id`` may be a pipeline run (its stage runs are searched) or a stage run itself.
-    """
-    for stage in (names.META_TRAIN, names.PRETRAIN):
-        child = tracking.find_stage_run(run_id, stage, config.tracking)
-        if child is not None:
-            return tracking.load_backbone(child, settings=config.tracking)
-    try:
-        return tracking.load_backbone(run_id, settings=config.tracking)
-    except Exception as error:
-        raise FewshotMedError(
-            f"run {run_id} holds no backbone model ({type(error).__name__}); pass the id of a run "
-            "that ran the pretrain or meta-train stage (see `fewshot-med ui`)"
-        ) from None
+    """The backbone an earlier run produced (``tracking.load_run_backbone``), from the config's store."""
+    return tracking.load_run_backbone(run_id, config.tracking)

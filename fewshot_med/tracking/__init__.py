@@ -13,7 +13,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from fewshot_med.tracking import names
 from fewshot_med.tracking._store import experiment_pages, initialise_store, tracking_uri, ui_command
-from fewshot_med.tracking.models import load_backbone, load_swag, log_backbone, log_classifier, log_swag
+from fewshot_med.tracking.models import (
+    load_backbone,
+    load_run_backbone,
+    load_swag,
+    log_backbone,
+    log_classifier,
+    log_swag,
+)
 from fewshot_med.tracking.names import metric_key
 from fewshot_med.tracking.registry import Registration, register_model
 from fewshot_med.tracking.review import CalibratorFit, ReportPlot, RunReview, collect_run
@@ -56,6 +63,7 @@ __all__ = [
     "flatten_params",
     "initialise_store",
     "load_backbone",
+    "load_run_backbone",
     "load_swag",
     "log_backbone",
     "log_classifier",

@@ -128,6 +128,28 @@ def load_backbone(
     return backbone, spec
 
 
+def load_run_backbone(run_id: str, settings: TrackingConfig | None = None) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone an earlier run produced: its meta-trained one if any, else its pretrained one, else
+    a backbone logged on the run itself (``run_id`` may be a pipeline run or a stage run).
+
+    Raises:
+        FewshotMedError: the run holds no backbone model.
+    """
+    from fewshot_med.errors import FewshotMedError
+
+    for stage in (names.META_TRAIN, names.PRETRAIN):
+        child = find_stage_run(run_id, stage, settings)
+        if child is not None:
+            return load_backbone(child, settings=settings)
+    try:
+        return load_backbone(run_id, settings=settings)
+    except Exception as error:
+        raise FewshotMedError(
+            f"run {run_id} holds no backbone model ({type(error).__name__}); pass the id of a run "
+            "that ran the pretrain or meta-train stage (see `fewshot-med ui`)"
+        ) from None
+
+
 def log_swag(posterior: SwagPosterior) -> None:
     """Log a SWAG posterior to the current run as ``swag/posterior.pt``, with metrics ``swag.rank`` (the
     deviations kept, ``K``) and ``swag.n_snapshots``; nothing when tracking is off.
@@ -291,6 +313,25 @@ def _inline(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
+def _classifier_uri(run_id_or_uri: str, name: str, settings: TrackingConfig | None) -> str:
+    """A model URI as given, or ``runs:/…/<name>`` of a run id (of its ``register`` stage when it has one)."""
+    if ":" in run_id_or_uri:
+        return run_id_or_uri
+    return f"runs:/{find_stage_run(run_id_or_uri, names.REGISTER, settings) or run_id_or_uri}/{name}"
+
+
+def load_model_card(
+    run_id_or_uri: str, name: str = names.CLASSIFIER_MODEL, settings: TrackingConfig | None = None
+) -> dict[str, Any] | None:
+    """The model card a classifier was logged with (``log_classifier(card=…)``), or ``None``; the same
+    URIs and run ids as ``load_classifier``."""
+    import mlflow
+
+    with using_store(store_uri(settings)):
+        info = mlflow.models.get_model_info(_classifier_uri(run_id_or_uri, name, settings))
+    return (info.metadata or {}).get(names.CARD_METADATA_KEY)
+
+
 def load_classifier(
     run_id_or_uri: str, name: str = names.CLASSIFIER_MODEL, settings: TrackingConfig | None = None
 ) -> FewShotClassifier:
@@ -313,9 +354,7 @@ def load_classifier(
     from fewshot_med.tracking.pyfunc import ClassifierModel
 
     store = store_uri(settings)
-    uri = run_id_or_uri
-    if ":" not in run_id_or_uri:
-        uri = f"runs:/{find_stage_run(run_id_or_uri, names.REGISTER, settings) or run_id_or_uri}/{name}"
+    uri = _classifier_uri(run_id_or_uri, name, settings)
     bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set("false")  # a bar per downloaded file would flood stderr
     try:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fewshot_med.tracking import names
 from fewshot_med.tracking._store import using_store
-from fewshot_med.tracking.models import load_classifier
+from fewshot_med.tracking.models import load_classifier, load_model_card
 from tests.deploy.conftest import MODEL_NAME, SIZE, png_bytes
 
 pytestmark = pytest.mark.slow  # the session's store and logged model take about 15 s
@@ -89,3 +89,4 @@ def test_load_classifier_takes_model_uris_and_run_ids(registered, classifier, ra
         loaded = load_classifier(uri)
         np.testing.assert_allclose(loaded.predict_proba(rare.images[:2]), expected, atol=1e-12)
         assert loaded.preprocessing == classifier.preprocessing
+        assert load_model_card(uri) == registered.card
