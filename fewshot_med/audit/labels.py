@@ -120,7 +120,9 @@ def find_label_issues(
     folds = min(settings.folds, min(counts[name] for name in kept_classes))
     x = _standardise(features[index].astype(np.float64))
     probabilities = out_of_fold_probabilities(x, labels, folds, settings.seed)
-    ranked = cleanlab_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
+    ranked = cleanlab_issues(  # n_jobs=1: no process pool, whose workers inherit the CLI's signal handlers
+        labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
     accuracy = float((probabilities.argmax(axis=1) == labels).mean())
     majority = float(np.bincount(labels).max() / len(labels))
     notes.append(

@@ -37,6 +37,9 @@ def assign_splits(
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise DataError(f"split fractions {list(fractions)} must be three non-negative numbers summing to 1")
     n_images = len(labels)
+    whole = [split for split, fraction in zip(SPLITS, fractions, strict=True) if fraction == 1]
+    if whole:  # one split takes everything (e.g. adapt's cross-validation): nothing to cut
+        return np.full(n_images, whole[0], dtype=object).astype(str)
     groups = np.arange(n_images) if groups is None else np.asarray(groups)
     n_folds = min(N_FOLDS, len(np.unique(groups)), int(np.bincount(labels).max()))
     if n_folds < 3:

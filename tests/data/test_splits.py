@@ -26,3 +26,9 @@ def test_bad_fractions_and_too_few_groups():
         assign_splits(np.zeros(10, int), None, (0.5, 0.5, 0.5))
     with pytest.raises(DataError, match="only 2 patient group"):
         assign_splits(np.zeros(10, int), np.repeat([0, 1], 5))
+
+
+def test_a_single_split_takes_every_image_however_few():
+    labels = np.array([0, 0, 1, 1])  # two per class: too few to cut into three splits
+    assert list(assign_splits(labels, fractions=(1, 0, 0))) == ["train"] * 4
+    assert list(assign_splits(labels, np.array(["a", "a", "b", "b"]), fractions=(0, 0, 1))) == ["test"] * 4
