@@ -4,7 +4,6 @@ file (a missing or odd file becomes a finding, not an error)."""
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from fewshot_med.audit.findings import ERROR, INFO, Finding
 from fewshot_med.data import SPLITS, LoadOptions, load_dataset
-from fewshot_med.data.local import MANIFEST_COLUMNS, _natural_key
+from fewshot_med.data.local import _natural_key, manifest_rows
 from fewshot_med.data.readers import image_suffix, is_image_file
 from fewshot_med.errors import DataError
 
@@ -125,26 +124,10 @@ def _list_folder(text: str, root: Path) -> Inventory:
 
 def _list_manifest(text: str, manifest: Path) -> Inventory:
     """The manifest's rows (as ``read_manifest``); a file that does not exist is a finding."""
-    if not manifest.is_file():
-        raise DataError(f"{manifest}: no such file; check the path")
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        rows = list(reader)
-    missing = [c for c in ("path", "label") if c not in columns]
-    if missing:
-        raise DataError(
-            f"{manifest}: missing column(s) {missing}; the header must be path,label[,patient_id][,split]"
-        )
-    unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
-    if unknown:
-        raise DataError(f"{manifest}: unknown column(s) {unknown}; allowed are {list(MANIFEST_COLUMNS)}")
-    if not rows:
-        raise DataError(f"{manifest}: the manifest lists no images; add one row per image")
+    columns, rows = manifest_rows(manifest)
     items: list[Item] = []
     findings: list[Finding] = []
-    for line, row in enumerate(rows, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    for line, row in rows:
         if not row["path"] or not row["label"]:
             raise DataError(f"{manifest}:{line}: empty path or label; fill in both")
         split = row.get("split") or None
@@ -159,7 +142,7 @@ def _list_manifest(text: str, manifest: Path) -> Inventory:
             findings.append(Finding(item.name, "missing_file", ERROR, f"manifest line {line}"))
     if not items:
         raise DataError(f"{manifest}: none of the files it lists exists; fix the paths")
-    classes = _sorted({item.label for item in items} | {row["label"].strip() for row in rows})
+    classes = _sorted({item.label for item in items} | {row["label"] for _, row in rows})
     return Inventory(manifest.stem, text, tuple(items), classes, tuple(findings))
 
 

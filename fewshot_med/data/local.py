@@ -146,6 +146,29 @@ def read_image_folder(
     )
 
 
+def manifest_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV manifest's columns and its rows (with their line numbers, values stripped), checked:
+    ``path`` and ``label`` present, no unknown column (``MANIFEST_COLUMNS``), at least one row."""
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: no such file; check the path")
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = list(reader)
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        raise DataError(
+            f"{manifest}: missing column(s) {missing}; the header must be path,label[,patient_id][,split]"
+        )
+    unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
+    if unknown:
+        raise DataError(f"{manifest}: unknown column(s) {unknown}; allowed are {list(MANIFEST_COLUMNS)}")
+    if not rows:
+        raise DataError(f"{manifest}: the manifest lists no images; add one row per image")
+    stripped = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in rows]
+    return columns, list(enumerate(stripped, start=2))
+
+
 def read_manifest(
     manifest: str | Path,
     image_size: int = 64,
@@ -169,25 +192,9 @@ def read_manifest(
         intensity: how pixel values become 0..255 (``data.intensity``); ``None`` is mode ``auto``.
     """
     manifest = Path(manifest).expanduser()
-    if not manifest.is_file():
-        raise DataError(f"{manifest}: no such file; check the path")
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        rows = list(reader)
-    missing = [c for c in ("path", "label") if c not in columns]
-    if missing:
-        raise DataError(
-            f"{manifest}: missing column(s) {missing}; the header must be path,label[,patient_id][,split]"
-        )
-    unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
-    if unknown:
-        raise DataError(f"{manifest}: unknown column(s) {unknown}; allowed are {list(MANIFEST_COLUMNS)}")
-    if not rows:
-        raise DataError(f"{manifest}: the manifest lists no images; add one row per image")
+    columns, rows = manifest_rows(manifest)
     paths, labels, groups, split_names = [], [], [], []
-    for line, row in enumerate(rows, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    for line, row in rows:
         if not row["path"] or not row["label"]:
             raise DataError(f"{manifest}:{line}: empty path or label; fill in both")
         path = Path(row["path"]).expanduser()
