@@ -26,6 +26,13 @@ app.add_typer(datasets_app, name="datasets")
 console = Console(soft_wrap=True)
 _state = {"debug": False}
 
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
+    ),
+]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
 ]
@@ -275,12 +282,7 @@ def report_command(
             "default from --out's suffix, else html.",
         ),
     ] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Write an HTML or markdown report (lineage, tables, plots) of an evaluation run, for readers
     without MLflow."""
@@ -313,13 +315,8 @@ def predict_command(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV file to write.")] = Path("predictions.csv"),
     batch_size: Annotated[int, typer.Option(help="Images read and classified at a time.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
-        ),
-    ] = None,
+    device: Device = "auto",
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Classify image files with a logged or registered classifier: one CSV row per file with the class
     probabilities, prediction, confidence, abstain and error (a file that cannot be read gets an error
@@ -374,12 +371,7 @@ def adapt_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of folds, bootstrap and methods.")] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "adapt",
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
     log_paths: Annotated[
         bool, typer.Option("--log-paths", help="Log the data path and patient ids (default: never).")
     ] = False,
@@ -391,7 +383,7 @@ def adapt_command(
         typer.Option(help="Pixel intensity setting key=value, repeatable (mode=window, center=40, ...)."),
     ] = None,
     nifti_slice: Annotated[int | None, typer.Option(help="Slice of 3D volumes (default middle).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Adapt to a hospital's own labelled images: choose a method by cross-validation, calibrate, set an
     abstention threshold, register the classifier with a model card; the last line is its model URI."""
@@ -485,13 +477,8 @@ def audit_command(
     log_paths: Annotated[
         bool, typer.Option("--log-paths", help="Log file paths to MLflow as given (default: salted tokens).")
     ] = False,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    tracking_uri: TrackingUri = None,
+    device: Device = "auto",
 ) -> None:
     """Check data before training: unreadable or odd files, duplicates, label conflicts, split and patient
     leaks, suspected label errors, classes too small for K, and (with --from) out-of-distribution images.
@@ -527,12 +514,7 @@ def export_command(
     fmt: Annotated[
         str, typer.Option("--format", help="monai-bundle: a MONAI bundle (metadata, config, TorchScript).")
     ] = "monai-bundle",
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri", help="Store folder or MLflow URI; default $MLFLOW_TRACKING_URI, else ./mlruns."
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Export a logged or registered classifier for another runtime: a MONAI bundle that
     `python -m monai.bundle run` runs on a folder of images, with the classifier's probabilities."""
