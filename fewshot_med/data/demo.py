@@ -82,11 +82,7 @@ def make_demo_dataset(
     order = rng.permutation(labels.shape[0])
     labels, patients = labels[order], patients[order]
     params = _image_params(rng, labels, patients)
-    chunks = [
-        {key: value[start : start + CHUNK] for key, value in params.items()}
-        for start in range(0, labels.shape[0], CHUNK)
-    ]
-    images = np.concatenate([_render(rng, chunk, image_size) for chunk in chunks])
+    images = render_in_chunks(rng, params, image_size)
     groups = np.asarray([f"demo-patient-{patient:05d}" for patient in patients])
     split_of = assign_splits(labels, groups, SPLIT_FRACTIONS, seed)
     splits = {}
@@ -210,6 +206,13 @@ def _image_params(
         "brightness": uniform(-0.05, 0.05),
         "noise": uniform(0.01, 0.04),
     }
+
+
+def render_in_chunks(rng: np.random.Generator, params: dict[str, np.ndarray], size: int) -> np.ndarray:
+    """``(N, size, size, 3)`` uint8 images of ``_image_params``, ``CHUNK`` at a time (bounded memory)."""
+    n = len(next(iter(params.values())))
+    chunks = [{key: value[i : i + CHUNK] for key, value in params.items()} for i in range(0, n, CHUNK)]
+    return np.concatenate([_render(rng, chunk, size) for chunk in chunks])
 
 
 def _render(rng: np.random.Generator, params: dict[str, np.ndarray], size: int) -> np.ndarray:

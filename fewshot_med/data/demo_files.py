@@ -17,13 +17,12 @@ import numpy as np
 from PIL import Image
 
 from fewshot_med.data.demo import (
-    CHUNK,
     DEMO_CLASS_NAMES,
     DEMO_NOVEL_CLASSES,
     MIN_IMAGE_SIZE,
     _image_params,
     _patients,
-    _render,
+    render_in_chunks,
 )
 from fewshot_med.errors import DataError, not_one_of
 
@@ -55,11 +54,7 @@ def render_demo_images(
     labels, patients = _patients(rng, [images_per_class] * len(classes))
     table_rows = np.asarray([DEMO_CLASS_NAMES.index(name) for name in classes])[labels]
     params = _image_params(rng, table_rows, patients)
-    chunks = [
-        {key: value[start : start + CHUNK] for key, value in params.items()}
-        for start in range(0, labels.shape[0], CHUNK)
-    ]
-    images = np.concatenate([_render(rng, chunk, image_size) for chunk in chunks])
+    images = render_in_chunks(rng, params, image_size)
     patient_ids = np.asarray([f"DEMO-{seed}-{patient:04d}" for patient in patients])
     return images, labels, patient_ids
 
