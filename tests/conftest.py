@@ -45,3 +45,13 @@ TINY_PIPELINE = {
 def tiny_pipeline() -> dict:
     """A fresh copy of ``TINY_PIPELINE`` (a config dict) to extend per test."""
     return copy.deepcopy(TINY_PIPELINE)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly migrated, empty MLflow database (creating one takes MLflow about 10 s)."""
+    from mlflow import MlflowClient
+
+    database = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()
+    return database

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from PIL import Image
 
 from fewshot_med.data.demo import make_demo_dataset
@@ -154,14 +153,6 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Planted:
         tiny=odd[2]["path"],
         flips=[row["path"] for row in flips],
     )
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly migrated, empty MLflow database (creating one takes MLflow about 10 s)."""
-    database = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{database}").search_experiments()
-    return database
 
 
 @pytest.fixture

@@ -5,14 +5,6 @@ import pytest
 from mlflow import MlflowClient
 
 
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly migrated, empty MLflow database (creating one takes MLflow about 10 s)."""
-    database = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{database}").search_experiments()
-    return database
-
-
 @pytest.fixture
 def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty working directory, with no tracking URI in the environment."""
