@@ -30,8 +30,9 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from benchmarks.common import SuiteOptions, SuiteReport, environment, require_modules
-from benchmarks.suites import bayes, peers, speed
+from benchmarks.suites import bayes, peers, robustness, speed
 from fewshot_med import tracking
+from fewshot_med._io import check_output_parent
 from fewshot_med.config import load_config
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.tracking import names
@@ -41,15 +42,24 @@ SUITES: dict[str, tuple[Callable[[SuiteOptions], SuiteReport], tuple[str, ...]]]
     "peers": (peers.run, peers.REQUIRES),
     "speed": (speed.run, speed.REQUIRES),
     "bayes": (bayes.run, ()),
+    "robustness": (robustness.run, ()),
 }
 DOCUMENT = Path("docs/benchmarks.md")
 QUICK_DOCUMENT = Path("outputs/benchmarks-quick.md")
+#: Suites with a document of their own: name -> (default document, default document with --quick).
+SUITE_DOCUMENTS = {"robustness": (Path("docs/robustness.md"), Path("outputs/robustness-quick.md"))}
 PREAMBLE = """# Benchmarks
 
 Every number on this page is written by `python -m benchmarks.run` (see `benchmarks/`); each section
 says the command, machine, versions, seed, data and episode digests, and the MLflow run that holds
 its tables and plots. Rerun a suite to replace its section.
 """
+
+
+def default_document(suite: str, quick: bool) -> Path:
+    """Where ``suite`` writes without ``--output``: its own document (``SUITE_DOCUMENTS``), else
+    ``DOCUMENT``; under ``--quick`` the matching file in ``outputs/``."""
+    return SUITE_DOCUMENTS.get(suite, (DOCUMENT, QUICK_DOCUMENT))[quick]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"markdown file (default {DOCUMENT}; {QUICK_DOCUMENT} with --quick);\n"
         "verdicts go to the same path with suffix .json",
+    )
+    parser.add_argument(
+        "--parents", action="store_true", help="create the missing parent folders of --output (else refused)"
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser.parse_args(argv)
@@ -232,16 +245,19 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             configs=configs,
         )
-        output = args.output or (QUICK_DOCUMENT if args.quick else DOCUMENT)
-        if output.suffix == ".json":
-            raise FewshotMedError(f"--output {output}: name the markdown file; verdicts go beside it (.json)")
+        outputs = {name: args.output or default_document(name, args.quick) for name in suites}
+        if args.output is not None and args.output.suffix == ".json":
+            message = "name the markdown file; verdicts go beside it (.json)"
+            raise FewshotMedError(f"--output {args.output}: {message}")
         for name in suites:
             require_modules(SUITES[name][1])
+        for output in dict.fromkeys(outputs.values()):
+            check_output_parent(output, "--output", parents=args.parents or args.output is None)
     except (FewshotMedError, ImportError) as error:
         return _refuse(error, args.debug, status=2)
     try:
         for name in suites:
-            run_suite(name, options, output, command)
+            run_suite(name, options, outputs[name], command)
     except FewshotMedError as error:
         return _refuse(error, args.debug, status=1)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fewshot_med import __version__
+from fewshot_med._io import check_output_parent
 from fewshot_med.errors import FewshotMedError
 
 app = typer.Typer(
@@ -35,6 +36,9 @@ TrackingUri = Annotated[
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
+]
+Parents = Annotated[
+    bool, typer.Option("--parents", help="Create the output's missing parent folders (else refused).")
 ]
 
 
@@ -140,6 +144,7 @@ def episodes_sample(
     shots: Annotated[int, typer.Option(help="K, support images per class.")] = 5,
     split: Annotated[str, typer.Option(help="Split to draw from: val or test.")] = "test",
     overrides: Overrides = None,
+    parents: Parents = False,
 ) -> None:
     """Draw the config's novel-class episodes for one K and save them as JSON for any library to reuse:
     the very lists the pipeline evaluates (test) or calibrates on (val, K capped by the split)."""
@@ -149,8 +154,7 @@ def episodes_sample(
 
     if split not in ("val", "test"):
         raise FewshotMedError(f"--split {split}: episodes are drawn from 'val' or 'test'")
-    if not out.parent.is_dir():
-        raise FewshotMedError(f"--out {out}: folder {out.parent} does not exist; create it or pick another")
+    check_output_parent(out, "--out", parents)
     config = load_config(config_path, overrides)
     data = load_data(config)
     pools = {name: data.subset(name, "novel") for name in ("val", "test")}
@@ -230,6 +234,34 @@ def evaluate_command(
     _run_pipeline(config_path, overrides, ("evaluate",), from_run=from_run)
 
 
+@app.command("robustness")
+def robustness_command(
+    config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
+    from_run: FromRun,
+    overrides: Overrides = None,
+    episodes: Annotated[int, typer.Option(min=1, help="Test episodes attacked per K.")] = 40,
+    steps: Annotated[
+        list[int] | None, typer.Option(min=1, help="PGD steps (repeatable; default 10 and 50).")
+    ] = None,
+    queries_per_class: Annotated[int, typer.Option(min=1, help="Queries of each class attacked.")] = 1,
+    support_targets: Annotated[
+        int, typer.Option(min=0, help="Queries per episode the support-set attack targets.")
+    ] = 3,
+) -> None:
+    """White-box PGD/FGSM attacks (ART) on the config's adapted frozen-feature methods, a support-set
+    attack and a gradient-masking check, on the backbone and test episodes of an earlier run."""
+    from fewshot_med.config import load_config
+    from fewshot_med.pipelines.robustness import run_robustness
+    from fewshot_med.robustness.evaluate import RobustnessSettings
+
+    sizes = {"episodes": episodes, "queries_per_class": queries_per_class, "support_targets": support_targets}
+    settings = RobustnessSettings(**sizes, **({"steps": tuple(steps)} if steps else {}))
+    outcome = run_robustness(load_config(config_path, overrides), from_run, settings)
+    console.print(outcome.report.markdown(), markup=False, highlight=False)
+    if outcome.run_id:
+        console.print(f"MLflow run {outcome.run_id}  (browse with: fewshot-med ui)")
+
+
 @app.command("select")
 def select_command(
     config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
@@ -245,6 +277,38 @@ def select_command(
     _run_pipeline(config_path, overrides, stages, from_run=from_run)
 
 
+@app.command("reproduce")
+def reproduce_command(
+    run_id: Annotated[str, typer.Argument(help="MLflow id of the pipeline run to reproduce.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="The run's local dataset (file or folder); its digest must match the run's."),
+    ] = None,
+    from_backbone: Annotated[
+        bool, typer.Option("--from-backbone", help="Only re-evaluate, on the run's own backbone.")
+    ] = False,
+    allow_other_commit: Annotated[
+        bool, typer.Option("--allow-other-commit", help="Compare even if the checkout is on another commit.")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="Device instead of the run's runtime.device.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Re-run a pipeline run from its logged config, seed and data, and compare every metric (tolerance 0
+    on the CPU); exit 1 when some metric differs. The new run is tagged with the one it reproduces."""
+    from fewshot_med.pipelines.reproduce import reproduce, rows_markdown
+
+    outcome = reproduce(run_id, data, from_backbone, allow_other_commit, tracking_uri, device)
+    console.print(rows_markdown(outcome.shown_rows()), markup=False, highlight=False)
+    console.print(
+        f"{len(outcome.rows)} metrics compared, all in reproduce.csv of MLflow run {outcome.run_id}",
+        markup=False,
+        highlight=False,
+    )
+    console.print(outcome.summary(), markup=False, highlight=False)
+    if outcome.failures():
+        raise typer.Exit(1)
+
+
 @app.command("ui")
 def ui_command(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
@@ -253,19 +317,20 @@ def ui_command(
         Path | None, typer.Option("--config", help="Use this config's tracking store.")
     ] = None,
 ) -> None:
-    """Start the MLflow UI on the toolkit's store (./mlruns, or MLFLOW_TRACKING_URI)."""
-    import subprocess
-
+    """Start the MLflow UI on the toolkit's store (./mlruns, or MLFLOW_TRACKING_URI). A taken port is one
+    error line (exit 2); the server's exit status is this command's; stopping this command (Ctrl+C,
+    SIGTERM) stops the server and its workers."""
     from fewshot_med import tracking
     from fewshot_med.config import load_config
 
     settings = load_config(config_path).tracking if config_path else None
     argv, env = tracking.ui_command(port, host, settings)
+    tracking.check_port(host, port)
     url = f"http://{host}:{port}"
     console.print(f"MLflow UI on {url}/#/experiments?workflowType=machine_learning  (Ctrl+C to stop)")
     for name, page in tracking.experiment_pages(url, settings):
         console.print(f"  {name}: {page}", markup=False, highlight=False)
-    raise typer.Exit(subprocess.run(argv, env=env, check=False).returncode)
+    raise typer.Exit(tracking.serve(argv, env))
 
 
 @app.command("report")
@@ -283,6 +348,7 @@ def report_command(
         ),
     ] = None,
     tracking_uri: TrackingUri = None,
+    parents: Parents = False,
 ) -> None:
     """Write an HTML or markdown report (lineage, tables, plots) of an evaluation run, for readers
     without MLflow."""
@@ -296,7 +362,7 @@ def report_command(
         fmt = "md" if out is not None and out.suffix.lower() in (".md", ".markdown") else "html"
     if fmt not in ("html", "md"):
         raise FewshotMedError(f"--format {fmt}: choose html or md")
-    out = out or Path(f"report_{run_id[:8]}.{fmt}")
+    out = check_output_parent(out or Path(f"report_{run_id[:8]}.{fmt}"), "--out", parents)
     settings = TrackingConfig(tracking_uri=tracking_uri) if tracking_uri else None
     with tempfile.TemporaryDirectory(prefix="fewshot-med-report-") as folder:
         path = write_report(collect_run(run_id, Path(folder), settings), out, fmt)
@@ -317,6 +383,7 @@ def predict_command(
     batch_size: Annotated[int, typer.Option(help="Images read and classified at a time.")] = 64,
     device: Device = "auto",
     tracking_uri: TrackingUri = None,
+    parents: Parents = False,
 ) -> None:
     """Classify image files with a logged or registered classifier: one CSV row per file with the class
     probabilities, prediction, confidence, abstain and error (a file that cannot be read gets an error
@@ -326,8 +393,7 @@ def predict_command(
     from fewshot_med.runtime import resolve_device
     from fewshot_med.tracking.models import load_classifier
 
-    if not out.parent.is_dir():
-        raise FewshotMedError(f"--out {out}: folder {out.parent} does not exist; create it or pick another")
+    check_output_parent(out, "--out", parents)
     files = expand_inputs(paths)
     target = resolve_device(device)
     settings = TrackingConfig(tracking_uri=tracking_uri) if tracking_uri else None
@@ -429,12 +495,14 @@ def datasets_demo_folder(
     manifest: Annotated[
         bool, typer.Option("--manifest", help="Also write manifest.csv (path,label,patient_id).")
     ] = False,
+    parents: Parents = False,
 ) -> None:
     """Write synthetic PNG and DICOM files as a hospital export would look, to try local-data commands."""
     from fewshot_med.data.demo import DEMO_NOVEL_CLASSES
     from fewshot_med.data.demo_files import write_demo_folder
 
     names = DEMO_NOVEL_CLASSES if classes is None else [name.strip() for name in classes.split(",")]
+    check_output_parent(out, "OUT", parents)
     folder = write_demo_folder(out, names, per_class, image_size, seed, manifest=manifest)
     console.print(str(folder), markup=False, highlight=False)
 
@@ -479,6 +547,7 @@ def audit_command(
     ] = False,
     tracking_uri: TrackingUri = None,
     device: Device = "auto",
+    parents: Parents = False,
 ) -> None:
     """Check data before training: unreadable or odd files, duplicates, label conflicts, split and patient
     leaks, suspected label errors, classes too small for K, and (with --from) out-of-distribution images.
@@ -488,6 +557,8 @@ def audit_command(
 
     if out is not None and out.exists() and not out.is_dir():
         raise FewshotMedError(f"--out {out}: a file of that name exists; give a folder")
+    if out is not None:
+        check_output_parent(out, "--out", parents)
     settings = TrackingConfig(tracking_uri=tracking_uri, log_paths=log_paths)
     options = AuditSettings(image_size=image_size, **({"shots": tuple(shots)} if shots else {}))
     report = audit_dataset(data, options, from_run, reference, tracking_settings=settings, device=device)
@@ -515,6 +586,7 @@ def export_command(
         str, typer.Option("--format", help="monai-bundle: a MONAI bundle (metadata, config, TorchScript).")
     ] = "monai-bundle",
     tracking_uri: TrackingUri = None,
+    parents: Parents = False,
 ) -> None:
     """Export a logged or registered classifier for another runtime: a MONAI bundle that
     `python -m monai.bundle run` runs on a folder of images, with the classifier's probabilities."""
@@ -524,6 +596,7 @@ def export_command(
     from fewshot_med.deploy.monai_bundle import check_bundle_folder, write_bundle
     from fewshot_med.tracking.models import load_classifier, load_model_card
 
+    check_output_parent(out, "OUT", parents)
     check_bundle_folder(out)
     settings = TrackingConfig(tracking_uri=tracking_uri) if tracking_uri else None
     classifier = load_classifier(model_uri, settings=settings)
@@ -553,8 +626,9 @@ def main() -> None:
     except Exception as error:
         if _state["debug"]:
             raise
+        message = (str(error).strip().splitlines() or [""])[0]  # e.g. SQLAlchemy's add the SQL statement
         print(
-            f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+            f"error: unexpected {type(error).__name__}: {message} (rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         sys.exit(1)

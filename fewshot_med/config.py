@@ -9,10 +9,12 @@ first use, when a config is validated, not when this module is.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import types
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -34,6 +36,7 @@ from fewshot_med.errors import ConfigError, FewshotMedError, not_one_of
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+Seed = Annotated[int, Field(ge=0)]  # numpy's seed sequences take non-negative integers only
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -90,10 +93,85 @@ CriterionName = Annotated[str, _registered("selection criterion", _criteria)]
 MetaAlgorithmName = Annotated[str, _registered("meta-training algorithm", _meta_algorithms)]
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _is_model(annotation: Any) -> bool:
+    """Whether ``annotation`` is a pydantic model (a config section)."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _describe(annotation: Any) -> str:
+    """A field's type in words, for messages: ``int | None`` is "an integer or null"."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _describe(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(arg) for arg in args)
+    if origin in (list, tuple, set):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if _is_model(annotation):
+        return "a section"
+    return "null" if annotation is type(None) else _TYPE_NAMES.get(annotation, "any value")
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether ``annotation`` takes numbers only (``int``, ``float``, optionally ``None``), not booleans."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _numeric(args[0])
+    if origin in (Union, types.UnionType):
+        members = [arg for arg in args if arg is not type(None)]
+        return bool(members) and all(_numeric(arg) for arg in members)
+    return annotation in (int, float)
+
+
+def _boolean_for_number(value: Any, annotation: Any) -> tuple[str, Any, bool] | None:
+    """The first boolean in ``value`` that stands where ``annotation`` wants a number: where it is
+    (``""`` for ``value`` itself, ``"[1]"`` in a list, ``".center"`` in a nested model that is not a
+    ``StrictModel``, as those check themselves), the type wanted there, and the boolean; None if none."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _boolean_for_number(value, args[0])
+    if isinstance(value, bool):
+        return ("", annotation, value) if _numeric(annotation) else None
+    inner: list[tuple[str, Any, Any]] = []  # (where, item, item type) to look into
+    if origin in (Union, types.UnionType):
+        inner = [("", value, arg) for arg in args]
+    elif origin in (list, tuple, set) and isinstance(value, list | tuple) and args:
+        item_types = args if origin is tuple and Ellipsis not in args else args[:1] * len(value)
+        pairs = zip(value, item_types, strict=False)  # a wrong length is pydantic's to report
+        inner = [(f"[{index}]", item, kind) for index, (item, kind) in enumerate(pairs)]
+    elif _is_model(annotation) and not issubclass(annotation, StrictModel) and isinstance(value, dict):
+        fields = annotation.model_fields
+        inner = [(f".{name}", value[name], fields[name].annotation) for name in fields if name in value]
+    for where, item, kind in inner:
+        hit = _boolean_for_number(item, kind)
+        if hit is not None:
+            return where + hit[0], hit[1], hit[2]
+    return None
+
+
 class StrictModel(BaseModel):
-    """A config section: unknown keys are refused, values are validated."""
+    """A config section: unknown keys are refused, values are validated, booleans are no numbers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse YAML ``true``/``false`` where a number is expected, in a field or inside it: pydantic's
+        lax mode reads them as 1 and 0, so ``epochs: true`` would train one epoch."""
+        hit = _boolean_for_number(value, cls.model_fields[info.field_name].annotation)
+        if hit is None:
+            return value
+        where, wanted, boolean = hit
+        at = f" at {where.lstrip('.')}" if where else ""
+        raise _invalid(f"expected {_describe(wanted)}{at}, got {json.dumps(boolean)} (a YAML boolean)")
 
 
 class DataConfig(StrictModel):
@@ -111,11 +189,18 @@ class DataConfig(StrictModel):
     base_classes: list[str] | None = Field(None, description="common classes; catalogue default if unset")
     novel_classes: list[str] | None = Field(None, description="rare classes; catalogue default if unset")
     nifti_slice: int | None = Field(None, description="slice of 3D NIfTI volumes; middle slice if unset")
+    volume_index: int | None = Field(None, description="volume of 4D NIfTI files; required for them")
+    duplicates: Literal["error", "keep_first"] = Field(
+        "error",
+        description="copies in a local folder or manifest (a repeated row, one image under two labels or "
+        "in two splits, by path or identical pixels): refused, or the first kept",
+    )
+    manifest_encoding: str | None = Field(None, description="text encoding of a CSV manifest; UTF-8 if unset")
     intensity: IntensityConfig = Field(
         IntensityConfig(), description="how file pixel values become 0..255 (local images)"
     )
     split_fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train/val/test")
-    split_seed: int = Field(0, description="seed of patient-grouped split assignment for local data")
+    split_seed: Seed = Field(0, description="seed of patient-grouped split assignment for local data")
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> DataConfig:
@@ -132,6 +217,9 @@ class DataConfig(StrictModel):
             split_seed=self.split_seed,
             class_names=self.class_names,
             intensity=self.intensity,
+            volume_index=self.volume_index,
+            duplicates=self.duplicates,
+            manifest_encoding=self.manifest_encoding,
         )
 
 
@@ -143,7 +231,7 @@ class EpisodesConfig(StrictModel):
     n_query: PositiveInt = Field(15, description="query images per class, capped by the split")
     n_test_episodes: PositiveInt = Field(600, description="episodes drawn from the test split")
     n_val_episodes: PositiveInt = Field(200, description="episodes drawn from the val split, for tuning")
-    seed: int = Field(0, description="seed of the episode lists")
+    seed: Seed = Field(0, description="seed of the episode lists")
     query_dirichlet_alpha: PositiveFloat | None = Field(
         None,
         allow_inf_nan=False,
@@ -296,6 +384,33 @@ class PretrainConfig(StrictModel):
         return self
 
 
+class AdversarialConfig(StrictModel):
+    """Adversarial querying (Goldblum, Fowl & Goldstein, NeurIPS 2020): every episode's queries are
+    replaced by L∞ PGD perturbations (Madry et al., ICLR 2018) against the episode's adapted model."""
+
+    epsilon: float = Field(description="L∞ budget in pixel units of [0, 1] images (2/255 = 0.00784)")
+    steps: PositiveInt = Field(description="PGD steps per episode")
+    step_size: PositiveFloat | None = Field(
+        None, description="PGD step in pixel units; 2.5 * epsilon / steps (Madry et al.) if unset"
+    )
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon_in_pixel_units(cls, epsilon: float) -> float:
+        if not 0 < epsilon < 1:
+            raise _invalid(
+                f"{epsilon} is not a budget in pixel units of [0, 1] images: give a number in (0, 1), "
+                "e.g. 0.00784 for 2/255"
+            )
+        return epsilon
+
+    @model_validator(mode="after")
+    def _default_step_size(self) -> AdversarialConfig:
+        if self.step_size is None:  # filled in here, so a run logs the step it used
+            object.__setattr__(self, "step_size", 2.5 * self.epsilon / self.steps)
+        return self
+
+
 class MetaTrainConfig(StrictModel):
     """Episodic meta-training of the pretrained backbone on base-class episodes."""
 
@@ -310,6 +425,12 @@ class MetaTrainConfig(StrictModel):
     inner_steps: PositiveInt = Field(5, description="ANIL/FOMAML inner-loop steps")
     augment: bool = True
     val_every: PositiveInt = Field(250, description="episodes between validations on novel val episodes")
+    keep: Literal["best", "last"] = Field(
+        "best", description="weights handed on: the best novel val accuracy (clean queries), or the last"
+    )
+    adversarial: AdversarialConfig | None = Field(
+        None, description="adversarial querying: meta-train on PGD-perturbed queries (clean support)"
+    )
 
 
 def search_combinations(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -476,7 +597,7 @@ class Config(StrictModel):
     """A whole pipeline configuration."""
 
     name: str = Field(description="experiment name, used for MLflow and output folders")
-    seed: int = Field(0, description="global seed")
+    seed: Seed = Field(0, description="global seed")
     data: DataConfig
     episodes: EpisodesConfig = EpisodesConfig()
     model: ModelConfig = ModelConfig()
@@ -527,8 +648,36 @@ def _apply_override(tree: dict[str, Any], override: str, origin: str) -> None:
         node = child
     try:
         node[parts[-1]] = yaml.safe_load(raw_value)
-    except yaml.YAMLError:
-        node[parts[-1]] = raw_value
+    except yaml.YAMLError as error:
+        annotation = _annotation_at(parts)
+        expected = f"; {key.strip()} expects {_describe(annotation)}" if annotation is not None else ""
+        raise ConfigError(
+            f"{origin}: --set {key.strip()}: value {_shown(raw_value)} is not valid YAML "
+            f"({getattr(error, 'problem', None) or 'unparsable'}){expected}; quote a string value"
+        ) from None
+
+
+def _annotation_at(parts: list[str]) -> Any:
+    """The type of the config key ``parts`` (``["pretrain", "epochs"]``), or None for an unknown key."""
+    model: Any = Config
+    annotation = None
+    for part in parts:
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        candidates = (annotation, *get_args(annotation))
+        model = next(filter(_is_model, candidates), None)
+    return annotation
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """``value`` as JSON (which YAML reads back) on one line, shortened to ``width`` characters."""
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+#: Errors whose message already says what the value is, or that have no single value to show.
+_VALUE_NOT_SHOWN = {"invalid", "missing", "extra_forbidden", "value_error", "assertion_error"}
 
 
 def _format_error(error: dict[str, Any]) -> str:
@@ -536,7 +685,14 @@ def _format_error(error: dict[str, Any]) -> str:
     message = (
         "unknown key; remove it or check its spelling" if error["type"] == "extra_forbidden" else error["msg"]
     )
+    if error["type"] not in _VALUE_NOT_SHOWN and not isinstance(error.get("input"), dict):
+        message += f" (got {_shown(error['input'])})"
     return f"{key}: {message}"
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks (a value or key given with newlines) turned into spaces."""
+    return " ".join(text.splitlines())
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -560,11 +716,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (name, data, episodes, …)")
-    for override in overrides or []:
-        _apply_override(tree, override, str(path))
+    try:
+        for override in overrides or []:
+            _apply_override(tree, override, str(path))
+    except ConfigError as error:
+        raise ConfigError(_one_line(str(error))) from None
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
         details = "; ".join(_format_error(e) for e in error.errors())
         origin = f"{path} (with --set {', '.join(overrides)})" if overrides else str(path)
-        raise ConfigError(f"{origin}: {details}") from None
+        raise ConfigError(_one_line(f"{origin}: {details}")) from None

@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -25,6 +27,7 @@ from fewshot_med import tracking
 from fewshot_med.config import Config, EvaluationConfig, MethodConfig, search_combinations
 from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.data.transforms import to_model_input
+from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import (
     GENERALISED_METRICS,
     EpisodeResults,
@@ -36,6 +39,7 @@ from fewshot_med.evaluation import (
 from fewshot_med.evaluation.calibration import CALIBRATION_SETTINGS
 from fewshot_med.evaluation.report import (
     best_calibration_table,
+    failed_methods_table,
     markdown_table,
     paired_difference_table,
     summary_csv,
@@ -54,15 +58,18 @@ from fewshot_med.tracking import names
 class EvaluationReport:
     """Everything the evaluation stage measured (``validation``: uncalibrated results on the val
     episodes by (method, test K), which calibration and model selection use; ``base_feature_mean``:
-    the ``(D,)`` mean base-class train feature the methods were given)."""
+    the ``(D,)`` mean base-class train feature the methods were given; ``failed``: method label ->
+    one-line reason, for the methods whose evaluation raised and that have no results)."""
 
     few_shot: list[EpisodeResults]
     generalised: list[EpisodeResults]
     validation: dict[tuple[str, int], EpisodeResults] = field(default_factory=dict)
     base_feature_mean: torch.Tensor | None = None
+    failed: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
-        """Markdown: few-shot results, the best calibrator per setting, then generalised results."""
+        """Markdown: few-shot results, the best calibrator per setting, generalised results, then the
+        methods that failed."""
         text = markdown_table(self.few_shot)
         if any(result.calibration != "none" for result in self.few_shot):
             text += "\n\nLowest pooled test ECE per method and K:\n\n" + best_calibration_table(self.few_shot)
@@ -71,6 +78,9 @@ class EvaluationReport:
         if self.generalised:
             text += "\n\nGeneralised (base + novel classes):\n\n"
             text += markdown_table(self.generalised, GENERALISED_METRICS)
+        if self.failed:
+            text += "\n\nFailed methods (no results; their runs are FAILED):\n\n"
+            text += failed_methods_table(self.failed)
         return text
 
 
@@ -136,6 +146,13 @@ def evaluate_stage(context: StageContext) -> EvaluationReport:
 
     Frozen-feature methods use embeddings computed once per image and fit all episodes in one batched
     call; fine-tuning methods get images, one episode at a time.
+
+    A method whose own evaluation raises (anything but a ``FewshotMedError``, which is the user's to
+    fix, or Ctrl-C) is contained: its nested run ends FAILED with the reason in its ``error`` tag, a
+    one-line warning names it, the report lists it (``EvaluationReport.failed``) and the other
+    methods go on; the evaluate and pipeline runs end FINISHED, tagged ``failed_methods``. The command
+    exits 0: of eight methods, the seven that ran are the results the user wants, and the warning, the
+    tag and the report say what is missing. Registration never picks a failed method.
     """
     config, data = context.config, context.data
     embedded = embed_subsets(context)
@@ -154,10 +171,16 @@ def evaluate_stage(context: StageContext) -> EvaluationReport:
                 tracking.log_dict_artifact(episodes.val[k].to_dict(), names.episodes_path("val", k))
         with Progress("evaluate", total=len(config.methods), unit="method") as progress:
             for done, method in enumerate(config.methods, start=1):
-                results, generalised, validation = evaluate_method(
-                    method, methods_context, features, subsets, episodes, config
-                )
-                _log_method(method.display_name, results, generalised, config.evaluation, validation)
+                outcome = _evaluate_contained(method, methods_context, features, subsets, episodes, config)
+                if isinstance(outcome, str):
+                    report.failed[method.display_name] = outcome
+                    warnings.warn(
+                        f"method '{method.display_name}' failed and is left out of the results: {outcome}",
+                        stacklevel=2,
+                    )
+                    progress.update(done, force=True)
+                    continue
+                results, generalised, validation = outcome
                 report.few_shot += results
                 report.generalised += generalised
                 report.validation.update(validation)
@@ -167,12 +190,57 @@ def evaluate_stage(context: StageContext) -> EvaluationReport:
                     if r.calibration == "none"
                 }
                 progress.update(done, force=True, **accuracy)
+        if report.failed:
+            failed = {names.FAILED_METHODS_TAG: names.list_value(report.failed)}
+            tracking.set_tags(failed)
+            tracking.set_tags(failed, run_id=tracking.pipeline_run_id())
         if config.evaluation.oracle:
             oracle = evaluate_oracle_rows(features, subsets, episodes, config.evaluation)
-            _log_method(names.ORACLE, oracle, [], config.evaluation)
+            tags = _method_tags(names.ORACLE, episodes.test)
+            with tracking.stage_run(names.method_stage(names.ORACLE), tags=tags):
+                _log_method(names.ORACLE, oracle, [], config.evaluation)
             report.few_shot += oracle
         _log_report(report, config.evaluation)
     return report
+
+
+MethodOutcome = tuple[list[EpisodeResults], list[EpisodeResults], dict[tuple[str, int], EpisodeResults]]
+
+
+def _evaluate_contained(
+    method: MethodConfig,
+    context: MethodContext,
+    features: dict[str, torch.Tensor],
+    subsets: dict[str, ClassSubset],
+    episodes: Episodes,
+    config: Config,
+) -> MethodOutcome | str:
+    """``evaluate_method`` and its logging in the method's nested run; when the evaluation itself
+    raises (not a ``FewshotMedError``), the run ends FAILED (the reason in its ``error`` tag) and the
+    one-line reason, paths redacted, is returned instead of the results."""
+    label = method.display_name
+    failure: Exception | None = None
+    try:
+        with tracking.stage_run(names.method_stage(label), tags=_method_tags(label, episodes.test)):
+            try:
+                outcome = evaluate_method(method, context, features, subsets, episodes, config)
+            except FewshotMedError:
+                raise
+            except Exception as error:
+                failure = error
+                raise
+            _log_method(label, *outcome[:2], config.evaluation, outcome[2])
+    except Exception as error:
+        if error is not failure:
+            raise
+        first_line = (str(error).splitlines() or [""])[0]
+        return tracking.redact_text(f"{type(error).__name__}: {first_line}")
+    return outcome
+
+
+def _method_tags(label: str, shots: Iterable[int]) -> dict[str, str]:
+    """The tags of a method's nested run: its label and its Ks."""
+    return {names.METHOD_TAG: label, names.SHOTS_TAG: names.list_value(sorted(set(shots)))}
 
 
 def evaluate_method(
@@ -339,33 +407,31 @@ def _log_method(
     settings: EvaluationConfig,
     validation: dict[tuple[str, int], EpisodeResults] | None = None,
 ) -> None:
-    """A nested run for the method: metrics (val-episode summaries by test K included), calibrator
-    parameters, the hyperparameters its search chose with every combination's val accuracy, per-episode
-    CSVs and plots; its summaries also go on the pipeline run under the method's name."""
-    shots = sorted({result.k_shot for result in results})
-    tags = {names.METHOD_TAG: label, names.SHOTS_TAG: names.list_value(shots)}
+    """On the method's nested run (the current one): metrics (val-episode summaries by test K
+    included), calibrator parameters, the hyperparameters its search chose with every combination's
+    val accuracy, per-episode CSVs and plots; its summaries also go on the pipeline run under the
+    method's name."""
     val_results = {k: result for (_, k), result in (validation or {}).items()}
     searched = [result for result in results if result.calibration == names.UNCALIBRATED and result.params]
     pipeline_run = tracking.pipeline_run_id()
-    with tracking.stage_run(names.method_stage(label), tags=tags):
-        for k, val in val_results.items():
-            tracking.log_metrics(tracking.summary_metrics(val.summary(), partial(names.val_metric, k)))
-        for result in searched:
-            tracking.log_params({names.search_param(result.k_shot, p): v for p, v in result.params.items()})
-            tracking.log_text_artifact(_search_csv(result), names.search_path(result.k_shot))
-        for result in results:
-            tracking.log_metrics(_summary_metrics(result, None))
-            fitted = {
-                names.calibration_metric(result.k_shot, result.calibration, param): value
-                for param, value in result.calibrator.items()
-            }
-            tracking.log_metrics(fitted)
-            path = names.per_episode_path(result.k_shot, result.calibration)
-            tracking.log_text_artifact(_per_episode_csv(result), path)
-        for result in generalised:
-            tracking.log_metrics(_summary_metrics(result, None, generalised=True))
-        if settings.plots:
-            _log_method_plots(label, results, generalised, settings.ece_bins)
+    for k, val in val_results.items():
+        tracking.log_metrics(tracking.summary_metrics(val.summary(), partial(names.val_metric, k)))
+    for result in searched:
+        tracking.log_params({names.search_param(result.k_shot, p): v for p, v in result.params.items()})
+        tracking.log_text_artifact(_search_csv(result), names.search_path(result.k_shot))
+    for result in results:
+        tracking.log_metrics(_summary_metrics(result, None))
+        fitted = {
+            names.calibration_metric(result.k_shot, result.calibration, param): value
+            for param, value in result.calibrator.items()
+        }
+        tracking.log_metrics(fitted)
+        path = names.per_episode_path(result.k_shot, result.calibration)
+        tracking.log_text_artifact(_per_episode_csv(result), path)
+    for result in generalised:
+        tracking.log_metrics(_summary_metrics(result, None, generalised=True))
+    if settings.plots:
+        _log_method_plots(label, results, generalised, settings.ece_bins)
     for result in results:
         tracking.log_metrics(_summary_metrics(result, label), run_id=pipeline_run)
     for k, val in val_results.items():

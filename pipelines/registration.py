@@ -1,12 +1,12 @@
 """The registration stage: adapt the best method to labelled cases and register it in MLflow.
 
 Selection rule (stated in every registered version's description): among the evaluated inductive
-methods, the one with the highest mean accuracy on the val episodes at the registered shot count (the
-test episodes are never used to choose). Transductive methods are not registered: a served classifier
-must give a file the same answer whatever other files arrive with it. The classifier is that method
-(with the hyperparameters its search chose at K) fitted on K images per novel class drawn from the
-train split (seeded), with the temperature fitted on the val episodes, so the test-episode metrics of
-that method, K and calibration describe it.
+methods (a method whose evaluation failed is not one), the one with the highest mean accuracy on the
+val episodes at the registered shot count (the test episodes are never used to choose). Transductive
+methods are not registered: a served classifier must give a file the same answer whatever other files
+arrive with it. The classifier is that method (with the hyperparameters its search chose at K) fitted
+on K images per novel class drawn from the train split (seeded), with the temperature fitted on the val
+episodes, so the test-episode metrics of that method, K and calibration describe it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def register_stage(context: StageContext, report: EvaluationReport) -> Registrat
         return None
     k_shot = config.tracking.register_k_shot or max(config.episodes.shots)
     inductive = {m.display_name for m in config.methods if not METHODS[m.name].transductive}
+    inductive -= set(report.failed)  # a method whose evaluation raised is never registered
     label, chosen = _selected(report, k_shot, inductive)
     method_config = next(m for m in config.methods if m.display_name == label)
     test = {r.calibration: r for r in report.few_shot if r.method == label and r.k_shot == k_shot}

@@ -4,11 +4,18 @@ pretrain -> (meta-train) -> evaluate -> (register). Every stage takes a ``StageC
 device, and the backbone with its spec and SWAG posterior once a stage has produced them); training
 stages return the context with their backbone. Stages never reach back. Tracking goes through
 ``fewshot_med.tracking`` (a no-op when tracking is disabled).
+
+A training stage holds its checkpoint's lock (two runs of one config at once: the second stops with
+one line), records its MLflow run in every checkpoint, and on ``resume`` links its run to the one that
+wrote the checkpoint it continues (``tracking.continue_interrupted_run``). When the tracking store
+fails mid-stage, the one-line error names the checkpoint that survives it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +35,12 @@ from fewshot_med.data.transforms import channel_stats
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.methods import MethodContext
 from fewshot_med.models import BackboneSpec, create_backbone
+from fewshot_med.models.checkpoint import checkpoint_lock
 from fewshot_med.models.weights import input_normalization, weights_normalization
 from fewshot_med.priors import SwagPosterior
 from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.tracking import names
+from fewshot_med.training._harness import checkpoints_owned_by
 from fewshot_med.training.meta import meta_train
 from fewshot_med.training.pretrain import pretrain
 
@@ -119,6 +128,17 @@ def checkpoint_dir(config: Config) -> Path:
     return Path(config.runtime.output_dir) / config.name
 
 
+@contextmanager
+def checkpointed(path: Path) -> Iterator[Path]:
+    """Hold the lock of the checkpoint at ``path`` for the block (``checkpoint_lock``); a tracking store
+    that fails in it names that checkpoint, which survives the failure, in its one line."""
+    with checkpoint_lock(path):
+        try:
+            yield path
+        except tracking.StoreError as error:
+            raise error.keeping(path) from error
+
+
 def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
     """Build the backbone and train it on the base classes of the train split; log it as a model,
     with its SWAG posterior (``pretrain.swag``) beside it. Returns the context with that backbone."""
@@ -132,22 +152,27 @@ def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
     )
     swag = None
     tags = {names.BACKBONE_TAG: spec.name}
-    with tracking.stage_run(names.PRETRAIN, tags=tags, params=config.pretrain.model_dump()):
+    checkpoint = checkpoint_dir(config) / "pretrain.pt"
+    with (
+        checkpointed(checkpoint) if config.pretrain.enabled else nullcontext(),
+        tracking.stage_run(names.PRETRAIN, tags=tags, params=config.pretrain.model_dump()) as run,
+    ):
         tracking.log_dataset_input(data.dataset, "training", "train", data.roles.base)
         tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.base)
         if config.pretrain.enabled:
-            result = pretrain(
-                backbone,
-                spec,
-                base_train,
-                base_val,
-                config.pretrain,
-                device,
-                checkpoint_path=checkpoint_dir(config) / "pretrain.pt",
-                resume=resume,
-                log_metrics=tracking.stage_metrics_logger(names.PRETRAIN),
-                seed=config.seed,
-            )
+            with checkpoints_owned_by(run.run_id, tracking.continue_interrupted_run):
+                result = pretrain(
+                    backbone,
+                    spec,
+                    base_train,
+                    base_val,
+                    config.pretrain,
+                    device,
+                    checkpoint_path=checkpoint,
+                    resume=resume,
+                    log_metrics=tracking.stage_metrics_logger(names.PRETRAIN),
+                    seed=config.seed,
+                )
             backbone = result.backbone
             best = {
                 "best_val_balanced_accuracy": result.best_val_balanced_accuracy,
@@ -170,23 +195,26 @@ def meta_train_stage(context: StageContext, resume: bool = False) -> StageContex
     config, data, device = context.config, context.data, context.device
     backbone, spec = context.trained()
     settings = config.meta_train
-    with tracking.stage_run(
-        names.META_TRAIN, tags={names.ALGORITHM_TAG: settings.algorithm}, params=settings.model_dump()
+    tags = {names.ALGORITHM_TAG: settings.algorithm}
+    with (
+        checkpointed(checkpoint_dir(config) / f"meta_train_{settings.algorithm}.pt") as checkpoint,
+        tracking.stage_run(names.META_TRAIN, tags=tags, params=settings.model_dump()) as run,
     ):
         tracking.log_dataset_input(data.dataset, "training", "train", data.roles.base)
         tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.novel)
-        result = meta_train(
-            backbone,
-            spec,
-            data.subset("train", "base"),
-            data.subset("val", "novel"),
-            settings,
-            device,
-            checkpoint_path=checkpoint_dir(config) / f"meta_train_{settings.algorithm}.pt",
-            resume=resume,
-            log_metrics=tracking.stage_metrics_logger(names.META_TRAIN),
-            seed=config.seed,
-        )
+        with checkpoints_owned_by(run.run_id, tracking.continue_interrupted_run):
+            result = meta_train(
+                backbone,
+                spec,
+                data.subset("train", "base"),
+                data.subset("val", "novel"),
+                settings,
+                device,
+                checkpoint_path=checkpoint,
+                resume=resume,
+                log_metrics=tracking.stage_metrics_logger(names.META_TRAIN),
+                seed=config.seed,
+            )
         tracking.log_metrics(
             {
                 names.stage_metric(names.META_TRAIN, "best_val_accuracy"): result.best_val_accuracy,

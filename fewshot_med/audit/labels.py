@@ -6,6 +6,10 @@
 * Deep k-NN (Bahri et al., "Deep k-NN for Noisy Labels", ICML 2020): an image whose label is not the
   most common among its ``k`` nearest neighbours in feature space (cosine) is suspect; ranked by the
   share of neighbours that disagree.
+
+Both are shared: the poisoning benchmark's defences (``fewshot_med.robustness.poisoning``, Peri et al.'s
+deep k-NN defence) call ``knn_disagreement`` and ``confident_learning_issues``, so the audit and the
+benchmark flag images the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +53,24 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
     return cross_val_predict(model, features, labels, cv=folder, method="predict_proba")
 
 
+def confident_learning_issues(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Confident learning's suspected label errors (``cleanlab.filter.find_label_issues``), most suspect
+    first (ranked by self-confidence).
+
+    Args:
+        labels: ``(N,)`` given labels in ``0..C-1``.
+        probabilities: ``(N, C)`` out-of-sample predicted probabilities.
+
+    Returns:
+        Row indices of the suspects.
+    """
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+
+    return cleanlab_issues(  # n_jobs=1: no process pool, whose workers inherit the CLI's signal handlers
+        labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
+
+
 def knn_disagreement(
     features: np.ndarray, labels: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,7 +98,7 @@ def knn_disagreement(
     return plurality, 1 - own / k, neighbours
 
 
-def _standardise(features: np.ndarray) -> np.ndarray:
+def standardise(features: np.ndarray) -> np.ndarray:
     """Columns at mean 0, variance 1 (constant columns stay 0), so no dimension dominates a distance."""
     return (features - features.mean(axis=0)) / np.maximum(features.std(axis=0), 1e-8)
 
@@ -100,8 +122,6 @@ def find_label_issues(
     Returns:
         The findings (``label_issue`` rows, then ``knn_disagreement`` rows) and notes on what was left out.
     """
-    from cleanlab.filter import find_label_issues as cleanlab_issues
-
     counts = {name: 0 for name in class_names}
     for item, keep in zip(items, readable, strict=True):
         counts[item.label] += int(keep)
@@ -118,11 +138,9 @@ def find_label_issues(
     index = np.asarray([i for i, item in enumerate(items) if readable[i] and item.label in code])
     labels = np.asarray([code[items[i].label] for i in index])
     folds = min(settings.folds, min(counts[name] for name in kept_classes))
-    x = _standardise(features[index].astype(np.float64))
+    x = standardise(features[index].astype(np.float64))
     probabilities = out_of_fold_probabilities(x, labels, folds, settings.seed)
-    ranked = cleanlab_issues(  # n_jobs=1: no process pool, whose workers inherit the CLI's signal handlers
-        labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
-    )
+    ranked = confident_learning_issues(labels, probabilities)
     accuracy = float((probabilities.argmax(axis=1) == labels).mean())
     majority = float(np.bincount(labels).max() / len(labels))
     notes.append(

@@ -93,7 +93,10 @@ class LoadOptions:
     """How images are read and split. ``image_size`` resizes every source when set (``.npz`` and
     MedMNIST files keep their own size when unset, local images and the demo take
     ``DEFAULT_IMAGE_SIZE``); the split options apply to sources without splits of their own.
-    ``intensity`` applies to local files (``.npz``, MedMNIST and the demo are uint8 already)."""
+    ``intensity`` applies to local files (``.npz``, MedMNIST and the demo are uint8 already).
+    ``volume_index`` picks the volume of 4D NIfTI files (refused without it); ``duplicates`` says what
+    copies in a folder or manifest get (``error`` or ``keep_first``, see ``fewshot_med.data.local``);
+    ``manifest_encoding`` is a CSV manifest's encoding (UTF-8 when unset)."""
 
     image_size: int | None = None
     nifti_slice: int | None = None
@@ -101,6 +104,9 @@ class LoadOptions:
     split_seed: int = 0
     class_names: Sequence[str] | None = None
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    volume_index: int | None = None
+    duplicates: str = "error"
+    manifest_encoding: str | None = None
 
 
 def load_dataset(spec: str, options: LoadOptions | None = None) -> MedicalImageDataset:
@@ -123,6 +129,8 @@ def _load(spec: str, options: LoadOptions) -> MedicalImageDataset:
         fractions=options.split_fractions,
         seed=options.split_seed,
         intensity=options.intensity,
+        volume_index=options.volume_index,
+        duplicates=options.duplicates,
     )
     if spec == "demo":
         from fewshot_med.data.demo import make_demo_dataset
@@ -149,7 +157,7 @@ def _load(spec: str, options: LoadOptions) -> MedicalImageDataset:
         entry = _catalog_entry_for_file(path)
         return read_medmnist_npz(path, options.class_names or (entry.class_names if entry else None))
     if path.suffix.lower() == ".csv":
-        return read_manifest(path, **local)
+        return read_manifest(path, **local, encoding=options.manifest_encoding)
     if path.is_dir():
         return read_image_folder(path, **local)
     raise DataError(

@@ -14,6 +14,16 @@ from fewshot_med.errors import DataError
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
+def label_counts(labels: np.ndarray, limit: int = 5) -> str:
+    """``"7 (1 image), 99 (3 images)"``: the distinct values of ``labels`` ``(N,)`` with how many images
+    carry each, the first ``limit`` of them (``" and 2 more"`` after)."""
+    values, counts = np.unique(labels, return_counts=True)
+    shown = [
+        f"{v} ({c} image{'s' if c > 1 else ''})" for v, c in zip(values[:limit], counts[:limit], strict=True)
+    ]
+    return ", ".join(shown) + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of a dataset.
@@ -54,11 +64,12 @@ class MedicalImageDataset:
             raise DataError(f"{self.source}: missing split(s) {missing}; every dataset needs {SPLITS}")
         n_classes = len(self.class_names)
         for split_name, split in self.splits.items():
-            if len(split) and (split.labels.min() < 0 or split.labels.max() >= n_classes):
-                bad = int(split.labels.max() if split.labels.max() >= n_classes else split.labels.min())
+            outside = split.labels[(split.labels < 0) | (split.labels >= n_classes)]
+            if len(outside):
                 raise DataError(
-                    f"{self.source}: {split_name} label {bad} is out of range for "
-                    f"{n_classes} classes {list(self.class_names)}; fix the labels or the class list"
+                    f"{self.source}: {split_name} label {outside[0]} is out of range for {n_classes} classes "
+                    f"{list(self.class_names)} (outside 0..{n_classes - 1}: {label_counts(outside)}); "
+                    "fix the labels or the class list"
                 )
 
     @property

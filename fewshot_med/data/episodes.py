@@ -232,7 +232,7 @@ def sample_episodes(
         k_shot: support images per class.
         n_query: requested query images per class (capped, see the module docstring).
         n_episodes: how many episodes.
-        seed: the list is a pure function of ``(pool, n_way, k_shot, n_query, seed,
+        seed: a non-negative integer; the list is a pure function of ``(pool, n_way, k_shot, n_query, seed,
             query_dirichlet_alpha)``.
         query_dirichlet_alpha: ``None`` for ``n_query`` queries per class; else each episode splits
             its ``n_way * n_query`` queries by ``p ~ Dirichlet(alpha * 1_{n_way})`` (Veilleux et al.,
@@ -248,6 +248,8 @@ def sample_episodes(
         raise DataError(f"n_way={n_way}: must be between 2 and the pool's {n_classes} classes")
     if k_shot < 1 or n_query < 1 or n_episodes < 1:
         raise DataError(f"k_shot={k_shot}, n_query={n_query}, n_episodes={n_episodes}: each must be ≥ 1")
+    if seed < 0:  # numpy seed sequences take non-negative integers only
+        raise DataError(f"seed={seed}: must be ≥ 0")
     if query_dirichlet_alpha is not None:
         if not 0 < query_dirichlet_alpha < math.inf:
             raise DataError(

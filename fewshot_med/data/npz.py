@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_med.data.dataset import SPLITS, MedicalImageDataset, Split
+from fewshot_med.data.dataset import SPLITS, MedicalImageDataset, Split, label_counts
 from fewshot_med.errors import DataError
 
 
@@ -27,6 +27,21 @@ def _to_nhwc(images: np.ndarray, path: Path, key: str) -> np.ndarray:
     return images
 
 
+def _contiguous_class_count(splits: dict[str, Split], path: Path) -> int:
+    """The number of classes of a file without a class list: its distinct labels, which must be the ids
+    ``0..n-1``; ids with gaps (``0, 1, 99``) are refused, naming the bad values and how many images carry
+    them, rather than read as 100 classes, 97 of them empty."""
+    labels = np.concatenate([s.labels for s in splits.values()])
+    n_classes = len(np.unique(labels))
+    bad = labels[(labels < 0) | (labels >= n_classes)]
+    if len(bad):
+        raise DataError(
+            f"{path}: label(s) {label_counts(bad)} are not among the ids 0..{n_classes - 1} of its "
+            f"{n_classes} distinct labels; relabel the classes 0..{n_classes - 1} or give data.class_names"
+        )
+    return n_classes
+
+
 def read_medmnist_npz(
     path: str | Path, class_names: Sequence[str] | None = None, name: str | None = None
 ) -> MedicalImageDataset:
@@ -36,7 +51,7 @@ def read_medmnist_npz(
         path: the file; it must hold ``train_images``, ``train_labels``, ``val_*`` and ``test_*``.
             Images are ``(N, H, W)`` or ``(N, H, W, 3)`` uint8; labels ``(N,)`` or ``(N, 1)``.
         class_names: one name per label index; defaults to ``class_0 … class_{C-1}`` where ``C``
-            is one more than the largest label.
+            is the number of distinct labels, which must then be ``0..C-1``.
         name: dataset name for logs; defaults to the file stem.
 
     Returns:
@@ -77,8 +92,7 @@ def read_medmnist_npz(
     if len(set(shapes.values())) != 1:
         raise DataError(f"{path}: splits have different image shapes {shapes}; expected one shape")
     if class_names is None:
-        n_classes = 1 + max(int(s.labels.max()) for s in splits.values() if len(s))
-        class_names = [f"class_{i}" for i in range(n_classes)]
+        class_names = [f"class_{i}" for i in range(_contiguous_class_count(splits, path))]
     return MedicalImageDataset(
         name=name or path.stem,
         class_names=tuple(class_names),

@@ -4,12 +4,14 @@ resizing, so one image gives the same uint8 pixels whichever way it arrives."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 import tempfile
 import warnings
 import zlib
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,13 @@ MAGIC_NUMBERS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"BM", ".bmp"),
 )
 GZIP_MAGIC = b"\x1f\x8b"
+#: Suffix (a ``MAGIC_NUMBERS`` result) -> the format's name in error messages.
+FORMAT_NAMES: dict[str, str] = {
+    ".png": "PNG", ".jpg": "JPEG", ".tif": "TIFF", ".bmp": "BMP", ".dcm": "DICOM", ".nii": "NIfTI",
+    ".nii.gz": "gzipped NIfTI",
+}  # fmt: skip
+#: Words of a reader's message that mean the file is valid but in a variant it does not decode.
+UNSUPPORTED_WORDS = ("not supported", "unsupported", "not available", "no pixel data handler", "plugin")
 NOT_AN_IMAGE = "not a PNG, JPEG, DICOM or NIfTI image"
 
 
@@ -74,7 +83,12 @@ def _loader(kind: str, channels_last: bool = False) -> Callable[[str], torch.Ten
         "dicom": lambda: PydicomReader(swap_ij=False, channel_dim=-1 if channels_last else None),
         "nifti": lambda: NibabelReader(),
     }
-    return LoadImage(reader=readers[kind](), image_only=True, ensure_channel_first=True, dtype=None)
+    reader = readers[kind]()
+    # the reader passed at call time is the only one tried: no fallback to MONAI's defaults (a DICOM
+    # named .png would otherwise be read by a PydicomReader that transposes it)
+    return partial(
+        LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None), reader=reader
+    )
 
 
 def _is_colour_dicom(path: Path) -> bool:
@@ -86,7 +100,12 @@ def _is_colour_dicom(path: Path) -> bool:
 
 
 def read_image(
-    path: Path, image_size: int, nifti_slice: int | None = None, intensity: IntensityConfig | None = None
+    path: Path,
+    image_size: int,
+    nifti_slice: int | None = None,
+    intensity: IntensityConfig | None = None,
+    *,
+    volume_index: int | None = None,
 ) -> np.ndarray:
     """Read one 2D image (or one slice of a 3D volume), resized to a square.
 
@@ -95,19 +114,42 @@ def read_image(
         image_size: output height and width; the whole image is resized, not cropped.
         nifti_slice: index along the last axis of a 3D volume; ``None`` takes the middle slice.
         intensity: how pixel values become 0..255 (``to_byte_range``); ``None`` is mode ``auto``.
+        volume_index: which volume of a 4D NIfTI file (``data.volume_index``); such a file without it is
+            refused, as its volumes would otherwise pass for colour channels. Single-volume files ignore it.
 
     Returns:
         ``(image_size, image_size, C)`` uint8 array with ``C`` 1 (grey) or 3 (RGB; alpha dropped).
+
+    Raises:
+        DataError: one line naming the file and the cause (empty, not an image, wrong suffix,
+            truncated, too large, unsupported variant).
     """
+    return read_image_and_digest(path, image_size, nifti_slice, intensity, volume_index=volume_index)[0]
+
+
+def read_image_and_digest(
+    path: Path,
+    image_size: int,
+    nifti_slice: int | None = None,
+    intensity: IntensityConfig | None = None,
+    *,
+    volume_index: int | None = None,
+) -> tuple[np.ndarray, str]:
+    """``read_image``, and the SHA-256 of the chosen 2D plane's pixels as stored (dtype and shape
+    included; before intensity handling and resizing), so copies are found by content whatever their
+    file bytes (a DICOM exported twice differs in its UIDs), at the cost of hashing the decoded array."""
     kind = READER_BY_SUFFIX.get(image_suffix(path))
     if kind is None:
         raise DataError(f"{path}: unsupported file type; use one of {sorted(READER_BY_SUFFIX)}")
-
-    def unreadable(reason: str) -> str:
-        return f"{path}: cannot read this {kind} image ({reason}); replace or remove the file"
-
-    image = _load(path, kind, unreadable)
-    return _file_pixels(image, kind, str(path), image_size, nifti_slice, intensity)
+    try:
+        image = _load(path, kind)
+    except Exception as error:  # MONAI wraps every reader failure differently
+        raise DataError(_diagnose(path, kind, error)) from None
+    plane = _plane(image, kind, str(path), nifti_slice, volume_index)
+    digest = hashlib.sha256(f"{plane.dtype}{tuple(plane.shape)}".encode())
+    digest.update(np.ascontiguousarray(plane.numpy()).data)
+    image = _square_bytes(plane.float(), str(path), image_size, intensity, _is_photo(plane, kind))
+    return image, digest.hexdigest()
 
 
 def decode_image(
@@ -116,6 +158,8 @@ def decode_image(
     nifti_slice: int | None = None,
     intensity: IntensityConfig | None = None,
     name: str = "bytes",
+    *,
+    volume_index: int | None = None,
 ) -> np.ndarray:
     """Read an image from a file's encoded bytes, as ``read_image`` reads the file.
 
@@ -129,6 +173,7 @@ def decode_image(
         nifti_slice: index along the last axis of a 3D volume; ``None`` takes the middle slice.
         intensity: how pixel values become 0..255; ``None`` is mode ``auto``.
         name: what error messages call the input, e.g. the upload's file name or ``"bytes #3"``.
+        volume_index: which volume of a 4D NIfTI file (required for one).
 
     Returns:
         ``(image_size, image_size, C)`` uint8 array with ``C`` 1 or 3.
@@ -146,8 +191,12 @@ def decode_image(
     with tempfile.TemporaryDirectory(prefix="fewshot-med-decode-") as folder:
         path = Path(folder) / f"image{suffix}"
         path.write_bytes(data)
-        image = _load(path, kind, unreadable)
-    return _file_pixels(image, kind, name, image_size, nifti_slice, intensity)
+        try:
+            image = _load(path, kind)
+        except Exception as error:  # MONAI wraps every reader failure differently
+            raise DataError(unreadable(_first_line(error).replace(str(path), name))) from None
+    plane = _plane(image, kind, name, nifti_slice, volume_index)
+    return _square_bytes(plane.float(), name, image_size, intensity, _is_photo(plane, kind))
 
 
 def prepare_array(
@@ -244,31 +293,77 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _load(path: Path, kind: str, unreadable: Callable[[str], str]) -> torch.Tensor:
-    """``(C, H, W)`` or ``(C, H, W, D)`` pixels of a file in their stored dtype; a failure becomes a
-    ``DataError`` with the message ``unreadable(reason)``."""
+def _load(path: Path, kind: str) -> torch.Tensor:
+    """``(C, H, W)`` or ``(C, H, W, D)`` pixels of a file in their stored dtype; a NIfTI file's volumes
+    (its 4th axis) come first, as channels. Raises whatever the reader raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        colour = kind == "dicom" and _is_colour_dicom(path)
+        return _loader(kind, colour)(str(path)).as_tensor()
+
+
+def _diagnose(path: Path, kind: str, error: Exception) -> str:
+    """The one-line error for a file its reader failed on, from what the bytes are: empty, not an
+    image, another format than the suffix says, too large, truncated, an unsupported variant, corrupt."""
+    try:
+        data = path.read_bytes()
+    except OSError as failure:
+        return f"{path}: cannot open the file ({failure.strerror or type(failure).__name__}); check the path"
+    found = sniff_format(data) if data else None
+    advice = "replace or remove the file"
+    if not data:
+        cause = "empty file, 0 bytes"
+    elif found is None:
+        cause = f"not an image: {_describe(data)}"
+    elif READER_BY_SUFFIX[found] != kind:
+        cause = f"wrong extension: the content is {FORMAT_NAMES[found]}"
+        advice = f"rename the file to {found}"
+    else:
+        reason = _pil_failure(data) if kind == "pil" else None
+        cause = _cause(reason or _first_line(error).replace(str(path), "<file>"), FORMAT_NAMES[found])
+    return f"{path}: cannot read this {kind} image ({cause}); {advice}"
+
+
+def _cause(reason: str, format_name: str) -> str:
+    """A reader's failure message, prefixed with what it means: too large, truncated, unsupported, corrupt."""
+    lowered = reason.lower()
+    if reason.startswith("too large"):
+        return reason
+    if "truncat" in lowered or "ended before" in lowered or "end of file" in lowered:
+        return f"truncated {format_name} file: {reason}"
+    if any(word in lowered for word in UNSUPPORTED_WORDS):
+        return f"unsupported {format_name} variant: {reason}"
+    return f"corrupt {format_name} file: {reason}"
+
+
+def _pil_failure(data: bytes) -> str | None:
+    """Why Pillow cannot decode ``data`` (``None`` if it can): its size limit against decompression bombs
+    (``PIL.Image.MAX_IMAGE_PIXELS``) named as such, other errors by their first line."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            colour = kind == "dicom" and _is_colour_dicom(path)
-            return _loader(kind, colour)(str(path)).as_tensor()
-    except Exception as error:  # MONAI wraps every reader failure differently
-        raise DataError(unreadable(_first_line(error))) from None
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+    except Image.DecompressionBombError as error:
+        sizes = re.findall(r"\d+", str(error))
+        detail = f"{sizes[0]} pixels, over" if len(sizes) >= 2 else "over"
+        return f"too large: {detail} Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (MAX_IMAGE_PIXELS)"
+    except UnidentifiedImageError:
+        return "Pillow cannot identify its content"
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError on broken files
+        return _first_line(error)
+    return None
 
 
-def _file_pixels(
-    image: torch.Tensor,
-    kind: str,
-    label: str,
-    image_size: int,
-    nifti_slice: int | None,
-    intensity: IntensityConfig | None,
-) -> np.ndarray:
-    """A loaded file's pixels as an ``(S, S, C)`` uint8 image: one slice of a volume, alpha dropped.
-
-    Photographs for ``auto`` are PIL-read files and 8-bit DICOM (secondary captures, VL photographic
-    images); NIfTI volumes never are."""
-    photo = kind == "pil" or (kind == "dicom" and image.dtype == torch.uint8)
+def _plane(
+    image: torch.Tensor, kind: str, label: str, nifti_slice: int | None, volume_index: int | None
+) -> torch.Tensor:
+    """A loaded file's ``(C, H, W)`` pixels in their stored dtype: the chosen volume of a 4D NIfTI file,
+    one slice of a 3D volume, alpha dropped."""
+    if kind == "nifti":
+        image = _volume(image, label, volume_index)
     if image.ndim == 4:  # (C, H, W, D) volume: take one slice
         depth = image.shape[-1]
         index = depth // 2 if nifti_slice is None else nifti_slice
@@ -281,7 +376,32 @@ def _file_pixels(
         image = image[:3]
     if image.shape[0] not in (1, 3):
         raise DataError(f"{label}: image has {image.shape[0]} channels; expected 1 (grey) or 3 (RGB)")
-    return _square_bytes(image.float(), label, image_size, intensity, photo)
+    return image
+
+
+def _volume(image: torch.Tensor, label: str, volume_index: int | None) -> torch.Tensor:
+    """One volume of a NIfTI file's ``(V, H, W[, D])`` pixels: ``volume_index`` is required when
+    ``V > 1`` and ignored when ``V == 1`` (3D files in a dataset that also holds 4D ones)."""
+    volumes = image.shape[0]
+    if volumes == 1:
+        return image
+    if volume_index is None:
+        raise DataError(
+            f"{label}: 4D NIfTI file with {volumes} volumes; choose one with data.volume_index "
+            f"(0 to {volumes - 1})"
+        )
+    if not -volumes <= volume_index < volumes:
+        raise DataError(
+            f"{label}: volume_index {volume_index} is outside the file's {volumes} volumes; "
+            f"set data.volume_index from 0 to {volumes - 1}"
+        )
+    return image[[volume_index]]
+
+
+def _is_photo(plane: torch.Tensor, kind: str) -> bool:
+    """Photographs for ``auto``: PIL-read files and 8-bit DICOM (secondary captures, VL photographic
+    images); NIfTI volumes never are."""
+    return kind == "pil" or (kind == "dicom" and plane.dtype == torch.uint8)
 
 
 def _square_bytes(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fewshot_med.evaluation.intervals import paired_difference_ci95
 from fewshot_med.evaluation.runner import EpisodeResults
@@ -117,4 +117,12 @@ def paired_difference_table(
                 scale, digits = (100, 1) if metric in PERCENT_METRICS else (1, 3)
                 cells.append(f"{mean * scale:+.{digits}f} ± {half_width * scale:.{digits}f}")
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def failed_methods_table(failed: Mapping[str, str]) -> str:
+    """Markdown: each method whose evaluation raised (label -> one-line reason), so a results table
+    that lacks it says why."""
+    lines = ["| method | reason |", "|---|---|"]
+    lines += [f"| {method} | {reason.replace('|', '/')} |" for method, reason in failed.items()]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from fewshot_med.methods.base import (
     require_positive,
 )
 from fewshot_med.models.feature_transforms import transform_features
+from fewshot_med.models.linalg import solve
 
 
 @register_method("r2d2")
@@ -26,8 +27,9 @@ class R2D2(FewShotMethod):
     one-hot targets ``Y`` ``(n, n_way)``, the ridge weights ``W = (XᵀX + λI)⁻¹ XᵀY`` equal, by the
     Woodbury identity, ``W = Xᵀ (XXᵀ + λI)⁻¹ Y``: an ``n x n`` system instead of ``D x D``, since
     ``n ≪ D`` in few-shot tasks. Logits are ``scale · transform(Q) W``; R2-D2 learns this scale
-    during meta-training, here it is fixed. The ``n x n`` systems are solved in float64; features,
-    weights and query scores are float32 (the precision of the returned logits).
+    during meta-training, here it is fixed. The ``n x n`` systems are solved in float64
+    (``fewshot_med.models.linalg.solve``); features, weights and query scores are float32 (the
+    precision of the returned logits).
 
     Shapes: support ``(E, n_support, D)``, query ``(E, n_query, D)``, logits ``(E, n_query, n_way)``
     (``E`` episodes, each solved separately; one episode may drop the axis).
@@ -69,7 +71,7 @@ class R2D2(FewShotMethod):
         targets = F.one_hot(labels, self.n_way_).double()
         eye = torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
         gram = (x @ x.transpose(1, 2)).double() + self.lam * eye
-        self.coef_ = x.transpose(1, 2) @ torch.linalg.solve(gram, targets).float()
+        self.coef_ = x.transpose(1, 2) @ solve(gram, targets).float()
 
     def _predict_logits(self, query: Tensor) -> Tensor:
         query = transform_features(self.features, query.to(self.coef_.device), self.base_feature_mean)

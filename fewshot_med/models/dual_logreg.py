@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fewshot_med.models.linalg import solve
+
 #: episodes per Newton solve are chunked so that ``E · m²`` stays below this many float64 entries
 _MAX_SYSTEM_ENTRIES = 25_000_000
 
@@ -36,7 +38,9 @@ def solve_dual(
     Returns:
         ``(A (E, n, W), b (E, W), iterations)``: the dual coefficients (``W = Xᵀ A``), the intercepts,
         and the most Newton iterations any episode needed. Episodes are solved in chunks that keep the
-        Newton systems below ``_MAX_SYSTEM_ENTRIES`` float64 entries.
+        Newton systems below ``_MAX_SYSTEM_ENTRIES`` float64 entries; the systems are not symmetric and
+        are solved by ``fewshot_med.models.linalg.solve`` (batched LU that multi-threaded oneMKL
+        does not break).
     """
     n_unknowns = targets.shape[1] * targets.shape[2] + (targets.shape[2] - 1 if intercept else 0)
     chunk = max(1, _MAX_SYSTEM_ENTRIES // n_unknowns**2)
@@ -81,7 +85,7 @@ def _solve_chunk(
             d_b_a = torch.einsum("eicd,eij->ecjd", jac, gram)[:, 1:].reshape(n_episodes, n_way - 1, -1)
             d_b_b = jac.sum(dim=1)[:, 1:, 1:]
             system = torch.cat([torch.cat([system, d_a_b], dim=2), torch.cat([d_b_a, d_b_b], dim=2)], dim=1)
-        step = torch.linalg.solve(system, -residual)
+        step = solve(system, -residual)
         step_a = step[:, : n * n_way].reshape(n_episodes, n, n_way)
         step_b = F.pad(step[:, n * n_way :], (1, 0)) if intercept else torch.zeros_like(b)
         a, b = _line_search(gram, targets, c, a, b, step_a, step_b)

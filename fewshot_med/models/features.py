@@ -37,8 +37,9 @@ def embed(
     """
     was_training = backbone.training
     backbone.eval().to(device)
-    if device.type == "cuda":
-        backbone.to(memory_format=torch.channels_last)
+    # one layout per device, whatever training left behind: a backbone fresh from pretraining (CPU
+    # channels_last) and the same weights loaded from MLflow must give bitwise-equal features
+    backbone.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = to_model_input(images[start : start + batch_size], spec.mean, spec.std, spec.in_chans, device)

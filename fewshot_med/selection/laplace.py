@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot_med.models.dual_logreg import newton_matrix, solve_dual
+from fewshot_med.models.linalg import serial_batches, solve
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def log_evidence(fit: LaplaceFit) -> Tensor:
     """``(E,)`` Laplace log marginal likelihood ``log p(y_1..n | x_1..n)`` (see the module docstring)."""
     log_likelihood = (fit.targets * torch.log(fit.probs.clamp_min(1e-300))).sum(dim=(1, 2))
     weight_norm = (fit.dual_coef * (fit.gram @ fit.dual_coef)).sum(dim=(1, 2))  # ‖W*‖² = tr(AᵀK̃A)
-    _, log_det = torch.linalg.slogdet(newton_matrix(fit.gram, fit.probs, 1.0 / fit.prior_precision))
+    with serial_batches():  # slogdet is a batched LU too: the oneMKL race of fewshot_med.models.linalg
+        _, log_det = torch.linalg.slogdet(newton_matrix(fit.gram, fit.probs, 1.0 / fit.prior_precision))
     return log_likelihood - 0.5 * fit.prior_precision * weight_norm - 0.5 * log_det
 
 
@@ -95,7 +97,7 @@ def logit_moments(fit: LaplaceFit, query: Tensor) -> tuple[Tensor, Tensor]:
     block = block.reshape(n_episodes, n * n_way, n * n_way)
     # (λI + G(K̃⊗I))⁻¹G = (I + G(K̃⊗I)/λ)⁻¹ G/λ
     system = newton_matrix(fit.gram, fit.probs, 1.0 / fit.prior_precision)
-    factor = torch.linalg.solve(system, block / fit.prior_precision).reshape(n_episodes, n, n_way, n, n_way)
+    factor = solve(system, block / fit.prior_precision).reshape(n_episodes, n, n_way, n, n_way)
     reduction = torch.einsum("eqi,eicjd,eqj->eqcd", cross, factor, cross)
     identity = torch.eye(n_way, dtype=mean.dtype, device=mean.device)
     self_kernel = queries.square().sum(dim=-1)[..., None, None]

@@ -10,9 +10,22 @@ import os
 
 # Hospital networks are often closed: no usage telemetry unless the user turns it on.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A tracking server that stops answering fails a command in about half a minute, not MLflow's default
+# of minutes (7 retries, doubling from 2 s, 120 s per request); the user's own settings win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 from fewshot_med.tracking import names
-from fewshot_med.tracking._store import experiment_pages, initialise_store, tracking_uri, ui_command
+from fewshot_med.tracking._store import (
+    StoreError,
+    check_port,
+    experiment_pages,
+    initialise_store,
+    serve,
+    tracking_uri,
+    ui_command,
+)
 from fewshot_med.tracking.models import (
     load_backbone,
     load_run_backbone,
@@ -27,6 +40,7 @@ from fewshot_med.tracking.review import CalibratorFit, ReportPlot, RunReview, co
 from fewshot_med.tracking.runs import (
     RunHandle,
     benchmark_run,
+    continue_interrupted_run,
     download_stage_artifact,
     find_stage_run,
     flatten_params,
@@ -55,8 +69,11 @@ __all__ = [
     "ReportPlot",
     "RunHandle",
     "RunReview",
+    "StoreError",
     "benchmark_run",
+    "check_port",
     "collect_run",
+    "continue_interrupted_run",
     "download_stage_artifact",
     "experiment_pages",
     "find_stage_run",
@@ -82,6 +99,7 @@ __all__ = [
     "pipeline_run_id",
     "redact_text",
     "register_model",
+    "serve",
     "set_tags",
     "stage_metrics_logger",
     "stage_run",

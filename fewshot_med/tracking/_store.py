@@ -1,19 +1,32 @@
-"""Where runs are kept: the tracking URI, the experiment, and the ``mlflow ui`` command line.
+"""Where runs are kept, and how the store is opened: the tracking URI, the experiment, the ``mlflow ui``
+command line, the owner of a run, runs left behind by dead processes, and store failures.
 
 The default store is one folder, ``./mlruns``: the SQLite database ``mlruns/mlflow.db`` and the
 artifacts under ``mlruns/artifacts/<experiment>/``. Any SQLite file store keeps its artifacts in an
 ``artifacts`` folder beside the database; other stores (a server, another database) decide themselves.
+
+Every command opens a store through ``open_store``: it creates a SQLite store's folder, keeps
+SQLAlchemy's and MLflow's database logging from flooding the terminal, and ends the runs that a dead
+process of this host left RUNNING (``end_orphaned_runs``). A store that fails mid-command (turned
+read-only, deleted, a server not answering) becomes one ``StoreError`` line; calls that SQLite answers
+"database is locked" are retried a bounded number of times (``retrying``); MLflow's HTTP client
+retries a server by itself (``MLFLOW_HTTP_REQUEST_*``, bounded in ``fewshot_med.tracking``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
+import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 from fewshot_med.errors import FewshotMedError
@@ -21,13 +34,22 @@ from fewshot_med.tracking import names
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
     from fewshot_med.config import TrackingConfig
+
+T = TypeVar("T")
 
 DEFAULT_STORE_DIR = "mlruns"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 _SQLITE_PREFIX = "sqlite:///"
+#: Attempts of a store call that SQLite answers "database is locked" (after its own 5 s busy wait),
+#: and the wait before the second attempt (doubled before each further one).
+LOCKED_ATTEMPTS = 4
+LOCKED_FIRST_WAIT = 0.5
+_MAX_REASON_CHARS = 200
+_opened: set[str] = set()  # stores this process has opened (and swept) already
 
 
 def tracking_uri(settings: TrackingConfig | None = None) -> str:
@@ -134,12 +156,278 @@ def ui_command(
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise ``FewshotMedError`` (one line) when ``port`` on ``host`` cannot be bound: taken by another
+    server, or a privileged port. Tested by binding it the way a server does (address reuse on)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise FewshotMedError(
+            f"cannot serve on {host}:{port} ({error.strerror or error}); pick another port with --port"
+        ) from None
+
+
+#: Seconds a server has to stop after SIGTERM before its process group is killed.
+SERVER_STOP_SECONDS = 10.0
+
+
+def serve(argv: list[str], env: dict[str, str]) -> int:
+    """Run a server command (``ui_command``) in a process group of its own until it exits; returns its
+    exit status (1 for one ended by a signal). However it ends (the server exits, Ctrl-C, or SIGTERM
+    turned into ``KeyboardInterrupt`` by the CLI, which then propagates), the whole group, the server
+    and the workers it spawned, is taken down (``_stop_group``)."""
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
+    try:
+        status = server.wait()
+    finally:
+        _stop_group(server)
+    return status if status >= 0 else 1
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, then, once the server is gone or after
+    ``SERVER_STOP_SECONDS``, SIGKILL to whatever is left of the group."""
+    import signal
+
+    with suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    with suppress(subprocess.TimeoutExpired):
+        server.wait(SERVER_STOP_SECONDS)
+    with suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
 def initialise_store(uri: str) -> None:
     """Create the store at ``uri`` now (a SQLite store runs its schema migrations once, on first use)."""
     from mlflow import MlflowClient
 
-    prepare_store(uri)
-    MlflowClient(uri).search_experiments()
+    open_store(uri)
+    with store_failures(uri):
+        MlflowClient(uri).search_experiments()
+
+
+def open_store(uri: str, create: bool = True) -> str:
+    """Open the store at ``uri`` for this command and return ``uri``.
+
+    Creates a SQLite store's folder (``create``; a reader passes ``False`` and an absent database stays
+    absent), quiets the database loggers (``quiet_store_logs``) and, the first time this process opens
+    the store, ends the runs that dead processes of this host left RUNNING (``end_orphaned_runs``).
+    """
+    if create:
+        prepare_store(uri)
+    quiet_store_logs()
+    database = sqlite_path(uri)
+    if uri not in _opened and (database is None or database.is_file()):
+        _opened.add(uri)
+        end_orphaned_runs(uri)
+    return uri
+
+
+def quiet_store_logs() -> None:
+    """Keep a failing database from flooding the terminal: MLflow logs every SQLAlchemy error with its
+    traceback before raising it (the raised error is what the command reports), and SQLAlchemy's and
+    Alembic's loggers, unless configured, print only errors."""
+    store_logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _RaisedAnyway) for f in store_logger.filters):
+        store_logger.addFilter(_RaisedAnyway())
+    for name in ("sqlalchemy", "alembic"):
+        library = logging.getLogger(name)
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.ERROR)
+
+
+class _RaisedAnyway(logging.Filter):
+    """Drops log records that carry an exception: MLflow's database layer raises it right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+# --- owners of runs and runs left RUNNING ---------------------------------------------------------
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` of this host started, as an opaque string that differs between two
+    processes given the same pid; ``None`` when there is no such process (or no way to tell).
+
+    On Linux the start in clock ticks since boot plus the boot's id (``/proc``), elsewhere ``ps``'s
+    start time.
+    """
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").is_file():
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            return None
+        return f"{fields[19]}@{boot}"  # field 22 of /proc/<pid>/stat; the split starts at field 3
+    try:
+        done = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
+def owner_tags() -> dict[str, str]:
+    """The tags that name this process as a run's owner (host, pid, process start); empty where the
+    start of a process cannot be told, so such runs are never taken for orphans."""
+    start = process_start(os.getpid())
+    if start is None:
+        return {}
+    return {
+        names.OWNER_HOST_TAG: socket.gethostname(),
+        names.OWNER_PID_TAG: str(os.getpid()),
+        names.OWNER_START_TAG: start,
+    }
+
+
+def end_orphaned_runs(uri: str) -> list[str]:
+    """End KILLED the RUNNING runs in ``uri`` whose owner was a process of this host that is gone
+    (``kill -9``, a crash, a lost node), each tagged ``orphaned`` with who ended it and when; returns
+    their ids.
+
+    A run is left alone when its owner tags name another host (this host cannot tell whether that
+    process lives), when it has no owner tags (runs of other tools or older versions), or when its
+    process still runs with the same start time. A store that cannot be read or written now is
+    reported on one stderr line and left as it is.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    if not owner_tags():
+        return []
+    host = socket.gethostname()
+    client = MlflowClient(uri)
+    ended = []
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        query = f"attributes.status = 'RUNNING' and tags.`{names.OWNER_HOST_TAG}` = '{host}'"
+        for run in _all_runs(client, experiments, query):
+            tags = run.data.tags
+            pid = tags.get(names.OWNER_PID_TAG, "")
+            if not pid.isdigit() or process_start(int(pid)) == tags.get(names.OWNER_START_TAG):
+                continue
+            found = f"found by {_command()} at {datetime.now().astimezone().isoformat(timespec='seconds')}"
+            reason = f"process {pid} on host {host} ended without closing the run; {found}"
+            client.set_tag(run.info.run_id, names.ORPHANED_TAG, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    except Exception as error:  # a store that fails now fails the command's own calls next, or not at all
+        warning = f"warning: could not end runs of ended processes in {uri}: {_first_line(error)}"
+        print(warning, file=sys.stderr)
+    return ended
+
+
+def _all_runs(client: MlflowClient, experiments: list[str], query: str) -> Iterator[Run]:
+    """Every run of ``experiments`` that matches ``query``, page by page."""
+    token = None
+    while experiments:
+        page = client.search_runs(experiments, query, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _command() -> str:
+    """This process as a reader knows it: the program and its first word (``fewshot-med report``) and
+    the pid."""
+    program = Path(sys.argv[0]).name or "python"
+    if program == "__main__.py":
+        program = f"python -m {Path(sys.argv[0]).parent.name}"
+    words = [word for word in sys.argv[1:] if not word.startswith("-")][:1]
+    return f"{' '.join([program, *words])} (pid {os.getpid()})"
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+class StoreError(FewshotMedError):
+    """The tracking store failed mid-command: it turned read-only, was deleted, or its server stopped
+    answering. One line naming the store, the reason and, when a training checkpoint survives it,
+    that checkpoint and ``--resume``."""
+
+    def __init__(self, uri: str, reason: str, checkpoint: Path | None = None) -> None:
+        self.uri, self.reason, self.checkpoint = uri, reason, checkpoint
+        if checkpoint is not None and checkpoint.is_file():
+            advice = f"the checkpoint {checkpoint} is intact: fix the store and rerun with --resume"
+        else:
+            advice = "fix the store (or point tracking.tracking_uri elsewhere) and rerun"
+        super().__init__(f"tracking store {uri} failed ({reason}); {advice}")
+
+    def keeping(self, checkpoint: Path) -> StoreError:
+        """The same failure, saying that ``checkpoint`` survives it."""
+        return StoreError(self.uri, self.reason, checkpoint)
+
+
+def failure_reason(error: BaseException) -> str | None:
+    """Why the store failed, when ``error`` (or an error it came from) is the store failing: a database
+    that cannot be opened or written, a server that does not answer or answers 5xx; ``None`` for
+    other errors (a bad request, a missing run)."""
+    from mlflow.exceptions import MlflowException
+
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    for link in chain:
+        if _is_database_error(link):
+            return _first_line(getattr(link, "orig", None) or link)
+        if type(link).__module__.startswith(("requests", "urllib3")):
+            return f"the server does not answer: {_first_line(link)}"
+    for link in chain:  # a server that answered, with an error of its own
+        is_request = isinstance(link, MlflowException) and str(link.message).startswith("API request to")
+        if is_request and link.get_http_status_code() >= 500:
+            return _first_line(link)
+    return None
+
+
+def _is_database_error(error: BaseException) -> bool:
+    """An SQLite or SQLAlchemy operational error (cannot open, read-only, I/O error, locked, gone)."""
+    import sqlite3
+
+    if isinstance(error, sqlite3.OperationalError):
+        return True
+    sqlalchemy = sys.modules.get("sqlalchemy.exc")
+    return sqlalchemy is not None and isinstance(error, sqlalchemy.OperationalError)
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's message as one short line."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:_MAX_REASON_CHARS]
+
+
+@contextmanager
+def store_failures(uri: str) -> Iterator[None]:
+    """Turn a failure of the store at ``uri`` inside the block into a one-line ``StoreError``."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as error:
+        reason = failure_reason(error)
+        if reason is None:
+            raise
+        raise StoreError(uri, reason) from error
+
+
+def retrying(call: Callable[[], T]) -> T:
+    """``call()``, tried again up to ``LOCKED_ATTEMPTS`` times in all, with doubling waits, while SQLite
+    answers "database is locked" (another process holds the write lock beyond SQLite's busy wait)."""
+    for attempt in range(LOCKED_ATTEMPTS - 1):
+        try:
+            return call()
+        except Exception as error:
+            if "database is locked" not in (failure_reason(error) or ""):
+                raise
+        time.sleep(LOCKED_FIRST_WAIT * 2**attempt)
+    return call()
 
 
 def experiment_pages(base_url: str, settings: TrackingConfig | None = None) -> list[tuple[str, str]]:
@@ -150,7 +438,7 @@ def experiment_pages(base_url: str, settings: TrackingConfig | None = None) -> l
     """
     from mlflow import MlflowClient
 
-    uri = tracking_uri(settings)
+    uri = open_store(tracking_uri(settings), create=False)
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         return []

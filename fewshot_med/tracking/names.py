@@ -22,16 +22,18 @@ evaluation, each also as `<metric>_ci95` (`ci95`: the 95% CI half-width).
 | `time.<stage>_seconds` | pipeline | `time_metric` |
 | `select.<K>shot.<criterion>.<field>`, `select.<K>shot.best_accuracy` | `select` | `select_metric` |
 | `<dataset>.<K>shot.<...>` | benchmark runs | `benchmark_metric` |
+| `<dataset>.<...>` (not per K: a training arm's seconds) | benchmark runs | `benchmark_value` |
 | `<suite>.wall_seconds` | benchmark suite run | `suite_wall_metric` |
 | `adapt.cv[.calibrated].<metric>[_ci95]`, `adapt.cv.recall.<class>[_ci95]` | `adapt` | `adapt_metric` |
 | `adapt.<field>` (`temperature`, `threshold`, ...), `time.<step>_seconds` | `adapt` | `adapt_value` |
 | `audit.<check>`, `audit.<severity>`, `audit.items`, `audit.seconds` | `audit` | `audit_metric` |
+| `robust.<K>shot.<method>.<attack>.<metric>`, `support_attack.…`, `masking_check.…` | `robustness` | `robust_metric`, … |
 
 | Tag | Run |
 |---|---|
 | `stage` (one of `STAGES`, or `method:<label>`) | every stage and method run |
 | `method`, `shots` (`1,5`: `list_value`) | `method:<label>` (`method` also on `register`) |
-| `seed`, `backbone`, `data.source`, `stages`; `from_run`, `suite` when given | pipeline |
+| `seed`, `backbone`, `data.source`, `stages`; `from_run`, `suite`, `reproduces` when given | pipeline |
 | `git_commit`, `git_dirty`, `version.<package>` | pipeline, benchmark suite run |
 | `data.digest`, `data.name` | pipeline, and runs that log a dataset input |
 | `backbone` / `algorithm` | `pretrain` / `meta_train` |
@@ -56,6 +58,7 @@ The `audit` run (top level, `fewshot-med audit`) holds its thresholds and Ks as 
 | Artifact path | Run | Builder |
 |---|---|---|
 | `config.yaml` | pipeline | `CONFIG` |
+| `reproduce.csv`, `reproduce.md` | pipeline of `fewshot-med reproduce` | `REPRODUCE_CSV`, `REPRODUCE_MD` |
 | `results.md`, `results.csv` | pipeline, `evaluate` | `RESULTS_MD`, `RESULTS_CSV` |
 | `results.json` | `evaluate` | `RESULTS_JSON` |
 | `plots/accuracy_vs_shots.png`, `plots/risk_coverage_<K>shot.png` | pipeline | `plot_path(s)` |
@@ -122,11 +125,15 @@ DATA_DIGEST_TAG = "data.digest"
 DATA_NAME_TAG = "data.name"
 STAGES_TAG = "stages"
 FROM_RUN_TAG = "from_run"
+#: The pipeline run that ``fewshot-med reproduce`` re-ran, on the reproduction's pipeline run.
+REPRODUCES_TAG = "reproduces"
 #: The model URI an ``adapt`` run started from (``models:/NAME@ALIAS``), when not a run.
 FROM_MODEL_TAG = "from_model"
 GIT_COMMIT_TAG = "git_commit"
 GIT_DIRTY_TAG = "git_dirty"
 ERROR_TAG = "error"
+#: pipeline and evaluate runs: the methods whose evaluation raised (their runs FAILED, reason in ``error``)
+FAILED_METHODS_TAG = "failed_methods"
 ALGORITHM_TAG = "algorithm"
 K_SHOT_TAG = "k_shot"
 REGISTERED_MODEL_TAG = "registered_model"
@@ -134,6 +141,16 @@ REGISTERED_VERSION_TAG = "registered_version"
 SUITE_TAG = "suite"
 QUICK_TAG = "quick"
 COMMAND_TAG = "command"
+#: Who runs a run: host name, process id and that process's start (so a reused pid is not taken for
+#: the owner); a later command on the same host ends the run KILLED once its owner is gone.
+OWNER_HOST_TAG = "owner.host"
+OWNER_PID_TAG = "owner.pid"
+OWNER_START_TAG = "owner.process_start"
+#: Why a run was ended by another command than its own (its owner died without closing it).
+ORPHANED_TAG = "orphaned"
+#: On a resumed run (stage and pipeline run): the id of the interrupted run it continues; the stage
+#: run also holds the interrupted run's metric history up to the checkpoint.
+RESUMED_FROM_TAG = "resumed_from"
 #: Tags of a registered model version: its selection score and what the score is (``val_metric``).
 SCORE_TAG = "selection_score"
 SCORE_NAME_TAG = "score_name"
@@ -303,6 +320,26 @@ def benchmark_metric(dataset: str, k: int, *parts: str) -> str:
     return metric_key(dataset, shot(k), *parts)
 
 
+def benchmark_value(dataset: str, *parts: str) -> str:
+    """``<dataset>.<parts…>``: a benchmark suite's headline number for one dataset, not per K (e.g.
+    ``pbc.robust_training.natural.train_seconds``)."""
+    return metric_key(dataset, *parts)
+
+
+#: The poisoning study's part of a benchmark key, and its three attacks.
+POISONING = "poisoning"
+SUPPORT_FLIPS = "support_flips"
+BASE_FLIPS = "base_flips"
+FEATURE_COLLISION = "feature_collision"
+
+
+def poisoning_metric(dataset: str, attack: str, *parts: object) -> str:
+    """``<dataset>.poisoning.<attack>.<parts…>``: a headline number of the poisoning study (``attack``
+    one of ``SUPPORT_FLIPS``, ``BASE_FLIPS``, ``FEATURE_COLLISION``; parts such as ``shot(5)``,
+    ``rate0.2``, the method or detector, the field)."""
+    return metric_key(dataset, POISONING, attack, *parts)
+
+
 def record_key(dataset: str, *parts: str) -> str:
     """``<dataset>.<parts…>``: one entry of a benchmark suite's record (tagged ``record.<key>``)."""
     return ".".join([dataset, *parts])
@@ -315,6 +352,9 @@ def suite_wall_metric(suite: str) -> str:
 
 # --- artifacts -----------------------------------------------------------------------------------
 CONFIG = "config.yaml"
+#: ``fewshot-med reproduce``'s comparison of every metric with the reproduced run's.
+REPRODUCE_CSV = "reproduce.csv"
+REPRODUCE_MD = "reproduce.md"
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -400,6 +440,30 @@ def dataset_artifact(kind: str, dataset: str, extension: str, k: int | None = No
     return f"{kind}_{dataset}{'' if k is None else '_' + shot(k)}.{extension}"
 
 
+# --- adversarial evaluation (``fewshot-med robustness``, the robustness suite) -------------------
+#: The stage run of ``fewshot-med robustness`` (nested in its pipeline run) and the suite's name.
+ROBUSTNESS = "robustness"
+#: Its tables: markdown and one CSV row per method, K and attack.
+ROBUSTNESS_MD = "robustness/results.md"
+ROBUSTNESS_CSV = "robustness/results.csv"
+
+
+def robust_metric(k: int, method: str, attack: str, metric: str) -> str:
+    """``robust.<K>shot.<method>.<attack>.<metric>``: accuracy or pooled ECE (``ece_pooled``) of the
+    adapted method under one attack (``clean``, ``pgd10_eps8``, ``fgsm_eps2``, ...)."""
+    return metric_key("robust", shot(k), method, attack, metric)
+
+
+def support_attack_metric(k: int, method: str, epsilon: str, metric: str) -> str:
+    """``support_attack.<K>shot.<method>.eps<ε·255>.<metric>``: the one-support-image attack's success rate."""
+    return metric_key("support_attack", shot(k), method, f"eps{epsilon}", metric)
+
+
+def masking_check_metric(k: int, method: str) -> str:
+    """``masking_check.<K>shot.<method>``: 1 when the gradient-masking sanity check passed, else 0."""
+    return metric_key("masking_check", shot(k), method)
+
+
 # --- data audit (``fewshot-med audit``) -----------------------------------------------------------
 #: The top-level run of ``fewshot-med audit``: its run name, ``stage`` tag and experiment.
 AUDIT = "audit"
@@ -465,11 +529,13 @@ class RunNames:
 
 
 _DATA_TAGS = (DATA_DIGEST_TAG, DATA_NAME_TAG)
-_PIPELINE_TAGS = (SEED_TAG, BACKBONE_TAG, DATA_SOURCE_TAG, STAGES_TAG, FROM_RUN_TAG, SUITE_TAG, *_DATA_TAGS)
+_PIPELINE_TAGS = (
+    SEED_TAG, BACKBONE_TAG, DATA_SOURCE_TAG, STAGES_TAG, FROM_RUN_TAG, SUITE_TAG, REPRODUCES_TAG, *_DATA_TAGS
+)  # fmt: skip
 _STAGE_TAGS = {
     PRETRAIN: (BACKBONE_TAG, *_DATA_TAGS),
     META_TRAIN: (ALGORITHM_TAG, *_DATA_TAGS),
-    EVALUATE: _DATA_TAGS,
+    EVALUATE: (*_DATA_TAGS, FAILED_METHODS_TAG),
     REGISTER: (METHOD_TAG, K_SHOT_TAG, REGISTERED_MODEL_TAG, REGISTERED_VERSION_TAG),
     SELECT: _DATA_TAGS,
 }
@@ -490,6 +556,8 @@ def run_names(stage: str | None, vocabulary: Vocabulary) -> RunNames:
         return _pipeline_names(vocabulary)
     if stage == ADAPT:
         return _adapt_names(vocabulary)
+    if stage == ROBUSTNESS:
+        return _robustness_names()
     if stage in STAGES:
         return _stage_names(stage, vocabulary)
     return _method_names(vocabulary)
@@ -508,11 +576,15 @@ def _pipeline_names(vocabulary: Vocabulary) -> RunNames:
     return RunNames(
         metrics=NameSet(frozenset({*summaries, *(time_metric(stage) for stage in STAGES)})),
         tags=NameSet(
-            frozenset({*_PIPELINE_TAGS, GIT_COMMIT_TAG, GIT_DIRTY_TAG, ERROR_TAG}), (_VERSION_PREFIX,)
+            frozenset({*_PIPELINE_TAGS, GIT_COMMIT_TAG, GIT_DIRTY_TAG, ERROR_TAG, FAILED_METHODS_TAG}),
+            (_VERSION_PREFIX,),
         ),
         params=NameSet(vocabulary.config_paths, _search_prefixes(vocabulary, vocabulary.methods)),
         artifacts=NameSet(
-            frozenset({CONFIG, RESULTS_MD, RESULTS_CSV, *_plot_files(PIPELINE_PLOTS, vocabulary.shots)})
+            frozenset(
+                {CONFIG, RESULTS_MD, RESULTS_CSV, REPRODUCE_CSV, REPRODUCE_MD}
+                | set(_plot_files(PIPELINE_PLOTS, vocabulary.shots))
+            )
         ),
     )
 
@@ -542,6 +614,17 @@ def _adapt_names(vocabulary: Vocabulary) -> RunNames:
         artifacts=NameSet(
             frozenset({ADAPT_CANDIDATES, ADAPT_PREDICTIONS, MODEL_CARD, MODEL_CARD_JSON, *plots})
         ),
+    )
+
+
+def _robustness_names() -> RunNames:
+    """The ``robustness`` stage run: its attack metrics, settings, episode lists and tables."""
+    prefixes = ("robust.", "support_attack.", "masking_check.")
+    return RunNames(
+        metrics=NameSet(frozenset({time_metric(ROBUSTNESS)}), prefixes),
+        tags=NameSet(frozenset({STAGE_TAG, ERROR_TAG, *_DATA_TAGS})),
+        params=NameSet(prefixes=(ROBUSTNESS + ".",)),
+        artifacts=NameSet(frozenset({ROBUSTNESS_MD, ROBUSTNESS_CSV}), ("episodes/",)),
     )
 
 

@@ -9,10 +9,16 @@ value these functions log passes the run's ``Redaction``: the config's paths bec
 params, tags, ``config.yaml`` and dataset inputs; any known path in a tag, param, text artifact or
 error message becomes its token; MLflow's own context tags hold no absolute path; a dataset named after
 its file or folder is logged under its path's token.
+
+Faults: every run is tagged with its owner process (``owner_tags``), so a later command ends it KILLED
+if that process dies without closing it (``end_orphaned_runs``); a store that fails mid-run ends the
+command with one ``StoreError`` line (the runs stay RUNNING in a store that cannot be written, and the
+next command that opens it ends them); writes that SQLite answers "database is locked" are retried.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -29,7 +35,16 @@ import yaml
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.privacy import Redaction, is_absolute_path, is_dataset_path, looks_like_path
 from fewshot_med.tracking import names
-from fewshot_med.tracking._store import experiment_id, prepare_store, tracking_uri
+from fewshot_med.tracking._store import (
+    StoreError,
+    experiment_id,
+    failure_reason,
+    open_store,
+    owner_tags,
+    retrying,
+    store_failures,
+    tracking_uri,
+)
 from fewshot_med.tracking.names import metric_key
 
 if TYPE_CHECKING:
@@ -45,6 +60,7 @@ VERSIONED_PACKAGES = ("fewshot-med", "torch", "timm", "monai", "mlflow")
 DIGEST_CHARS = 32
 _MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value
 _MAX_ERROR_CHARS = 1000
+_METRICS_PER_CALL = 1000  # MLflow's limit of metric values per log_batch
 _TRUNCATED = "…[truncated]"
 
 
@@ -77,7 +93,8 @@ def _target(run_id: str | None = None) -> str | None:
 @contextmanager
 def _activate(handle: RunHandle, pipeline: bool, redaction: Redaction | None = None) -> Iterator[RunHandle]:
     """Make ``handle`` the current run (and ``redaction`` the current redaction, when given); end it
-    FINISHED, FAILED (exception, its message tagged ``error`` with paths redacted) or KILLED (Ctrl-C)."""
+    FINISHED, FAILED (exception, its message tagged ``error`` with paths redacted) or KILLED (Ctrl-C).
+    A failure of the store itself leaves as a ``StoreError`` (nothing more is written to that store)."""
     tokens: list[tuple[ContextVar[Any], Any]] = [(_current, _current.set(handle))]
     if pipeline:
         tokens.append((_pipeline, _pipeline.set(handle)))
@@ -90,7 +107,14 @@ def _activate(handle: RunHandle, pipeline: bool, redaction: Redaction | None = N
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except StoreError:
+        raise
     except BaseException as error:
+        reason = failure_reason(error) if handle.run_id is not None and isinstance(error, Exception) else None
+        if reason is not None:
+            import mlflow
+
+            raise StoreError(mlflow.get_tracking_uri(), reason) from error
         with suppress(Exception):  # a tracking failure must not hide the error itself
             message = _redacting().text(f"{type(error).__name__}: {error}")
             set_tags({names.ERROR_TAG: message[:_MAX_ERROR_CHARS]})
@@ -99,9 +123,24 @@ def _activate(handle: RunHandle, pipeline: bool, redaction: Redaction | None = N
         for variable, token in reversed(tokens):
             variable.reset(token)
         if handle.run_id is not None:
-            import mlflow
+            _end_run(handle.run_id, status)
 
-            mlflow.end_run(status)
+
+def _end_run(run_id: str, status: str) -> None:
+    """End the current MLflow run ``status``. A store that fails now fails a run that finished
+    (``StoreError``) and is passed over for a run that ends on an error (that error is reported)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        with store_failures(uri):
+            try:
+                mlflow.end_run(status)  # takes the run off MLflow's stack, then writes its status
+            except Exception:  # written again, while SQLite answers "database is locked"
+                retrying(functools.partial(mlflow.MlflowClient(uri).set_terminated, run_id, status))
+    except StoreError:
+        if status == "FINISHED":
+            raise
 
 
 @contextmanager
@@ -136,18 +175,22 @@ def pipeline_run(
         return
     import mlflow
 
-    uri = tracking_uri(config.tracking)
-    prepare_store(uri)
+    uri = open_store(tracking_uri(config.tracking))
     mlflow.set_tracking_uri(uri)
-    experiment = experiment_id(mlflow.MlflowClient(uri), config.tracking.experiment or config.name, uri)
     resolved = config.model_dump(mode="json")
     redaction = Redaction.for_config(resolved, config.tracking.log_paths)
-    run = mlflow.start_run(
-        experiment_id=experiment,
-        run_name=run_name,
-        nested=True,
-        tags=_run_tags(redaction, {**_context_tags(config, redaction), **(tags or {})}),
-    )
+    run_tags = {**_context_tags(config, redaction), **owner_tags(), **(tags or {})}
+    with store_failures(uri):
+        experiment = experiment_id(mlflow.MlflowClient(uri), config.tracking.experiment or config.name, uri)
+        run = retrying(
+            functools.partial(
+                mlflow.start_run,
+                experiment_id=experiment,
+                run_name=run_name,
+                nested=True,
+                tags=_run_tags(redaction, run_tags),
+            )
+        )
     with _activate(RunHandle(run.info.run_id, experiment), pipeline=True, redaction=redaction) as handle:
         logged = redaction.tree(resolved)
         params = {key: redaction.text(value) for key, value in flatten_params(logged).items()}
@@ -179,20 +222,23 @@ def benchmark_run(
     """
     import mlflow
 
-    uri = tracking_uri(settings)
-    prepare_store(uri)
+    uri = open_store(tracking_uri(settings))
     mlflow.set_tracking_uri(uri)
-    experiment_key = experiment_id(mlflow.MlflowClient(uri), experiment, uri)
     redaction = (
         Redaction.for_config({"tracking": settings.model_dump(mode="json")}, settings.log_paths)
         if settings is not None
         else Redaction()
     )
-    run = mlflow.start_run(
-        experiment_id=experiment_key,
-        run_name=name,
-        tags=_run_tags(redaction, {**version_tags(), **(tags or {})}),
-    )
+    with store_failures(uri):
+        experiment_key = experiment_id(mlflow.MlflowClient(uri), experiment, uri)
+        run = retrying(
+            functools.partial(
+                mlflow.start_run,
+                experiment_id=experiment_key,
+                run_name=name,
+                tags=_run_tags(redaction, {**version_tags(), **owner_tags(), **(tags or {})}),
+            )
+        )
     with _activate(RunHandle(run.info.run_id, experiment_key), pipeline=True, redaction=redaction) as handle:
         yield handle
 
@@ -219,13 +265,17 @@ def stage_run(
     import mlflow
 
     redaction = _redacting()
-    run = mlflow.start_run(
-        experiment_id=parent.experiment_id,
-        run_name=name,
-        nested=True,
-        parent_run_id=parent.run_id,
-        tags=_run_tags(redaction, {names.STAGE_TAG: name, **(tags or {})}),
-    )
+    with store_failures(mlflow.get_tracking_uri()):
+        run = retrying(
+            functools.partial(
+                mlflow.start_run,
+                experiment_id=parent.experiment_id,
+                run_name=name,
+                nested=True,
+                parent_run_id=parent.run_id,
+                tags=_run_tags(redaction, {names.STAGE_TAG: name, **owner_tags(), **(tags or {})}),
+            )
+        )
     with _activate(RunHandle(run.info.run_id, parent.experiment_id), pipeline=False) as handle:
         if params:
             flat = flatten_params(redaction.tree(_plain(dict(params))))
@@ -242,12 +292,13 @@ def pipeline_run_id() -> str | None:
 
 
 def store_uri(settings: TrackingConfig | None = None) -> str:
-    """The store to read from: ``settings``' URI; without settings, the current run's, else the default."""
+    """The store to read from: ``settings``' URI; without settings, the current run's, else the default.
+    Opened (``open_store``) but not created."""
     if settings is None and _target() is not None:
         import mlflow
 
         return mlflow.get_tracking_uri()
-    return tracking_uri(settings)
+    return open_store(tracking_uri(settings), create=False)
 
 
 def find_stage_run(parent_run_id: str, stage: str, settings: TrackingConfig | None = None) -> str | None:
@@ -297,6 +348,42 @@ def download_stage_artifact(
     return Path(client.download_artifacts(stage_run_id, artifact_path, str(destination)))
 
 
+def continue_interrupted_run(interrupted_run_id: str, up_to_step: int, run_id: str | None = None) -> None:
+    """Link the current run (a stage that resumed a checkpoint) to the ``interrupted_run_id`` that wrote
+    the checkpoint: tag it ``resumed_from`` (and its pipeline run with the interrupted pipeline run),
+    and copy the interrupted run's metric history up to step ``up_to_step`` (the checkpoint's) into it,
+    so one run shows the whole curve. An interrupted run that is not in this store is only named.
+
+    MLflow logs at most 1000 metric values per call, so a long history takes several calls.
+    """
+    target = _target(run_id)
+    if target is None:
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    set_tags({names.RESUMED_FROM_TAG: interrupted_run_id}, run_id=target)
+    client = MlflowClient()
+    try:
+        interrupted = client.get_run(interrupted_run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return
+    parent, pipeline = interrupted.data.tags.get(names.PARENT_RUN_TAG), pipeline_run_id()
+    if parent is not None and pipeline not in (None, target):
+        set_tags({names.RESUMED_FROM_TAG: parent}, run_id=pipeline)
+    history = [
+        metric
+        for key in interrupted.data.metrics
+        for metric in client.get_metric_history(interrupted_run_id, key)
+        if metric.step <= up_to_step
+    ]
+    for start in range(0, len(history), _METRICS_PER_CALL):
+        chunk = history[start : start + _METRICS_PER_CALL]
+        retrying(functools.partial(client.log_batch, target, metrics=chunk))
+
+
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str | None = None) -> None:
     """Log metrics in one batched call; ``None`` values are skipped, NaN is recorded as NaN.
 
@@ -309,7 +396,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str
         return
     import mlflow
 
-    mlflow.log_metrics(values, step=step, run_id=target)
+    retrying(functools.partial(mlflow.log_metrics, values, step=step, run_id=target))
 
 
 def stage_metrics_logger(stage: str) -> Callable[[Mapping[str, Any], int], None]:
@@ -343,7 +430,8 @@ def log_params(params: Mapping[str, Any], run_id: str | None = None) -> None:
     import mlflow
 
     text = _redacting().text
-    mlflow.log_params({key: text(str(value)) for key, value in params.items()}, run_id=target)
+    values = {key: text(str(value)) for key, value in params.items()}
+    retrying(functools.partial(mlflow.log_params, values, run_id=target))
 
 
 def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
@@ -355,7 +443,8 @@ def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
     from mlflow.entities import RunTag
 
     text = _redacting().text
-    MlflowClient().log_batch(target, tags=[RunTag(key, text(str(value))) for key, value in tags.items()])
+    batch = [RunTag(key, text(str(value))) for key, value in tags.items()]
+    retrying(functools.partial(MlflowClient().log_batch, target, tags=batch))
 
 
 def redact_text(text: str) -> str:
@@ -471,7 +560,7 @@ def log_dataset_input(
         input_tags[names.INPUT_CLASSES_TAG] = json.dumps(list(classes))
     text = _redacting().text
     entity = DatasetInput(logged._to_mlflow_entity(), [InputTag(k, text(v)) for k, v in input_tags.items()])
-    mlflow.MlflowClient().log_inputs(target, datasets=[entity])
+    retrying(functools.partial(mlflow.MlflowClient().log_inputs, target, datasets=[entity]))
     data_tags = {names.DATA_DIGEST_TAG: dataset.digest, names.DATA_NAME_TAG: name}
     for run in {target, pipeline_run_id() or target}:
         set_tags(data_tags, run_id=run)

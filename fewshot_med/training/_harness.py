@@ -4,12 +4,18 @@ A loop builds a ``Harness`` around its modules, optimizer state and random gener
 ``restore`` when resuming, ``record`` after every validation and ``load_best`` at the end. Resuming
 restores the weights, the optimizer (and scheduler, SWAG) state and every random generator, so an
 interrupted run continues bit for bit on the CPU.
+
+Inside ``checkpoints_owned_by(run_id, on_resume)`` (the pipeline's stages: the MLflow run of the
+stage) every checkpoint records the run that wrote it, and a loop that resumes one tells ``on_resume``
+which run that was and how far it got, so the resumed run can be linked to the interrupted one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +31,37 @@ from fewshot_med.models import BackboneSpec, load_checkpoint, save_checkpoint
 
 #: settings that do not change the training trajectory, so a resumed run may differ in them
 RESUME_IRRELEVANT_SETTINGS = ("enabled",)
+
+
+@dataclass(frozen=True)
+class CheckpointOwner:
+    """Who writes the checkpoints of the loops run in a ``checkpoints_owned_by`` block.
+
+    Attributes:
+        run_id: recorded in every checkpoint as ``written_by``; ``None`` records nothing.
+        on_resume: called with the ``written_by`` of a checkpoint a loop resumes (when it has one) and
+            the units that checkpoint had done.
+    """
+
+    run_id: str | None
+    on_resume: Callable[[str, int], None] | None = None
+
+
+_owner: ContextVar[CheckpointOwner | None] = ContextVar("fewshot_med_checkpoint_owner", default=None)
+
+
+@contextmanager
+def checkpoints_owned_by(
+    run_id: str | None, on_resume: Callable[[str, int], None] | None = None
+) -> Iterator[CheckpointOwner]:
+    """Record ``run_id`` in the checkpoints the loops of this block write, and call ``on_resume`` with
+    the recorded run and its units done when one of them resumes a checkpoint (see ``CheckpointOwner``)."""
+    owner = CheckpointOwner(run_id, on_resume)
+    token = _owner.set(owner)
+    try:
+        yield owner
+    finally:
+        _owner.reset(token)
 
 
 class Stateful(Protocol):
@@ -141,7 +178,8 @@ class Harness:
     checkpoint. A checkpoint holds ``header``, the best weights under each module's name (so
     ``backbone_from_state`` reads the best backbone), the current weights under ``current``, each
     ``states`` entry under its name, the random states under ``rng``, the units done under ``unit``,
-    ``history``, ``best_<unit>``, ``best_metric``, ``finished`` and ``stopped_early``.
+    ``history``, ``best_<unit>``, ``best_metric``, ``finished``, ``stopped_early`` and ``written_by`` (the
+    run of the enclosing ``checkpoints_owned_by``, else ``None``).
 
     Attributes:
         what: the loop's name in messages, e.g. ``pretraining``.
@@ -212,6 +250,9 @@ class Harness:
         self.best_metric = state["best_metric"]
         self.best_weights = {name: state[name] for name in self.modules}
         self.finished, self.stopped_early = state["finished"], state["stopped_early"]
+        owner, written_by = _owner.get(), state.get("written_by")
+        if owner is not None and owner.on_resume is not None and written_by is not None:
+            owner.on_resume(written_by, self.done)
         return True
 
     def record(self, record: dict[str, float]) -> None:
@@ -237,6 +278,7 @@ class Harness:
             return
         current = {name: cpu_copy(module.state_dict()) for name, module in self.modules.items()}
         states = {name: None if value is None else value.state_dict() for name, value in self.states.items()}
+        owner = _owner.get()
         save_checkpoint(
             self.path,
             {
@@ -251,6 +293,7 @@ class Harness:
                 "best_metric": self.best_metric,
                 "finished": self.finished,
                 "stopped_early": self.stopped_early,
+                "written_by": owner.run_id if owner is not None else None,
             },
         )
 

@@ -32,6 +32,18 @@ also reports the ``ANIL`` method, its own head adaptation, which is cheap on fro
 adaptation (inner SGD on all weights per episode) is not run at validation: it would cost
 ``inner_steps`` backward passes per val episode.
 
+Adversarial querying (Goldblum, Fowl & Goldstein, "Adversarially Robust Few-Shot Learning: A
+Meta-Learning Approach", NeurIPS 2020), with ``meta_train.adversarial``: each episode's query images
+are replaced by L∞ PGD perturbations (Madry et al., ICLR 2018; ``fewshot_med.robustness.attacks.pgd``)
+against the episode's adapted model, and the algorithm's step then runs on the clean support set and
+the perturbed queries. The adapted model (``MetaAlgorithm.episode_model``) is the one the step's loss
+uses, at the current weights: prototypes (ProtoNet) or the inner-loop head (ANIL) of the clean
+support features, with support and query embedded in one train-mode pass as in the step; FOMAML's
+adapted weights and head (its inner loop then runs twice per episode: for the attack and in the step).
+The attack sees no weight gradient and leaves the running statistics alone. It acts on ``[0, 1]``
+pixels: the episode batch is normalised and augmented first, its queries are mapped back to pixels
+(``input_pixels``, clamped to ``[0, 1]``), perturbed within ε of those, and normalised again.
+
 Checkpoints, the best weights and resuming are the shared ``Harness``'s. Resuming an interrupted run
 from its checkpoint reproduces the uninterrupted run's weights exactly on the CPU: the episodes are a
 pure function of the seed, and the optimizer, the weights and every random generator are restored.
@@ -39,6 +51,7 @@ pure function of the seed, and the optimizer, the weights and every random gener
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -63,6 +76,13 @@ from fewshot_med.methods.protonet import ProtoNet, prototype_logits
 from fewshot_med.models import BackboneSpec, autocast, embed
 from fewshot_med.progress import Progress
 from fewshot_med.training._harness import Harness, checkpoint_header
+from fewshot_med.training.adversarial import (
+    PixelModel,
+    check_pixel_space,
+    frozen_call,
+    input_pixels,
+    model_input,
+)
 
 if TYPE_CHECKING:
     from fewshot_med.config import MetaTrainConfig
@@ -114,14 +134,21 @@ class EpisodeBatch:
 #: ``step(backbone, batch, settings) -> (loss, accuracy)``: leaves the episode's outer gradient in the
 #: ``.grad`` of the backbone's parameters and returns the detached query loss and accuracy (0-dim).
 EpisodeStep = Callable[[nn.Module, "EpisodeBatch", "MetaTrainConfig"], tuple[Tensor, Tensor]]
+#: ``episode_model(backbone, batch, settings) -> logits``: the episode's model adapted on its clean
+#: support set, a function of normalised queries ``(n_query, C, H, W)`` -> ``(n_query, n_way)`` logits
+#: at the backbone's current weights, detached, leaving its running statistics alone: what adversarial
+#: querying attacks.
+EpisodeModel = Callable[[nn.Module, "EpisodeBatch", "MetaTrainConfig"], Callable[[Tensor], Tensor]]
 
 
 @dataclass(frozen=True)
 class MetaAlgorithm:
-    """A meta-training algorithm: its episode step and, if cheap, its own few-shot method on frozen
-    features, which validation also scores (``adapted(settings)`` builds it, unfitted)."""
+    """A meta-training algorithm: its episode step, the adapted model its step's loss uses (attacked by
+    adversarial querying) and, if cheap, its own few-shot method on frozen features, which validation
+    also scores (``adapted(settings)`` builds it, unfitted)."""
 
     step: EpisodeStep
+    episode_model: EpisodeModel
     adapted: Callable[[MetaTrainConfig], FewShotMethod] | None = None
 
 
@@ -229,15 +256,86 @@ def fomaml_step(backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainCon
     return loss.detach(), _accuracy(logits, batch.query_labels)
 
 
+def protonet_model(
+    backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfig
+) -> Callable[[Tensor], Tensor]:
+    """ProtoNet's adapted model: the queries' negative squared distances to the prototypes of the
+    clean support features, support and query embedded in one pass as in ``protonet_step``."""
+    forward = frozen_call(backbone)
+    with torch.no_grad():
+        support, _ = _joint_features(forward, batch.support, batch.query)
+    prototypes = class_means(support, batch.support_labels.unsqueeze(0), batch.n_way)  # (1, n_way, D)
+    return lambda query: prototype_logits(_joint_features(forward, batch.support, query)[1], prototypes)[0]
+
+
+def anil_model(
+    backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfig
+) -> Callable[[Tensor], Tensor]:
+    """ANIL's adapted model: the inner-loop head of the clean support features on the queries' features,
+    support and query embedded in one pass as in ``anil_step``."""
+    forward = frozen_call(backbone)
+    with torch.no_grad():
+        support, _ = _joint_features(forward, batch.support, batch.query)
+        labels = batch.support_labels.unsqueeze(0)
+        weight, bias = fit_linear_head(support, labels, batch.n_way, settings.inner_steps, settings.inner_lr)
+    return lambda query: head_logits(_joint_features(forward, batch.support, query)[1], weight, bias)[0]
+
+
+def fomaml_model(
+    backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfig
+) -> Callable[[Tensor], Tensor]:
+    """FOMAML's adapted model: the inner loop's weights and head on the clean support set, the queries
+    in a batch of their own as in ``fomaml_step``."""
+    fast, weight, bias = fomaml_adapt(
+        backbone, batch.support, batch.support_labels, batch.n_way, settings.inner_steps, settings.inner_lr
+    )
+    weights = {name: tensor.detach() for name, tensor in fast.items()}
+    weights |= {name: buffer.clone() for name, buffer in backbone.named_buffers()}
+    weight, bias = weight.detach(), bias.detach()
+
+    def logits(query: Tensor) -> Tensor:
+        with autocast(query.device):
+            features = functional_call(backbone, weights, (query,))
+        return F.linear(features.float(), weight, bias)
+
+    return logits
+
+
+def adversarial_querying_step(
+    algorithm: MetaAlgorithm,
+    spec: BackboneSpec,
+    generator: torch.Generator,
+    backbone: nn.Module,
+    batch: EpisodeBatch,
+    settings: MetaTrainConfig,
+) -> tuple[Tensor, Tensor]:
+    """Adversarial querying (Goldblum, Fowl & Goldstein, NeurIPS 2020): ``algorithm``'s step on the
+    episode with its queries replaced by L∞ PGD perturbations against its adapted model.
+
+    The queries ``(n_query, C, H, W)`` are mapped to ``[0, 1]`` pixels, attacked through
+    ``PixelModel(algorithm.episode_model(...))`` with ``settings.adversarial`` (the random start seeded
+    from ``generator``), normalised again, and put back behind the clean support rows.
+    """
+    from fewshot_med.robustness.attacks import pgd  # ART takes seconds to import; configs import this module
+
+    attack = settings.adversarial
+    model = PixelModel(algorithm.episode_model(backbone, batch, settings), spec)
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
+    clean = input_pixels(batch.query, spec)
+    query = pgd(model, clean, batch.query_labels, attack.epsilon, attack.steps, attack.step_size, seed=seed)
+    images = torch.cat([batch.support, model_input(query, spec).to(batch.images.dtype)])
+    return algorithm.step(backbone, dataclasses.replace(batch, images=images), settings)
+
+
 def _anil_method(settings: MetaTrainConfig) -> FewShotMethod:
     """ANIL's own test-time adaptation with the meta-training inner loop's steps and step size."""
     return ANIL(steps=settings.inner_steps, lr=settings.inner_lr)
 
 
 ALGORITHMS: dict[str, MetaAlgorithm] = {
-    "protonet": MetaAlgorithm(protonet_step),
-    "anil": MetaAlgorithm(anil_step, adapted=_anil_method),
-    "fomaml": MetaAlgorithm(fomaml_step),
+    "protonet": MetaAlgorithm(protonet_step, protonet_model),
+    "anil": MetaAlgorithm(anil_step, anil_model, adapted=_anil_method),
+    "fomaml": MetaAlgorithm(fomaml_step, fomaml_model),
 }
 
 
@@ -261,10 +359,11 @@ def meta_train(
     ``settings.lr`` (bfloat16 autocast and channels_last on CUDA). The initial weights and then every
     ``val_every`` episodes (and the last) are scored on ``VAL_EPISODES`` fixed episodes of ``val_pool``
     with all its classes, ``min(k_shot, smallest class - 1)`` shots and up to ``n_query`` queries, by
-    nearest-prototype accuracy of eval-mode embeddings.
+    nearest-prototype accuracy of eval-mode embeddings. With ``settings.adversarial`` every episode's
+    queries are perturbed first (``adversarial_querying_step``); validation stays clean.
 
-    A fresh run seeds torch's global generator with ``seed`` (dropout, drop-path); augmentation has
-    its own generator derived from ``seed``.
+    A fresh run seeds torch's global generator with ``seed`` (dropout, drop-path); augmentation and the
+    attacks' random starts have their own generators derived from ``seed``.
 
     Args:
         backbone: maps ``(B, C, H, W)`` to ``(B, D)`` with ``D = backbone.num_features``; trained in place.
@@ -282,27 +381,30 @@ def meta_train(
         seed: seeds the episodes, the augmentation and (fresh runs) torch.
 
     Returns:
-        The best backbone and the validation history.
+        The best backbone (the last with ``settings.keep == "last"``) and the validation history.
 
     Raises:
         FewshotMedError: unusable inputs (``DataError`` for pools too small for the episode shape), or a
             checkpoint that does not belong to this run.
     """
     algorithm = ALGORITHMS[settings.algorithm]
-    n_way = _check_inputs(backbone, train_pool, val_pool, settings)
+    n_way = _check_inputs(backbone, spec, train_pool, val_pool, settings)
     train_episodes = sample_episodes(
         train_pool, n_way, settings.k_shot, settings.n_query, settings.episodes, seed
     ).episodes
     validate = _validation(backbone, spec, val_pool, algorithm, settings, device, seed)
-    harness, optimizer, augment_generator = _start(
+    harness, optimizer, generators = _start(
         backbone, spec, train_pool, val_pool, settings, device, checkpoint_path, log_metrics, seed
     )
     if not (resume and harness.restore()):
         harness.record({"episode": 0.0, **validate()})
-    generator, positions = augment_generator if settings.augment else None, _position_lookup(train_pool)
+    generator, positions = generators["augment"] if settings.augment else None, _position_lookup(train_pool)
     batch = functools.partial(_episode_batch, train_pool, positions, spec, device, generator)
+    step = algorithm.step
+    if settings.adversarial is not None:
+        step = functools.partial(adversarial_querying_step, algorithm, spec, generators["attack"])
     if not harness.finished:
-        _run_episodes(backbone, optimizer, harness, algorithm.step, train_episodes, batch, validate, settings)
+        _run_episodes(backbone, optimizer, harness, step, train_episodes, batch, validate, settings)
     harness.load_best()
     return MetaTrainResult(
         backbone=backbone,
@@ -322,16 +424,19 @@ def _start(
     checkpoint_path: Path | None,
     log_metrics: Callable[[dict[str, float], int], None] | None,
     seed: int,
-) -> tuple[Harness, torch.optim.Optimizer, torch.Generator]:
-    """Put the backbone on the device, seed torch; the run's harness, Adam optimizer and augmentation
-    generator. The harness keeps the weights of the best val accuracy and never stops early."""
+) -> tuple[Harness, torch.optim.Optimizer, dict[str, torch.Generator]]:
+    """Put the backbone on the device, seed torch; the run's harness, Adam optimizer and generators
+    (``augment``, ``attack``). The harness keeps the weights of the best val accuracy (or the last, with
+    ``settings.keep == "last"``) and never stops early."""
     backbone.to(device)
     if device.type == "cuda":
         backbone.to(memory_format=torch.channels_last)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam([p for p in backbone.parameters() if p.requires_grad], lr=settings.lr)
-    augment_generator = torch.Generator(device=device)
-    augment_generator.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+    generators = {}
+    for stream, name in enumerate(("augment", "attack"), start=1):
+        generators[name] = torch.Generator(device=device)
+        generators[name].manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
     harness = Harness(
         what="meta-training",
         header=checkpoint_header(
@@ -343,11 +448,12 @@ def _start(
         metric="val_accuracy",
         modules={"backbone": backbone},
         states={"optimizer": optimizer},
-        generators={"augment": augment_generator},
+        generators=generators,
         device=device,
         log_metrics=log_metrics,
+        keep_last=settings.keep == "last",
     )
-    return harness, optimizer, augment_generator
+    return harness, optimizer, generators
 
 
 def _run_episodes(
@@ -394,6 +500,16 @@ def _episode_features(backbone: nn.Module, batch: EpisodeBatch) -> tuple[Tensor,
     with autocast(batch.images.device):
         features = backbone(batch.images).float().unsqueeze(0)  # (1, n_support + n_query, D)
     return features[:, : batch.n_support], features[:, batch.n_support :]
+
+
+def _joint_features(
+    forward: Callable[[Tensor], Tensor], support: Tensor, query: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Support ``(1, n_support, D)`` and query ``(1, n_query, D)`` float32 features from one ``forward``
+    pass over the support then the query images (one batch for batch-norm, as ``_episode_features``)."""
+    with autocast(query.device):
+        features = forward(torch.cat([support, query])).float().unsqueeze(0)
+    return features[:, : support.shape[0]], features[:, support.shape[0] :]
 
 
 def _query_loss_backward(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -490,11 +606,17 @@ def _validate(
 
 
 def _check_inputs(
-    backbone: nn.Module, train_pool: ClassSubset, val_pool: ClassSubset, settings: MetaTrainConfig
+    backbone: nn.Module,
+    spec: BackboneSpec,
+    train_pool: ClassSubset,
+    val_pool: ClassSubset,
+    settings: MetaTrainConfig,
 ) -> int:
     """Refuse inputs the loop cannot use, with a one-line reason; returns the training ``n_way``."""
     if not hasattr(backbone, "num_features"):
         raise FewshotMedError("meta_train: the backbone has no num_features; build it with create_backbone")
+    if settings.adversarial is not None:
+        check_pixel_space(spec, "meta_train.adversarial")
     n_base = len(train_pool.class_names)
     n_way = settings.n_way or n_base
     if not 2 <= n_way <= n_base:

@@ -94,10 +94,11 @@ def test_constant_image_becomes_zero(mode):
 
 
 def test_data_config_carries_intensity_to_local_folders(tmp_path):
-    for split in ("train", "val", "test"):
-        for k in (0, 2):
+    for scale, split in enumerate(("train", "val", "test"), start=1):
+        for k in (0, 2):  # val and test enlarged: identical pixels in two splits would be refused as a leak
             (tmp_path / split / f"class{k}").mkdir(parents=True)
-            write_ct(tmp_path / split / f"class{k}" / "slice.dcm", _ct_class(k), slope=1)
+            hounsfield = np.kron(_ct_class(k), np.ones((scale, scale), int))
+            write_ct(tmp_path / split / f"class{k}" / "slice.dcm", hounsfield, slope=1)
     config = DataConfig(source=str(tmp_path), image_size=16, intensity=SOFT_TISSUE.model_dump())
     assert config.load_options().intensity == SOFT_TISSUE
     windowed = load_dataset(config.source, config.load_options())

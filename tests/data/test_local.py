@@ -1,5 +1,6 @@
 """Local folders and CSV manifests, on PNG/JPEG/DICOM/NIfTI files written by the tests."""
 
+import itertools
 from pathlib import Path
 
 import nibabel as nib
@@ -89,11 +90,10 @@ def test_folder_of_classes_is_split_by_fraction(tmp_path):
 
 
 def test_folder_with_split_subfolders_and_mixed_grey_rgb(tmp_path):
-    for split in ("train", "val", "test"):
-        for name in ("a", "b"):
-            (tmp_path / split / name).mkdir(parents=True)
-            Image.fromarray(np.full((8, 8), 50, np.uint8)).save(tmp_path / split / name / "grey.png")
-            Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / split / name / "rgb.png")
+    for side, (split, name) in enumerate(itertools.product(("train", "val", "test"), ("a", "b")), start=8):
+        (tmp_path / split / name).mkdir(parents=True)  # sizes differ: identical pixels would be copies
+        Image.fromarray(np.full((side, side), 50, np.uint8)).save(tmp_path / split / name / "grey.png")
+        Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(tmp_path / split / name / "rgb.png")
     dataset = load_dataset(str(tmp_path))
     assert [len(dataset.splits[s]) for s in ("train", "val", "test")] == [4, 4, 4]
     assert dataset.image_shape == (64, 64, 3)

@@ -1,0 +1,1 @@
+"""Adversarial robustness of adapted few-shot models: attacks, the adapted module, the stage."""

@@ -1,0 +1,130 @@
+"""The adapted few-shot pipeline as one differentiable torch module, for white-box attacks.
+
+``AdaptedModel``: ``[0, 1]`` images -> normalisation -> backbone features -> the method's feature
+transform and head fitted on the episode's clean support features -> logits; gradients flow through
+the backbone and the head. ``SupportAttackModel``: one support image -> a chosen query's logits, the
+head re-fitted from the support set on every call, so gradients flow through the fit itself.
+
+Covered methods are the frozen-feature inductive ones whose ``predict_logits`` is a differentiable
+function of the query features (``ATTACKABLE``); of those, the ones whose ``fit`` is a differentiable
+function of the support features (class means, R2-D2's closed-form ridge solve) also take the
+support-set attack (``SUPPORT_ATTACKABLE``). Not covered: fine-tuning methods (an attack step would
+back-propagate through every fine-tuning step of every episode: minutes per episode on CPU),
+transductive methods (a query's logits depend on the whole query batch, so an attack must perturb
+the query set jointly, a different threat model), logistic regression's support attack (its Newton
+solve is iterative; differentiating it needs implicit differentiation).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fewshot_med.methods import FewShotMethod
+from fewshot_med.models import BackboneSpec
+
+#: Methods whose adapted pipeline is attacked end to end (query attacks).
+ATTACKABLE = ("simpleshot", "protonet", "r2d2", "logreg")
+#: Methods whose fit is differentiable in the support features (support-set attack).
+SUPPORT_ATTACKABLE = ("simpleshot", "protonet", "r2d2")
+
+MethodFactory = Callable[[], FewShotMethod]
+
+
+def unit_images(images: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """``(N, H, W, C)`` uint8 -> ``(N, C, H, W)`` float32 in ``[0, 1]``: what attacks perturb."""
+    return torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+class FeatureModel(nn.Module):
+    """``(B, C, H, W)`` images in ``[0, 1]`` -> ``(B, D)`` backbone features, normalised on the way as
+    ``fewshot_med.data.transforms.to_model_input`` does (mean/std of ``spec``, channels repeated or
+    averaged to ``spec.in_chans``), so clean features equal the pipeline's ``embed`` on CPU. A
+    backbone holding inference tensors (made under ``torch.inference_mode``) is copied first; any
+    other is shared, so training it trains this module too."""
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec) -> None:
+        super().__init__()
+        tensors = itertools.chain(backbone.parameters(), backbone.buffers())
+        if any(t.is_inference() for t in tensors):  # autograd cannot save those: work on a plain copy
+            backbone = copy.deepcopy(backbone)
+        self.backbone = backbone.eval()
+        self.in_chans = spec.in_chans
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+        self.eval()  # batch-norm on its running statistics, as the pipeline embeds
+
+    def forward(self, images: Tensor) -> Tensor:
+        batch = (images - self.mean) / self.std
+        if batch.shape[1] != self.in_chans:
+            batch = (
+                batch.mean(dim=1, keepdim=True)
+                if self.in_chans == 1
+                else batch.expand(-1, self.in_chans, -1, -1)
+            )
+        return self.backbone(batch).float()
+
+
+class AdaptedModel(nn.Module):
+    """The adapted pipeline: ``(B, C, H, W)`` images in ``[0, 1]`` -> ``(B, n_way)`` logits of a method
+    fitted on one episode's clean support features (its head is fixed; the attack moves the queries)."""
+
+    def __init__(self, features: FeatureModel, method: FewShotMethod) -> None:
+        super().__init__()
+        self.features = features
+        self.method = method
+        self.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.method.predict_logits(self.features(images)).to(images.device)
+
+
+def adapt(factory: MethodFactory, features: FeatureModel, support: Tensor, labels: Tensor) -> AdaptedModel:
+    """Fit ``factory()`` on one episode's ``(n_support, D)`` clean support features and ``(n_support,)``
+    labels, and return the adapted pipeline around ``features``."""
+    with torch.no_grad():
+        method = factory().fit(support, labels)
+    return AdaptedModel(features, method)
+
+
+class SupportAttackModel(nn.Module):
+    """``(1, C, H, W)`` image in ``[0, 1]``, standing for support sample ``index`` -> ``(1, n_way)``
+    logits of one target query, the head re-fitted (differentiably) on the support set with that
+    sample's features replaced by the image's.
+
+    Args:
+        factory: builds the unfitted method (one of ``SUPPORT_ATTACKABLE``).
+        features: the normalising backbone.
+        support: ``(n_support, D)`` clean support features; labels ``(n_support,)``.
+        index: which support sample the image replaces.
+        query: ``(D,)`` clean features of the target query.
+    """
+
+    def __init__(
+        self,
+        factory: MethodFactory,
+        features: FeatureModel,
+        support: Tensor,
+        labels: Tensor,
+        index: int,
+        query: Tensor,
+    ) -> None:
+        super().__init__()
+        self.factory, self.features, self.index = factory, features, index
+        # clones: features from ``embed`` are inference tensors, which autograd may not save
+        self.register_buffer("support", support.detach().clone(), persistent=False)
+        self.register_buffer("labels", labels, persistent=False)
+        self.register_buffer("query", query.detach().clone().view(1, -1), persistent=False)
+        self.eval()
+
+    def forward(self, image: Tensor) -> Tensor:
+        replaced = self.features(image)  # (1, D)
+        keep = torch.arange(len(self.support), device=self.support.device) != self.index
+        support = torch.where(keep.unsqueeze(1), self.support, replaced)
+        logits = self.factory().fit(support, self.labels).predict_logits(self.query)
+        return logits.to(image.device)
