@@ -3,6 +3,7 @@
     python -m benchmarks.run --suite peers            # easyfsl/scikit-learn/netcal peers (bench extra)
     python -m benchmarks.run --suite speed            # throughput, evaluation time, memory, MLflow cost
     python -m benchmarks.run --suite bayes            # informative priors, BMA, selection criteria
+    python -m benchmarks.run --suite robustness       # adversarial attacks, written to docs/robustness.md
     python -m benchmarks.run --suite all --quick      # smoke run of every suite (numbers mean nothing)
     python -m benchmarks.run --suite peers --from ham10000=<run id> --from pbc=<run id>
     python -m benchmarks.run --suite peers --config my_data.yaml [--from <run id>]   # any pipeline config

@@ -34,6 +34,7 @@ FLOORS = (
     "fewshot_med.tracking",
     "fewshot_med.config",
     "fewshot_med.training | fewshot_med.deploy",
+    "fewshot_med.robustness",
     "fewshot_med.evaluation",
     "fewshot_med.methods",
     "fewshot_med.selection | fewshot_med.priors",

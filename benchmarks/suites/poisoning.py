@@ -37,13 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import OpenedDataset, SuiteOptions
-from fewshot_med.audit.labels import (
-    LabelSettings,
-    confident_learning_issues,
-    knn_disagreement,
-    out_of_fold_probabilities,
-    standardise,
-)
+from fewshot_med.audit.labels import LabelSettings
 from fewshot_med.config import SwagConfig
 from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.evaluation import softmax
@@ -51,6 +45,12 @@ from fewshot_med.evaluation.intervals import mean_ci95, paired_difference_ci95
 from fewshot_med.evaluation.runner import leave_one_out_logits
 from fewshot_med.methods import MethodContext, create_method
 from fewshot_med.models import embed
+from fewshot_med.robustness.label_issues import (
+    confident_learning_issues,
+    knn_disagreement,
+    out_of_fold_probabilities,
+    standardise,
+)
 from fewshot_med.robustness.poisoning import deep_knn_flags, feature_collision_poison, flip_labels
 from fewshot_med.tracking import names
 from fewshot_med.training.pretrain import pretrain

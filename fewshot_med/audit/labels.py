@@ -7,9 +7,8 @@
   most common among its ``k`` nearest neighbours in feature space (cosine) is suspect; ranked by the
   share of neighbours that disagree.
 
-Both are shared: the poisoning benchmark's defences (``fewshot_med.robustness.poisoning``, Peri et al.'s
-deep k-NN defence) call ``knn_disagreement`` and ``confident_learning_issues``, so the audit and the
-benchmark flag images the same way.
+Both live in ``fewshot_med.robustness.label_issues``, shared with the poisoning defences, so the audit
+and the poisoning benchmark flag images the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +20,12 @@ import numpy as np
 
 from fewshot_med.audit.findings import WARNING, Finding
 from fewshot_med.audit.inventory import Item
+from fewshot_med.robustness.label_issues import (
+    confident_learning_issues,
+    knn_disagreement,
+    out_of_fold_probabilities,
+    standardise,
+)
 
 
 @dataclass(frozen=True)
@@ -31,76 +36,6 @@ class LabelSettings:
     folds: int = 5
     neighbours: int = 10
     seed: int = 0
-
-
-def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """``(N, C)`` predicted probabilities, each from a standardised logistic regression fitted on the
-    other folds (``sklearn.model_selection.cross_val_predict``, ``StratifiedKFold``).
-
-    Args:
-        features: ``(N, D)``.
-        labels: ``(N,)`` in ``0..C-1``, every class with at least ``folds`` images.
-        folds: number of folds.
-        seed: shuffles the folds.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    folder = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return cross_val_predict(model, features, labels, cv=folder, method="predict_proba")
-
-
-def confident_learning_issues(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Confident learning's suspected label errors (``cleanlab.filter.find_label_issues``), most suspect
-    first (ranked by self-confidence).
-
-    Args:
-        labels: ``(N,)`` given labels in ``0..C-1``.
-        probabilities: ``(N, C)`` out-of-sample predicted probabilities.
-
-    Returns:
-        Row indices of the suspects.
-    """
-    from cleanlab.filter import find_label_issues as cleanlab_issues
-
-    return cleanlab_issues(  # n_jobs=1: no process pool, whose workers inherit the CLI's signal handlers
-        labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
-    )
-
-
-def knn_disagreement(
-    features: np.ndarray, labels: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deep k-NN's view of each image (Bahri et al., 2020).
-
-    Args:
-        features: ``(N, D)``; compared by cosine (rows L2-normalised).
-        labels: ``(N,)`` in ``0..C-1``.
-        k: neighbours (the image itself excluded).
-
-    Returns:
-        ``(N,)`` plurality label of the neighbours (ties go to the given label), ``(N,)`` share of
-        neighbours whose label differs from the image's, ``(N, k)`` neighbour indices, nearest first.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    k = min(k, len(unit) - 1)
-    _, found = NearestNeighbors(n_neighbors=k + 1).fit(unit).kneighbors(unit)
-    neighbours = np.stack([np.asarray([j for j in row if j != i][:k]) for i, row in enumerate(found)])
-    n_classes = int(labels.max()) + 1
-    votes = np.stack([np.bincount(labels[row], minlength=n_classes) for row in neighbours])
-    own = votes[np.arange(len(labels)), labels]
-    plurality = np.where(own == votes.max(axis=1), labels, votes.argmax(axis=1))
-    return plurality, 1 - own / k, neighbours
-
-
-def standardise(features: np.ndarray) -> np.ndarray:
-    """Columns at mean 0, variance 1 (constant columns stay 0), so no dimension dominates a distance."""
-    return (features - features.mean(axis=0)) / np.maximum(features.std(axis=0), 1e-8)
 
 
 def find_label_issues(

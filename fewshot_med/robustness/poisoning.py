@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fewshot_med.audit.labels import knn_disagreement
+from fewshot_med.robustness.label_issues import knn_disagreement
 
 
 def flip_labels(

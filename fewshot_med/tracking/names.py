@@ -27,7 +27,7 @@ evaluation, each also as `<metric>_ci95` (`ci95`: the 95% CI half-width).
 | `adapt.cv[.calibrated].<metric>[_ci95]`, `adapt.cv.recall.<class>[_ci95]` | `adapt` | `adapt_metric` |
 | `adapt.<field>` (`temperature`, `threshold`, ...), `time.<step>_seconds` | `adapt` | `adapt_value` |
 | `audit.<check>`, `audit.<severity>`, `audit.items`, `audit.seconds` | `audit` | `audit_metric` |
-| `robust.<K>shot.<method>.<attack>.<metric>`, `support_attack.…`, `masking_check.…` | `robustness` | `robust_metric`, … |
+| `robust.<K>shot.…`, `support_attack.…`, `masking_check.…` | `robustness` | `robust_metric` |
 
 | Tag | Run |
 |---|---|
@@ -455,7 +455,8 @@ def robust_metric(k: int, method: str, attack: str, metric: str) -> str:
 
 
 def support_attack_metric(k: int, method: str, epsilon: str, metric: str) -> str:
-    """``support_attack.<K>shot.<method>.eps<ε·255>.<metric>``: the one-support-image attack's success rate."""
+    """``support_attack.<K>shot.<method>.eps<ε·255>.<metric>``: the one-support-image attack's success
+    rate."""
     return metric_key("support_attack", shot(k), method, f"eps{epsilon}", metric)
 
 

@@ -12,9 +12,9 @@ from fewshot_med.audit import ERROR, INFO, WARNING, Item
 from fewshot_med.audit.classes import find_small_classes
 from fewshot_med.audit.duplicates import classify, cosine_pairs, hash_pairs
 from fewshot_med.audit.files import scan_files
-from fewshot_med.audit.labels import knn_disagreement
 from fewshot_med.audit.ood import find_out_of_distribution, fit_reference
 from fewshot_med.audit.patients import find_patient_leaks
+from fewshot_med.robustness.label_issues import knn_disagreement
 
 
 @pytest.mark.parametrize(
