@@ -107,7 +107,7 @@ def section(opened: OpenedDataset, options: SuiteOptions) -> tuple[str, dict[str
     context = opened.embedded.methods
     pool = subsets["novel_test"]
     outliers = genuine_outliers(cl2n(features["novel_test"], context), pool.labels)
-    lines = [f"### {name}: poisoning, attack and defence", ""]
+    lines = [f"#### Poisoning, attack and defence ({name})", ""]
     if options.quick:
         lines += ["**Quick mode: few episodes and steps; these numbers mean nothing.**", ""]
     metrics: dict[str, float] = {}
@@ -548,7 +548,7 @@ def _share(value: float) -> str:
 
 def _flip_tables(flips: list[tuple[int, list[FlipResult]]]) -> list[str]:
     lines = [
-        "#### Support-set label flips: accuracy",
+        "##### Support-set label flips: accuracy",
         "",
         "Mean test accuracy (%) ± 95% CI over episodes; Δ are paired over the same episodes "
         "(poisoned - clean; after removal - poisoned: the accuracy the defence recovers).",
@@ -568,7 +568,7 @@ def _flip_tables(flips: list[tuple[int, list[FlipResult]]]) -> list[str]:
                 )
     lines += [
         "",
-        "#### Support-set label flips: detection",
+        "##### Support-set label flips: detection",
         "",
         "Pooled over episodes. Outlier false flags: share of clean genuine rare-class outliers flagged "
         f"(farther from their class centroid than {OUTLIER_QUANTILE:.0%} of the class's test images); "
@@ -592,7 +592,7 @@ def _flip_tables(flips: list[tuple[int, list[FlipResult]]]) -> list[str]:
 def _base_tables(base: BaseResult) -> list[str]:
     clean = base.accuracy["clean"]
     lines = [
-        "#### Base-class label flips (proxy)",
+        "##### Base-class label flips (proxy)",
         "",
         f"**A proxy, not poisoned pretraining:** the backbone was trained {base.steps} more steps of "
         f"{base.batch_size} base-class train images (constant lr {BASE_LR}, a fresh head, same seed) with "
@@ -627,7 +627,7 @@ def _collision_tables(collision: CollisionResult, k: int) -> list[str]:
     some = next(iter(collision.outcome.values()))
     n = len(next(iter(some.values())))
     lines = [
-        f"#### Feature collision (Poison Frogs), K = {k}, {n} targets",
+        f"##### Feature collision (Poison Frogs), K = {k}, {n} targets",
         "",
         "Share (%) ± 95% CI of targets classified as the poison's class. The poison's features moved to "
         f"{collision.distance_ratio:.2f}x the base image's distance from the target (median); median L∞ "

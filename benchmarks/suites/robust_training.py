@@ -191,7 +191,7 @@ def _markdown(dataset: str, results: dict[str, ArmResult], budget: int, backbone
     reference = results[ARMS[0]]
     shots = sorted(reference.clean)
     lines = [
-        f"### Robust training ({dataset})",
+        f"#### Robust training ({dataset})",
         "",
         f"Backbone {backbone}; each arm trains {budget} episodes/steps from it (training attack: PGD "
         f"ε = {TRAIN_ATTACK.epsilon * 255:.0f}/255, {TRAIN_ATTACK.steps} steps). Test: ProtoNet head on "

@@ -50,7 +50,7 @@ QUICK_OVERRIDES = (
     "pretrain.warmup_epochs=0",
     "meta_train.enabled=false",
     "methods=[{name: protonet}, {name: logreg}, {name: bd_cspn}]",
-    "episodes.shots=[1]",
+    "episodes.shots=[5]",  # K >= 2: the poisoning section's support flips need two images per class
     "episodes.n_test_episodes=4",
     "episodes.n_val_episodes=4",
 )

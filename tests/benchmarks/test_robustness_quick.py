@@ -20,37 +20,34 @@ def test_the_suite_writes_its_own_document_by_default():
     assert run.default_document("peers", quick=False) == run.DOCUMENT
 
 
-def _fake_section(opened, options) -> tuple[str, dict[str, float]]:
-    assert opened.lineage.name == "quickstart" and options.quick
-    return "#### A study of the same opened dataset\n", {"quickstart.study.value": 0.5}
-
-
 @pytest.mark.slow
 def test_quick_run_writes_tables_checks_and_metrics(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.setattr(robustness, "DATASETS", {"quickstart": QUICKSTART})
-        # the other studies' sections are tested by their own tests; here, that they are appended
-        patch.setattr(robustness, "SECTIONS", (_fake_section,))
         argv = ["--suite", "robustness", "--quick", "--threads", "1", "--output", "robustness.md"]
         assert run.main(argv) == 0
     text = (tmp_path / "robustness.md").read_text()
     assert "<!-- suite:robustness -->" in text and "<!-- dataset:quickstart -->" in text
-    assert "#### 1-shot: accuracy and pooled ECE under attack" in text
+    assert "#### 5-shot: accuracy and pooled ECE under attack" in text
     for row in ("| clean |", "| fgsm 8/255 |", "| pgd2 1/255 |", "| pgd4 8/255 |", "| pgd2 32/255 |"):
         assert row in text, row
-    assert "#### Support-set attack" in text and "| protonet | 1 |" in text
+    assert "#### Support-set attack" in text and "| protonet | 5 |" in text
     assert "#### Gradient-masking check" in text
     assert "Not attacked: bd_cspn (transductive" in text
-    assert text.index("#### Gradient-masking check") < text.index("#### A study of the same opened dataset")
+    # the other studies of the suite follow the attacks, on the same opened dataset
+    training, poisoning = text.index("#### Robust training"), text.index("#### Poisoning, attack and defence")
+    assert text.index("#### Gradient-masking check") < training < poisoning
+    assert "| 5 | adversarial querying (ProtoNet) |" in text
+    assert "##### Support-set label flips: detection" in text and "##### Feature collision" in text
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("benchmarks")
     (suite,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'robustness-quick'")
     metrics = suite.data.metrics
-    clean = metrics["quickstart." + names.robust_metric(1, "protonet", "clean", "accuracy")]
-    attacked = metrics["quickstart." + names.robust_metric(1, "protonet", "pgd4_eps8", "accuracy")]
+    clean = metrics["quickstart." + names.robust_metric(5, "protonet", "clean", "accuracy")]
+    attacked = metrics["quickstart." + names.robust_metric(5, "protonet", "pgd4_eps8", "accuracy")]
     assert 0 <= attacked <= clean <= 1
-    assert "quickstart." + names.masking_check_metric(1, "logreg") in metrics
-    assert metrics["quickstart.study.value"] == 0.5
+    assert "quickstart." + names.masking_check_metric(5, "logreg") in metrics
+    assert any(key.startswith("quickstart.poisoning.") for key in metrics)
