@@ -36,10 +36,12 @@ def embed(
         ``(N, D)`` float32 features on the CPU.
     """
     was_training = backbone.training
-    backbone.eval().to(device)
     # one layout per device, whatever training left behind: a backbone fresh from pretraining (CPU
-    # channels_last) and the same weights loaded from MLflow must give bitwise-equal features
-    backbone.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    # channels_last) and the same weights loaded from MLflow must give bitwise-equal features. Moved
+    # outside inference mode, or the parameters would become inference tensors that training refuses.
+    with torch.inference_mode(False):
+        backbone.eval().to(device)
+        backbone.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = to_model_input(images[start : start + batch_size], spec.mean, spec.std, spec.in_chans, device)

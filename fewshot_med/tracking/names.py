@@ -151,6 +151,8 @@ ORPHANED_TAG = "orphaned"
 #: On a resumed run (stage and pipeline run): the id of the interrupted run it continues; the stage
 #: run also holds the interrupted run's metric history up to the checkpoint.
 RESUMED_FROM_TAG = "resumed_from"
+#: Tags any run of the toolkit may carry, whatever its stage: its owner and its life across processes.
+LIFECYCLE_TAGS = frozenset({OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_START_TAG, ORPHANED_TAG, RESUMED_FROM_TAG})
 #: Tags of a registered model version: its selection score and what the score is (``val_metric``).
 SCORE_TAG = "selection_score"
 SCORE_NAME_TAG = "score_name"
@@ -551,7 +553,8 @@ def run_names(stage: str | None, vocabulary: Vocabulary) -> RunNames:
         vocabulary: the Ks, labels and calibrators of the tree.
 
     Returns:
-        Its metric keys, tags (MLflow's own ``mlflow.*`` excepted), params and artifact paths.
+        Its metric keys, tags (MLflow's own ``mlflow.*`` and ``LIFECYCLE_TAGS`` excepted), params and
+        artifact paths.
     """
     if stage is None:
         return _pipeline_names(vocabulary)
@@ -567,6 +570,8 @@ def run_names(stage: str | None, vocabulary: Vocabulary) -> RunNames:
 def is_defined(kind: str, name: str, stage: str | None, vocabulary: Vocabulary) -> bool:
     """Whether the contract defines ``name`` as a ``metric``, ``tag``, ``param`` or ``artifact`` of a
     run whose ``stage`` tag is ``stage`` (``None``: the pipeline run); see ``run_names``."""
+    if kind == "tag" and name in LIFECYCLE_TAGS:
+        return True
     names = run_names(stage, vocabulary)
     found = {"metric": names.metrics, "tag": names.tags, "param": names.params, "artifact": names.artifacts}
     return name in found[kind]
