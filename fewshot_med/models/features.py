@@ -37,8 +37,10 @@ def embed(
     """
     was_training = backbone.training
     # one layout per device, whatever training left behind: a backbone fresh from pretraining (CPU
-    # channels_last) and the same weights loaded from MLflow must give bitwise-equal features. Moved
-    # outside inference mode, or the parameters would become inference tensors that training refuses.
+    # channels_last) and the same weights loaded from MLflow must give bitwise-equal features. Training's
+    # layout is put back afterwards (contiguous weights slow channels_last training on the CPU by ~20%).
+    # Outside inference mode, or the parameters would become inference tensors that training refuses.
+    trained_layout = _memory_format(backbone)
     with torch.inference_mode(False):
         backbone.eval().to(device)
         backbone.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
@@ -48,6 +50,17 @@ def embed(
         with autocast(device):
             chunks.append(backbone(batch).float().cpu())
     backbone.train(was_training)
+    with torch.inference_mode(False):
+        backbone.to(memory_format=trained_layout)
     if not chunks:
         return torch.zeros(0, backbone.num_features)
     return torch.cat(chunks)
+
+
+def _memory_format(module: nn.Module) -> torch.memory_format:
+    """channels_last when the module's 4-D weights are stored that way, else contiguous."""
+    weight = next((p for p in module.parameters() if p.dim() == 4), None)
+    channels_last = weight is not None and not weight.is_contiguous()
+    if channels_last and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
