@@ -41,6 +41,19 @@ def unit_images(images: np.ndarray, device: torch.device | str = "cpu") -> Tenso
     return torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float().div_(255)
 
 
+def model_input(images: Tensor, spec: BackboneSpec) -> Tensor:
+    """``(N, C, H, W)`` pixels in ``[0, 1]`` (``C`` = ``len(spec.mean)``) -> ``(N, in_chans, H, W)``
+    normalised model input, as ``to_model_input`` makes it from uint8; differentiable."""
+    mean = images.new_tensor(spec.mean).view(1, -1, 1, 1)
+    std = images.new_tensor(spec.std).view(1, -1, 1, 1)
+    batch = (images - mean) / std
+    if batch.shape[1] != spec.in_chans:
+        batch = (
+            batch.mean(dim=1, keepdim=True) if spec.in_chans == 1 else batch.expand(-1, spec.in_chans, -1, -1)
+        )
+    return batch
+
+
 class FeatureModel(nn.Module):
     """``(B, C, H, W)`` images in ``[0, 1]`` -> ``(B, D)`` backbone features, normalised on the way as
     ``fewshot_med.data.transforms.to_model_input`` does (mean/std of ``spec``, channels repeated or
@@ -54,20 +67,11 @@ class FeatureModel(nn.Module):
         if any(t.is_inference() for t in tensors):  # autograd cannot save those: work on a plain copy
             backbone = copy.deepcopy(backbone)
         self.backbone = backbone.eval()
-        self.in_chans = spec.in_chans
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+        self.spec = spec
         self.eval()  # batch-norm on its running statistics, as the pipeline embeds
 
     def forward(self, images: Tensor) -> Tensor:
-        batch = (images - self.mean) / self.std
-        if batch.shape[1] != self.in_chans:
-            batch = (
-                batch.mean(dim=1, keepdim=True)
-                if self.in_chans == 1
-                else batch.expand(-1, self.in_chans, -1, -1)
-            )
-        return self.backbone(batch).float()
+        return self.backbone(model_input(images, self.spec)).float()
 
 
 class AdaptedModel(nn.Module):

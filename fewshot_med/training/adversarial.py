@@ -32,6 +32,7 @@ from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.methods.base import class_means
 from fewshot_med.models import BackboneSpec, autocast, embed
+from fewshot_med.robustness.adapted import model_input
 
 if TYPE_CHECKING:
     from fewshot_med.config import AdversarialConfig
@@ -52,19 +53,6 @@ def pixels(images: np.ndarray | Tensor, spec: BackboneSpec, device: torch.device
     """``(N, H, W, C)`` uint8 -> ``(N, C, H, W)`` float32 in ``[0, 1]`` on ``device`` (source channels)."""
     channels = len(spec.mean)
     return to_model_input(images, (0.0,) * channels, (1.0,) * channels, channels, device)
-
-
-def model_input(images: Tensor, spec: BackboneSpec) -> Tensor:
-    """``(N, C, H, W)`` pixels in ``[0, 1]`` (``C`` = ``len(spec.mean)``) -> ``(N, in_chans, H, W)``
-    normalised model input, as ``to_model_input`` makes it from uint8; differentiable."""
-    mean = images.new_tensor(spec.mean).view(1, -1, 1, 1)
-    std = images.new_tensor(spec.std).view(1, -1, 1, 1)
-    batch = (images - mean) / std
-    if batch.shape[1] != spec.in_chans:
-        batch = (
-            batch.mean(dim=1, keepdim=True) if spec.in_chans == 1 else batch.expand(-1, spec.in_chans, -1, -1)
-        )
-    return batch
 
 
 def input_pixels(batch: Tensor, spec: BackboneSpec) -> Tensor:
