@@ -50,6 +50,7 @@ LOCKED_ATTEMPTS = 4
 LOCKED_FIRST_WAIT = 0.5
 _MAX_REASON_CHARS = 200
 _opened: set[str] = set()  # stores this process has opened (and swept) already
+_identities: dict[str, tuple[int, int]] = {}  # absolute database path -> its (device, inode)
 
 
 def tracking_uri(settings: TrackingConfig | None = None) -> str:
@@ -415,6 +416,25 @@ def store_failures(uri: str) -> Iterator[None]:
         if reason is None:
             raise
         raise StoreError(uri, reason) from error
+
+
+def check_store_present(uri: str) -> None:
+    """Raise ``StoreError`` when the SQLite database of ``uri`` was deleted or replaced since this
+    process first saw it: SQLite would go on writing to the unlinked file, and everything logged from
+    then on would be lost without an error. The first call records the file; other stores pass."""
+    database = sqlite_path(uri)
+    if database is None:
+        return
+    key = os.path.abspath(database)  # a relative URI names another file after a change of directory
+    try:
+        status = database.stat()
+    except FileNotFoundError:
+        if key in _identities:
+            raise StoreError(uri, f"its database {database} was deleted") from None
+        return
+    identity = (status.st_dev, status.st_ino)
+    if _identities.setdefault(key, identity) != identity:
+        raise StoreError(uri, f"its database {database} was replaced by another file")
 
 
 def retrying(call: Callable[[], T]) -> T:

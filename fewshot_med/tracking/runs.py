@@ -37,6 +37,7 @@ from fewshot_med.privacy import Redaction, is_absolute_path, is_dataset_path, lo
 from fewshot_med.tracking import names
 from fewshot_med.tracking._store import (
     StoreError,
+    check_store_present,
     experiment_id,
     failure_reason,
     open_store,
@@ -134,6 +135,7 @@ def _end_run(run_id: str, status: str) -> None:
     uri = mlflow.get_tracking_uri()
     try:
         with store_failures(uri):
+            check_store_present(uri)
             try:
                 mlflow.end_run(status)  # takes the run off MLflow's stack, then writes its status
             except Exception:  # written again, while SQLite answers "database is locked"
@@ -191,6 +193,7 @@ def pipeline_run(
                 tags=_run_tags(redaction, run_tags),
             )
         )
+    check_store_present(uri)  # records the database file, so that its deletion is noticed
     with _activate(RunHandle(run.info.run_id, experiment), pipeline=True, redaction=redaction) as handle:
         logged = redaction.tree(resolved)
         params = {key: redaction.text(value) for key, value in flatten_params(logged).items()}
@@ -396,6 +399,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str
         return
     import mlflow
 
+    check_store_present(mlflow.get_tracking_uri())
     retrying(functools.partial(mlflow.log_metrics, values, step=step, run_id=target))
 
 

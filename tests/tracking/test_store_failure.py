@@ -97,3 +97,30 @@ def test_a_store_that_fails_mid_run_gives_one_line_and_resume_completes(tmp_path
     )
     assert [run.data.tags[names.RESUMED_FROM_TAG] for run in resumed] == [failed["pretrain"]]
     assert os.access(database, os.W_OK)
+
+
+@pytest.mark.slow
+def test_a_store_deleted_mid_run_gives_one_line_and_resume_completes(tmp_path, tiny_pipeline, empty_store):
+    # SQLite goes on writing to a deleted database file without an error: the run must notice
+    client = tiny_pretraining(tmp_path, tiny_pipeline, empty_store)
+    database = tmp_path / "mlruns" / "mlflow.db"
+    process = fewshot_med("pretrain", "tiny.yaml", cwd=tmp_path)
+    wait_for_metric(client, process)
+    database.unlink()
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr
+    lines = [line for line in (stdout + stderr).splitlines() if not line.startswith("pretrain: epoch")]
+    assert len(lines) <= 3, stdout + stderr
+    assert "Traceback" not in stderr
+    assert lines[-1] == (
+        f"error: tracking store sqlite:///{database} failed (its database {database} was deleted); "
+        "the checkpoint outputs/tiny/pretrain.pt is intact: fix the store and rerun with --resume"
+    )
+
+    resume = fewshot_med("pretrain", "tiny.yaml", "--resume", cwd=tmp_path)
+    _, stderr = resume.communicate(timeout=600)
+    assert resume.returncode == 0, stderr
+    # read the new file directly: MLflow's cached store of this URI still holds the deleted one open
+    with sqlite3.connect(database) as connection:
+        resumed = connection.execute("SELECT status FROM runs WHERE name = 'pretrain'").fetchall()
+    assert resumed == [("FINISHED",)]
