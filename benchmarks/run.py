@@ -4,6 +4,7 @@
     python -m benchmarks.run --suite speed            # throughput, evaluation time, memory, MLflow cost
     python -m benchmarks.run --suite bayes            # informative priors, BMA, selection criteria
     python -m benchmarks.run --suite robustness       # adversarial attacks, written to docs/robustness.md
+    python -m benchmarks.run --suite gpu              # images/s on CUDA against bare PyTorch; skipped on CPU
     python -m benchmarks.run --suite all --quick      # smoke run of every suite (numbers mean nothing)
     python -m benchmarks.run --suite peers --from ham10000=<run id> --from pbc=<run id>
     python -m benchmarks.run --suite peers --config my_data.yaml [--from <run id>]   # any pipeline config
@@ -31,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from benchmarks.common import SuiteOptions, SuiteReport, environment, require_modules
-from benchmarks.suites import bayes, peers, robustness, speed
+from benchmarks.suites import bayes, gpu, peers, robustness, speed
 from fewshot_med import tracking
 from fewshot_med._io import check_output_parent
 from fewshot_med.config import load_config
@@ -44,6 +45,7 @@ SUITES: dict[str, tuple[Callable[[SuiteOptions], SuiteReport], tuple[str, ...]]]
     "speed": (speed.run, speed.REQUIRES),
     "bayes": (bayes.run, ()),
     "robustness": (robustness.run, ()),
+    "gpu": (gpu.run, ()),
 }
 DOCUMENT = Path("docs/benchmarks.md")
 QUICK_DOCUMENT = Path("outputs/benchmarks-quick.md")

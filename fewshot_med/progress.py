@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -65,7 +66,9 @@ class Progress:
         self.interval, self.clock = interval, clock
         self.started = self.last_line = clock()
         self.bar: tqdm | None = None
-        if self.stream.isatty():
+        #: under torchrun only rank 0 reports (every rank runs the same loop)
+        self.silent = os.environ.get("RANK", "0") != "0"
+        if self.stream.isatty() and not self.silent:
             self.bar = tqdm(desc=stage, total=total, initial=initial, unit=unit, file=self.stream)
 
     def update(self, done: float, force: bool = False, **metrics: float) -> None:
@@ -76,6 +79,8 @@ class Progress:
             force: print a line now, whatever the interval (epoch ends, validations).
             **metrics: values to show, e.g. ``loss=0.61``; a bar keeps the last ones shown.
         """
+        if self.silent:
+            return
         if self.bar is not None:
             self.bar.update(int(done) - self.bar.n)
             if metrics:

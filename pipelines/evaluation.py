@@ -134,7 +134,7 @@ def embed_subsets(context: StageContext) -> Embedded:
     subsets = {f"{role}_{split}": context.data.subset(split, role) for role, split in EVALUATION_SUBSETS}
     batch_size = context.config.evaluation.batch_size
     features = {
-        name: embed(backbone, subset.images, spec, context.device, batch_size)
+        name: embed(backbone, subset.images, spec, context.device, batch_size, context.config.runtime.compile)
         for name, subset in subsets.items()
     }
     return Embedded(subsets, features, context.method_context(features["base_train"].mean(dim=0)))

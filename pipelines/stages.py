@@ -9,12 +9,16 @@ A training stage holds its checkpoint's lock (two runs of one config at once: th
 one line), records its MLflow run in every checkpoint, and on ``resume`` links its run to the one that
 wrote the checkpoint it continues (``tracking.continue_interrupted_run``). When the tracking store
 fails mid-stage, the one-line error names the checkpoint that survives it.
+
+Under ``torchrun`` (``fewshot_med.training.distributed``) every rank runs the training stages together;
+rank 0 alone opens MLflow runs, holds the checkpoint's lock and writes it, and runs the stages after
+training (``rank_share``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,7 @@ from fewshot_med.models.weights import input_normalization, weights_normalizatio
 from fewshot_med.priors import SwagPosterior
 from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.tracking import names
+from fewshot_med.training import distributed
 from fewshot_med.training._harness import checkpoints_owned_by
 from fewshot_med.training.meta import meta_train
 from fewshot_med.training.pretrain import pretrain
@@ -116,7 +121,7 @@ class StageContext:
 def open_context(config: Config) -> StageContext:
     """Resolve the device, set the thread count and the seeds, and load the data: the context every
     pipeline and benchmark starts from."""
-    device = resolve_device(config.runtime.device)
+    device = distributed.local_device(resolve_device(config.runtime.device))
     if config.runtime.num_threads:
         torch.set_num_threads(config.runtime.num_threads)
     seed_everything(config.seed)
@@ -128,11 +133,42 @@ def checkpoint_dir(config: Config) -> Path:
     return Path(config.runtime.output_dir) / config.name
 
 
+#: the stages every rank of a ``torchrun`` launch runs together; rank 0 alone runs the others
+TRAINING_STAGES = ("pretrain", "meta_train")
+
+
+def rank_share(config: Config, stages: Sequence[str]) -> tuple[Config, tuple[str, ...]]:
+    """What this process runs of ``stages``: all of them, tracked, on rank 0 (and a single process);
+    only the training stages, untracked, on the other ranks of a ``torchrun`` launch.
+
+    Raises:
+        FewshotMedError: a global batch the processes cannot share (``pretrain.batch_size``,
+            ``meta_train.episodes_per_step``), before any stage starts.
+    """
+    if "pretrain" in stages and config.pretrain.enabled:
+        distributed.check_divisible(config.pretrain.batch_size, "pretrain.batch_size")
+    if "meta_train" in stages and (config.meta_train.enabled or list(stages) == ["meta_train"]):
+        distributed.check_divisible(config.meta_train.episodes_per_step, "meta_train.episodes_per_step")
+    if distributed.is_main():
+        return config, tuple(stages)
+    untracked = config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})})
+    return untracked, tuple(stage for stage in stages if stage in TRAINING_STAGES)
+
+
+def world_tags() -> dict[str, str]:
+    """The process-group size and backend of a training stage's run (empty for a single process)."""
+    world = distributed.world()
+    if world.size == 1:
+        return {}
+    return {names.WORLD_SIZE_TAG: str(world.size), names.DIST_BACKEND_TAG: str(world.backend)}
+
+
 @contextmanager
 def checkpointed(path: Path) -> Iterator[Path]:
-    """Hold the lock of the checkpoint at ``path`` for the block (``checkpoint_lock``); a tracking store
-    that fails in it names that checkpoint, which survives the failure, in its one line."""
-    with checkpoint_lock(path):
+    """Hold the lock of the checkpoint at ``path`` for the block (``checkpoint_lock``; rank 0 only, the
+    one that writes it); a tracking store that fails in it names that checkpoint, which survives the
+    failure, in its one line."""
+    with checkpoint_lock(path) if distributed.is_main() else nullcontext():
         try:
             yield path
         except tracking.StoreError as error:
@@ -151,7 +187,7 @@ def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
         spec.name, spec.in_chans, spec.image_size, config.model.pretrained, config.model.weights
     )
     swag = None
-    tags = {names.BACKBONE_TAG: spec.name}
+    tags = {names.BACKBONE_TAG: spec.name, **world_tags()}
     checkpoint = checkpoint_dir(config) / "pretrain.pt"
     with (
         checkpointed(checkpoint) if config.pretrain.enabled else nullcontext(),
@@ -172,6 +208,7 @@ def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
                     resume=resume,
                     log_metrics=tracking.stage_metrics_logger(names.PRETRAIN),
                     seed=config.seed,
+                    compile_backbone=config.runtime.compile,
                 )
             backbone = result.backbone
             best = {
@@ -195,7 +232,7 @@ def meta_train_stage(context: StageContext, resume: bool = False) -> StageContex
     config, data, device = context.config, context.data, context.device
     backbone, spec = context.trained()
     settings = config.meta_train
-    tags = {names.ALGORITHM_TAG: settings.algorithm}
+    tags = {names.ALGORITHM_TAG: settings.algorithm, **world_tags()}
     with (
         checkpointed(checkpoint_dir(config) / f"meta_train_{settings.algorithm}.pt") as checkpoint,
         tracking.stage_run(names.META_TRAIN, tags=tags, params=settings.model_dump()) as run,
@@ -214,6 +251,7 @@ def meta_train_stage(context: StageContext, resume: bool = False) -> StageContex
                 resume=resume,
                 log_metrics=tracking.stage_metrics_logger(names.META_TRAIN),
                 seed=config.seed,
+                compile_backbone=config.runtime.compile,
             )
         tracking.log_metrics(
             {

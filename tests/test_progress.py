@@ -64,3 +64,11 @@ def test_a_terminal_gets_a_bar_not_lines():
     output = stream.getvalue()
     assert "\r" in output and "1/3" in output and "loss=1.5" in output
     assert "elapsed=" not in output
+
+
+def test_only_rank_0_of_a_torchrun_launch_reports(monkeypatch):
+    for rank, expected in (("1", ""), ("0", "pretrain: epoch 1/2")):
+        monkeypatch.setenv("RANK", rank)
+        stream = io.StringIO()
+        Progress("pretrain", total=2, unit="epoch", stream=stream).update(1, force=True)
+        assert stream.getvalue().startswith(expected) and (expected or not stream.getvalue())

@@ -135,6 +135,9 @@ ERROR_TAG = "error"
 #: pipeline and evaluate runs: the methods whose evaluation raised (their runs FAILED, reason in ``error``)
 FAILED_METHODS_TAG = "failed_methods"
 ALGORITHM_TAG = "algorithm"
+#: training stages run by torchrun: processes in the group and the torch.distributed backend (nccl, gloo)
+WORLD_SIZE_TAG = "distributed.world_size"
+DIST_BACKEND_TAG = "distributed.backend"
 K_SHOT_TAG = "k_shot"
 REGISTERED_MODEL_TAG = "registered_model"
 REGISTERED_VERSION_TAG = "registered_version"

@@ -5,6 +5,10 @@ A loop builds a ``Harness`` around its modules, optimizer state and random gener
 restores the weights, the optimizer (and scheduler, SWAG) state and every random generator, so an
 interrupted run continues bit for bit on the CPU.
 
+Under ``torchrun`` (``fewshot_med.training.distributed``) every rank keeps the same bookkeeping from
+the same records; rank 0 alone writes the checkpoint, which holds every rank's random states
+(``rng_by_rank``), and every rank restores from it its own (rank 0's when the group size changed).
+
 Inside ``checkpoints_owned_by(run_id, on_resume)`` (the pipeline's stages: the MLflow run of the
 stage) every checkpoint records the run that wrote it, and a loop that resumes one tells ``on_resume``
 which run that was and how far it got, so the resumed run can be linked to the interrupted one.
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from fewshot_med.data.roles import ClassSubset
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, load_checkpoint, save_checkpoint
+from fewshot_med.training import distributed
 
 #: settings that do not change the training trajectory, so a resumed run may differ in them
 RESUME_IRRELEVANT_SETTINGS = ("enabled",)
@@ -244,7 +249,9 @@ class Harness:
         for name, stateful in self.states.items():
             if stateful is not None:
                 stateful.load_state_dict(state[name])
-        set_rng_states(state["rng"], self.generators, self.device)
+        by_rank, rank = state.get("rng_by_rank") or [], distributed.world().rank
+        same_world = len(by_rank) == distributed.world().size
+        set_rng_states(by_rank[rank] if same_world else state["rng"], self.generators, self.device)
         self.history = state["history"]
         self.done, self.best_step = state[self.unit], state[f"best_{self.unit}"]
         self.best_metric = state["best_metric"]
@@ -273,8 +280,12 @@ class Harness:
             self.log_metrics(metrics, self.done)
 
     def save(self) -> None:
-        """Write the checkpoint atomically (nothing without a ``path``)."""
+        """Write the checkpoint atomically (nothing without a ``path``); under ``torchrun`` every rank
+        calls it (it gathers their random states) and rank 0 writes."""
         if self.path is None:
+            return
+        rng_by_rank = distributed.gather(rng_states(self.generators, self.device))
+        if not distributed.is_main():
             return
         current = {name: cpu_copy(module.state_dict()) for name, module in self.modules.items()}
         states = {name: None if value is None else value.state_dict() for name, value in self.states.items()}
@@ -286,7 +297,8 @@ class Harness:
                 **self.best_weights,
                 "current": current,
                 **states,
-                "rng": rng_states(self.generators, self.device),
+                "rng": rng_by_rank[0],
+                "rng_by_rank": rng_by_rank,
                 self.unit: self.done,
                 "history": self.history,
                 f"best_{self.unit}": self.best_step,

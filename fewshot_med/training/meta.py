@@ -44,6 +44,13 @@ The attack sees no weight gradient and leaves the running statistics alone. It a
 pixels: the episode batch is normalised and augmented first, its queries are mapped back to pixels
 (``input_pixels``, clamped to ``[0, 1]``), perturbed within ε of those, and normalised again.
 
+Each Adam step averages the outer gradients of ``episodes_per_step`` consecutive episodes (one by
+default). Under ``torchrun`` (``fewshot_med.training.distributed``) the ranks share each step's episodes
+(rank ``r`` takes the ``r``-th of every ``n``) and average their gradients in one all-reduce, so the
+episodes, their grouping into steps and the number of steps do not depend on the number of processes.
+Running statistics are rank 0's (broadcast before each validation); rank 0 validates and tells the
+others the result. Each rank augments (and attacks) with its own generators.
+
 Checkpoints, the best weights and resuming are the shared ``Harness``'s. Resuming an interrupted run
 from its checkpoint reproduces the uninterrupted run's weights exactly on the CPU: the episodes are a
 pure function of the seed, and the optimizer, the weights and every random generator are restored.
@@ -74,7 +81,9 @@ from fewshot_med.methods.anil import ANIL, fit_linear_head, head_logits
 from fewshot_med.methods.base import FewShotMethod, class_means
 from fewshot_med.methods.protonet import ProtoNet, prototype_logits
 from fewshot_med.models import BackboneSpec, autocast, embed
+from fewshot_med.models.features import compiled
 from fewshot_med.progress import Progress
+from fewshot_med.training import distributed
 from fewshot_med.training._harness import Harness, checkpoint_header
 from fewshot_med.training.adversarial import (
     PixelModel,
@@ -238,9 +247,9 @@ def anil_step(backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfi
 def fomaml_step(backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainConfig) -> tuple[Tensor, Tensor]:
     """First-order MAML (Finn et al., 2017; Nichol et al., 2018): query gradient at the adapted weights.
 
-    The gradient of the query loss with respect to the adapted backbone weights is stored as the
-    ``.grad`` of the original weights, which this function does not change. The head starts at zero
-    in every episode, so its gradient is dropped.
+    The gradient of the query loss with respect to the adapted backbone weights is added to the
+    ``.grad`` of the original weights (as ``backward`` would), which this function does not change. The
+    head starts at zero in every episode, so its gradient is dropped.
     """
     fast, weight, bias = fomaml_adapt(
         backbone, batch.support, batch.support_labels, batch.n_way, settings.inner_steps, settings.inner_lr
@@ -252,7 +261,8 @@ def fomaml_step(backbone: nn.Module, batch: EpisodeBatch, settings: MetaTrainCon
     grads = torch.autograd.grad(loss, list(fast.values()), allow_unused=True, materialize_grads=True)
     params = dict(backbone.named_parameters())
     for name, grad in zip(fast, grads, strict=True):
-        params[name].grad = grad
+        param = params[name]
+        param.grad = grad if param.grad is None else param.grad + grad
     return loss.detach(), _accuracy(logits, batch.query_labels)
 
 
@@ -337,6 +347,15 @@ ALGORITHMS: dict[str, MetaAlgorithm] = {
     "anil": MetaAlgorithm(anil_step, anil_model, adapted=_anil_method),
     "fomaml": MetaAlgorithm(fomaml_step, fomaml_model),
 }
+#: algorithms whose step calls the backbone module itself, so ``runtime.compile`` can run it compiled
+#: (FOMAML's ``functional_call``, and adversarial querying's, swap the weights of the plain module)
+COMPILED_ALGORITHMS = frozenset({"protonet", "anil"})
+
+
+def _through(forward: nn.Module, step: EpisodeStep) -> EpisodeStep:
+    """``step`` with the backbone's forward passes run by ``forward``, its ``compiled`` wrapper, which
+    shares its parameters: the gradients land on the backbone."""
+    return lambda backbone, batch, settings: step(forward, batch, settings)
 
 
 def meta_train(
@@ -350,6 +369,7 @@ def meta_train(
     resume: bool = False,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     seed: int = 0,
+    compile_backbone: bool = False,
 ) -> MetaTrainResult:
     """Meta-train ``backbone`` on base-class episodes; keep the weights with the best val accuracy.
 
@@ -379,6 +399,8 @@ def meta_train(
         log_metrics: called at every validation with ``{"val_accuracy": …, …}`` (the history
             keys, plus ``best_val_accuracy``) and the number of episodes done.
         seed: seeds the episodes, the augmentation and (fresh runs) torch.
+        compile_backbone: run the episode steps' forward passes through ``torch.compile``
+            (``runtime.compile``; ``COMPILED_ALGORITHMS`` without adversarial querying, else ignored).
 
     Returns:
         The best backbone (the last with ``settings.keep == "last"``) and the validation history.
@@ -392,6 +414,7 @@ def meta_train(
     train_episodes = sample_episodes(
         train_pool, n_way, settings.k_shot, settings.n_query, settings.episodes, seed
     ).episodes
+    distributed.check_divisible(settings.episodes_per_step, "meta_train.episodes_per_step")
     validate = _validation(backbone, spec, val_pool, algorithm, settings, device, seed)
     harness, optimizer, generators = _start(
         backbone, spec, train_pool, val_pool, settings, device, checkpoint_path, log_metrics, seed
@@ -403,6 +426,8 @@ def meta_train(
     step = algorithm.step
     if settings.adversarial is not None:
         step = functools.partial(adversarial_querying_step, algorithm, spec, generators["attack"])
+    elif compile_backbone and settings.algorithm in COMPILED_ALGORITHMS:
+        step = _through(compiled(backbone, device), step)
     if not harness.finished:
         _run_episodes(backbone, optimizer, harness, step, train_episodes, batch, validate, settings)
     harness.load_best()
@@ -434,9 +459,11 @@ def _start(
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam([p for p in backbone.parameters() if p.requires_grad], lr=settings.lr)
     generators = {}
+    world = distributed.world()
     for stream, name in enumerate(("augment", "attack"), start=1):
+        entropy = [seed, stream] if world.size == 1 else [seed, stream, world.rank]  # one stream per rank
         generators[name] = torch.Generator(device=device)
-        generators[name].manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+        generators[name].manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
     harness = Harness(
         what="meta-training",
         header=checkpoint_header(
@@ -468,25 +495,38 @@ def _run_episodes(
 ) -> None:
     """Train from episode ``harness.done`` on, validating every ``val_every`` episodes and after the last.
 
-    Query losses and accuracies are accumulated on the device, so the host syncs once per validation.
+    Each optimizer step takes ``episodes_per_step`` episodes, this rank's share of them (see the module
+    docstring); their gradients are averaged. Query losses and accuracies are accumulated on the device,
+    so the host syncs (and the ranks sum them) once per validation.
     """
     name, total = f"meta-train ({settings.algorithm})", settings.episodes
+    per_step = settings.episodes_per_step
+    world = distributed.world()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     with Progress(name, total=total, unit="episode", initial=harness.done) as progress:
         for first in range(harness.done, total, settings.val_every):
             last = min(first + settings.val_every, total)
             backbone.train()
             started = time.perf_counter()
             loss_sum = correct_sum = torch.zeros((), device=harness.device)
-            for index in range(first, last):
+            for step_first in range(first, last, per_step):
                 optimizer.zero_grad(set_to_none=True)
-                loss, accuracy = step(backbone, batch(episodes[index]), settings)
+                mine = range(step_first + world.rank, step_first + per_step, world.size)
+                for index in mine:
+                    loss, accuracy = step(backbone, batch(episodes[index]), settings)
+                    loss_sum, correct_sum = loss_sum + loss, correct_sum + accuracy
+                if len(mine) > 1:
+                    for param in parameters:
+                        if param.grad is not None:
+                            param.grad /= len(mine)
+                distributed.average_gradients(parameters)
                 optimizer.step()
-                loss_sum, correct_sum = loss_sum + loss, correct_sum + accuracy
-                progress.update(index + 1)
+                progress.update(step_first + per_step)
+            distributed.broadcast_buffers(backbone)  # every rank keeps rank 0's running statistics
             record = {
                 "episode": float(last),
-                "train_loss": loss_sum.item() / (last - first),
-                "train_accuracy": correct_sum.item() / (last - first),
+                "train_loss": distributed.sum_over_ranks(loss_sum).item() / (last - first),
+                "train_accuracy": distributed.sum_over_ranks(correct_sum).item() / (last - first),
                 "seconds_per_episode": (time.perf_counter() - started) / (last - first),
                 **validate(),
             }
@@ -565,16 +605,18 @@ def _validation(
 ) -> Callable[[], dict[str, float]]:
     """The validation of a run: ``VAL_EPISODES`` fixed episodes of all ``pool`` classes, with
     ``min(k_shot, smallest class - 1)`` shots and up to ``n_query`` queries, scored by ``ProtoNet``
-    (``val_accuracy``) and the algorithm's own method, if any (``val_adapted_accuracy``)."""
+    (``val_accuracy``) and the algorithm's own method, if any (``val_adapted_accuracy``). Under
+    ``torchrun``, rank 0 scores and every rank gets its scores."""
     smallest_class = int(np.bincount(pool.labels, minlength=len(pool.class_names)).min())
     k_shot = max(1, min(settings.k_shot, smallest_class - 1))
     episodes = sample_episodes(pool, len(pool.class_names), k_shot, settings.n_query, VAL_EPISODES, seed)
     methods = {"val_accuracy": ProtoNet()}
     if algorithm.adapted is not None:
         methods["val_adapted_accuracy"] = algorithm.adapted(settings)
-    return functools.partial(
+    score = functools.partial(
         _validate, backbone, spec, pool, episodes.episodes, _position_lookup(pool), methods, device
     )
+    return lambda: distributed.broadcast(score() if distributed.is_main() else None)
 
 
 @torch.inference_mode()

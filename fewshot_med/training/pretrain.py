@@ -14,6 +14,13 @@ normalised/augmented on the device, and losses are accumulated on the device, so
 once per epoch. Every epoch ends with an atomic checkpoint (the shared ``Harness``) holding everything
 needed to continue bit for bit: resuming an interrupted run on the CPU gives exactly the weights of
 an uninterrupted one.
+
+Under ``torchrun`` (``fewshot_med.training.distributed``), every rank draws the same epoch order and
+takes its contiguous share of each global batch of ``settings.batch_size`` images; DistributedDataParallel
+averages the gradients, so the global batch, the schedule and the optimizer steps do not depend on the
+number of processes. Batch-norm normalises with each rank's share (its statistics are per rank, as
+DDP's default; SyncBatchNorm needs CUDA) and running statistics are rank 0's. Each rank augments its share
+with its own generator. Rank 0 validates and tells the others the result.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ from fewshot_med.data.roles import ClassSubset
 from fewshot_med.data.transforms import augment_batch, to_model_input
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.models import BackboneSpec, autocast
+from fewshot_med.models.features import compiled
 from fewshot_med.priors import SwagCollector, SwagPosterior
 from fewshot_med.progress import Progress
+from fewshot_med.training import distributed
 from fewshot_med.training._harness import Harness, checkpoint_header
 
 if TYPE_CHECKING:
@@ -157,6 +166,7 @@ def pretrain(
     resume: bool = False,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     seed: int = 0,
+    compile_backbone: bool = False,
 ) -> PretrainResult:
     """Train ``backbone`` plus a linear head to classify the base classes; keep the best epoch.
 
@@ -192,6 +202,9 @@ def pretrain(
             it must have been written for the same backbone spec, data, settings and seed.
         log_metrics: called once per epoch with ``{"train_loss": …, …}`` and the 1-based epoch.
         seed: seeds the run.
+        compile_backbone: run the training steps' forward and backward passes through
+            ``torch.compile`` (``runtime.compile``; ``compiled``); checkpoints and the result hold the
+            plain backbone.
 
     Returns:
         The best-epoch backbone and head with the training history (and the SWAG posterior).
@@ -203,7 +216,7 @@ def pretrain(
     backbone.to(device=device, memory_format=_memory_format(device))
     torch.manual_seed(seed)
     head = nn.Linear(backbone.num_features, len(train.class_names)).to(device)
-    loop = _build_loop(backbone, head, len(train), settings, device, seed)
+    loop = _build_loop(backbone, head, len(train), settings, device, seed, compile_backbone)
     harness = _harness(loop, spec, train, val, settings, device, checkpoint_path, log_metrics, seed)
     if resume:
         harness.restore()
@@ -228,6 +241,7 @@ class _Loop:
 
     backbone: nn.Module
     head: nn.Linear
+    model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: np.random.Generator
@@ -269,10 +283,12 @@ def _build_loop(
     settings: PretrainConfig,
     device: torch.device,
     seed: int,
+    compile_backbone: bool,
 ) -> _Loop:
     """The optimizer, schedule, generators, batch shape and SWAG schedule of a run on ``n_train`` images."""
     optimizer = _make_optimizer([backbone, head], settings)
     batch_size = min(settings.batch_size, n_train)
+    distributed.check_divisible(batch_size, "pretrain.batch_size")
     steps = n_train // batch_size
     if settings.steps_per_epoch is not None:
         steps = min(steps, settings.steps_per_epoch)
@@ -288,10 +304,14 @@ def _build_loop(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, settings.schedule)
     )
     augment_generator = torch.Generator(device=device)
-    augment_generator.manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+    world = distributed.world()
+    stream = [seed, 1] if world.size == 1 else [seed, 1, world.rank]  # each rank augments its own share
+    augment_generator.manual_seed(int(np.random.SeedSequence(stream).generate_state(1)[0]))
+    model = distributed.wrap(nn.Sequential(backbone, head), device)
     return _Loop(
         backbone=backbone,
         head=head,
+        model=compiled(model, device) if compile_backbone else model,
         optimizer=optimizer,
         scheduler=scheduler,
         sampler=np.random.default_rng(np.random.SeedSequence([seed, 0])),
@@ -351,7 +371,12 @@ def _run_epochs(
         for epoch in range(harness.done, settings.epochs):
             started = time.perf_counter()
             trained = _train_epoch(loop, epoch, spec, train, settings, device, progress)
-            scored = _validate(loop.backbone, loop.head, spec, val, device, max(256, settings.batch_size))
+            distributed.broadcast_buffers(loop.backbone)  # every rank keeps rank 0's running statistics
+            scored = distributed.broadcast(
+                _validate(loop.backbone, loop.head, spec, val, device, max(256, settings.batch_size))
+                if distributed.is_main()
+                else None
+            )
             seconds = time.perf_counter() - started
             record = {"epoch": float(epoch + 1), **trained, **scored, "epoch_seconds": seconds}
             harness.record(record)
@@ -371,9 +396,11 @@ def _train_epoch(
     device: torch.device,
     progress: Progress,
 ) -> dict[str, float]:
-    """One epoch of optimizer steps (0-based ``epoch``): its loss, accuracy, last learning rate and speed.
+    """One epoch of optimizer steps (0-based ``epoch``): its loss, accuracy, last learning rate and speed
+    (images of all ranks per second).
 
-    Losses and hits are accumulated on the device, so the host syncs once, at the end.
+    Losses and hits are accumulated on the device, so the host syncs once, at the end (and the ranks
+    sum theirs once).
     """
     backbone, head, optimizer, batch_size = loop.backbone, loop.head, loop.optimizer, loop.batch_size
     backbone.train()
@@ -386,7 +413,7 @@ def _train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     lr = optimizer.param_groups[0]["lr"]
     for step in range(loop.steps):
-        batch_rows = rows[step * batch_size : (step + 1) * batch_size]
+        batch_rows = distributed.shard(rows[step * batch_size : (step + 1) * batch_size])
         images = to_model_input(train.images[batch_rows], spec.mean, spec.std, spec.in_chans, device)
         images = images.contiguous(memory_format=_memory_format(device))
         if settings.augment:
@@ -399,7 +426,7 @@ def _train_epoch(
                 torch.manual_seed(int(step_seed))
                 images, goals = loop.mix(images, targets)
         with autocast(device):
-            logits = head(backbone(images))
+            logits = loop.model(images)
             loss = criterion(logits, goals)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -413,9 +440,10 @@ def _train_epoch(
         correct += (logits.detach().argmax(dim=1) == dominant).sum()
         progress.update(epoch + (step + 1) / loop.steps)
     n_images = loop.steps * batch_size
+    size = distributed.world().size
     return {
-        "train_loss": loss_sum.item() / loop.steps,  # the epoch's one sync
-        "train_accuracy": correct.item() / n_images,
+        "train_loss": distributed.sum_over_ranks(loss_sum).item() / (loop.steps * size),  # the one sync
+        "train_accuracy": distributed.sum_over_ranks(correct).item() / n_images,
         "lr": lr,
         "images_per_second": n_images / (time.perf_counter() - started),
     }
