@@ -178,13 +178,47 @@ ResumeOption = Annotated[
     bool, typer.Option("--resume", help="Continue interrupted training from its checkpoint.")
 ]
 FromRun = Annotated[str, typer.Option("--from", help="MLflow run id whose backbone to start from.")]
+Nproc = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc", min=1, help="Train in N processes on this machine (launches torchrun --standalone)."
+    ),
+]
+
+
+def _launch_torchrun(nproc: int | None) -> None:
+    """With ``--nproc N`` outside torchrun, replace this process by ``torchrun --standalone
+    --nproc_per_node N -m fewshot_med`` with the same arguments less ``--nproc`` (signals then reach
+    torchrun, which passes them to its processes)."""
+    import os
+
+    from fewshot_med.training.distributed import launched
+
+    if nproc is None or launched():
+        return
+    argv, skip = [], False
+    for argument in sys.argv[1:]:
+        if skip or argument.startswith("--nproc="):
+            skip = False
+            continue
+        skip = argument == "--nproc"
+        if not skip:
+            argv.append(argument)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *launcher, "-m", "fewshot_med", *argv])
 
 
 def _run_pipeline(config_path: Path, overrides: list[str] | None, stages: tuple[str, ...], **kwargs) -> None:
     from fewshot_med.config import load_config
+    from fewshot_med.pipelines.stages import rank_share
     from fewshot_med.pipelines.transfer import run_stages
+    from fewshot_med.training.distributed import process_group
 
-    outcome = run_stages(load_config(config_path, overrides), stages, **kwargs)
+    config = load_config(config_path, overrides)
+    with process_group(config.runtime.device):  # under torchrun; nothing for one process
+        outcome = run_stages(*rank_share(config, stages), **kwargs)
     if outcome.report is not None:
         console.print(outcome.report.table(), markup=False, highlight=False)
     if outcome.selection is not None:
@@ -198,8 +232,11 @@ def run_command(
     config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Overrides = None,
     resume: ResumeOption = False,
+    nproc: Nproc = None,
 ) -> None:
-    """Run the whole pipeline: pretrain, meta-train (if enabled), evaluate every method."""
+    """Run the whole pipeline: pretrain, meta-train (if enabled), evaluate every method. Under torchrun,
+    every process trains and rank 0 evaluates."""
+    _launch_torchrun(nproc)
     _run_pipeline(config_path, overrides, ("pretrain", "meta_train", "evaluate"), resume=resume)
 
 
@@ -208,8 +245,11 @@ def pretrain_command(
     config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Overrides = None,
     resume: ResumeOption = False,
+    nproc: Nproc = None,
 ) -> None:
-    """Pretrain the backbone on the base classes and log it to MLflow."""
+    """Pretrain the backbone on the base classes and log it to MLflow (under torchrun: every process
+    trains a share of each batch, rank 0 logs)."""
+    _launch_torchrun(nproc)
     _run_pipeline(config_path, overrides, ("pretrain",), resume=resume)
 
 
@@ -219,8 +259,11 @@ def meta_train_command(
     from_run: FromRun,
     overrides: Overrides = None,
     resume: ResumeOption = False,
+    nproc: Nproc = None,
 ) -> None:
-    """Meta-train the backbone of an earlier run on base-class episodes."""
+    """Meta-train the backbone of an earlier run on base-class episodes (under torchrun: every process
+    takes a share of each step's episodes, rank 0 logs)."""
+    _launch_torchrun(nproc)
     _run_pipeline(config_path, overrides, ("meta_train",), from_run=from_run, resume=resume)
 
 
@@ -319,18 +362,64 @@ def ui_command(
 ) -> None:
     """Start the MLflow UI on the toolkit's store (./mlruns, or MLFLOW_TRACKING_URI). A taken port is one
     error line (exit 2); the server's exit status is this command's; stopping this command (Ctrl+C,
-    SIGTERM) stops the server and its workers."""
+    SIGTERM) stops the server and its workers. A tracking server (http:// URI) serves its own UI: then
+    nothing is started, and its experiments' links are printed."""
     from fewshot_med import tracking
     from fewshot_med.config import load_config
+    from fewshot_med.tracking.server import remote_server
 
     settings = load_config(config_path).tracking if config_path else None
-    argv, env = tracking.ui_command(port, host, settings)
-    tracking.check_port(host, port)
-    url = f"http://{host}:{port}"
-    console.print(f"MLflow UI on {url}/#/experiments?workflowType=machine_learning  (Ctrl+C to stop)")
+    server = remote_server(settings)
+    url = server or f"http://{host}:{port}"
+    if server is None:
+        argv, env = tracking.ui_command(port, host, settings)
+        tracking.check_port(host, port)
+        console.print(f"MLflow UI on {url}/#/experiments?workflowType=machine_learning  (Ctrl+C to stop)")
+    else:
+        console.print(f"{url} is a tracking server with its own UI (nothing started); its experiments:")
     for name, page in tracking.experiment_pages(url, settings):
         console.print(f"  {name}: {page}", markup=False, highlight=False)
-    raise typer.Exit(tracking.serve(argv, env))
+    if server is None:
+        raise typer.Exit(tracking.serve(argv, env))
+
+
+@app.command("tracking-server")
+def tracking_server_command(
+    folder: Annotated[
+        Path, typer.Option(help="Server folder: PostgreSQL data, artifacts, auth config, credentials.env.")
+    ] = Path("tracking-server"),
+    port: Annotated[int, typer.Option(help="Port of the MLflow server.")] = 5000,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (0.0.0.0 exposes it to the network).")
+    ] = "127.0.0.1",
+    database_port: Annotated[
+        int, typer.Option(help="PostgreSQL's port on 127.0.0.1; 0 picks a free one.")
+    ] = 0,
+    reviewer: Annotated[str, typer.Option(help="Name of the read-only user.")] = "reviewer",
+    workers: Annotated[int, typer.Option(min=1, help="MLflow server worker processes.")] = 2,
+) -> None:
+    """Serve a team's MLflow tracking on PostgreSQL, with artifact serving and basic-auth: user 'admin'
+    writes, the reviewer only reads; passwords are generated into FOLDER/credentials.env. Stopping this
+    command (Ctrl+C, SIGTERM) stops the MLflow server and PostgreSQL."""
+    from fewshot_med import tracking
+    from fewshot_med.tracking.server import ADMIN_USER, CREDENTIALS_FILE, ServerSettings, run_server
+
+    settings = ServerSettings(folder.resolve(), port, database_port, host, reviewer, workers)
+    tracking.check_port(host, port)
+
+    def ready(secrets: dict[str, str]) -> None:
+        credentials = settings.folder / CREDENTIALS_FILE
+        console.print(f"tracking server ready at {settings.url}  (Ctrl+C to stop)", markup=False)
+        console.print(
+            f"  writers:   MLFLOW_TRACKING_URI={settings.url} MLFLOW_TRACKING_USERNAME={ADMIN_USER} "
+            f"MLFLOW_TRACKING_PASSWORD=<FEWSHOT_MED_ADMIN_PASSWORD in {credentials}>\n"
+            f"  reviewers: MLFLOW_TRACKING_URI={settings.url} MLFLOW_TRACKING_USERNAME={reviewer} "
+            f"MLFLOW_TRACKING_PASSWORD=<FEWSHOT_MED_REVIEWER_PASSWORD in {credentials}>",
+            markup=False,
+            highlight=False,
+        )
+
+    raise typer.Exit(run_server(settings, ready))
 
 
 @app.command("report")
@@ -605,11 +694,20 @@ def export_command(
     console.print(str(bundle), markup=False, highlight=False)
 
 
+#: What SIGTERM stops, for the commands that serve rather than run a pipeline.
+_SERVING_INTERRUPTS = {
+    "ui": "stopping the MLflow server",
+    "tracking-server": "stopping the MLflow and PostgreSQL servers",
+}
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a batch scheduler's time limit) ends runs like Ctrl-C: MLflow runs are marked
     KILLED with what they logged, training checkpoints stay for ``--resume``, and the exit status is
-    130 (typer's for an interrupt)."""
-    print("interrupted (SIGTERM): MLflow runs end KILLED; continue with --resume", file=sys.stderr)
+    130 (typer's for an interrupt). A serving command says that it stops its servers instead."""
+    command = next((word for word in sys.argv[1:] if not word.startswith("-")), "")
+    what = _SERVING_INTERRUPTS.get(command, "MLflow runs end KILLED; continue with --resume")
+    print(f"interrupted (SIGTERM): {what}", file=sys.stderr)
     raise KeyboardInterrupt
 
 

@@ -72,7 +72,8 @@ def test_sigterm_takes_the_server_and_its_workers_down(tmp_path, empty_store):
     (server,) = children(process.pid)
     assert os.getpgid(server) == server != os.getpgid(process.pid)
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0
+    assert "interrupted (SIGTERM): stopping the MLflow server" in stderr and "--resume" not in stderr
     with pytest.raises(ProcessLookupError):
         os.killpg(server, 0)
