@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fewshot_med.data.cache import StreamOptions
 from fewshot_med.data.catalog import LoadOptions, default_roles
 from fewshot_med.data.intensity import IntensityConfig
 from fewshot_med.data.roles import ClassRoles
@@ -201,6 +202,19 @@ class DataConfig(StrictModel):
     )
     split_fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train/val/test")
     split_seed: Seed = Field(0, description="seed of patient-grouped split assignment for local data")
+    stream: Literal["auto"] | bool = Field(
+        "auto",
+        description="decode a local folder or manifest once, in DataLoader workers, into the on-disk cache "
+        "and read it memory-mapped (data larger than memory): true, false, or auto (above 1 GiB of pixels)",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="where decoded images are cached (patient images: keep it off shared or tracked "
+        "storage, never in mlruns); ~/.cache/fewshot-med/decoded if unset",
+    )
+    decode_workers: int | None = Field(
+        None, ge=0, description="DataLoader processes that decode into the cache; all CPUs up to 8 if unset"
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> DataConfig:
@@ -220,6 +234,7 @@ class DataConfig(StrictModel):
             volume_index=self.volume_index,
             duplicates=self.duplicates,
             manifest_encoding=self.manifest_encoding,
+            streaming=StreamOptions(self.stream, self.cache_dir, self.decode_workers),
         )
 
 
@@ -425,12 +440,27 @@ class MetaTrainConfig(StrictModel):
     inner_steps: PositiveInt = Field(5, description="ANIL/FOMAML inner-loop steps")
     augment: bool = True
     val_every: PositiveInt = Field(250, description="episodes between validations on novel val episodes")
+    episodes_per_step: PositiveInt = Field(
+        1,
+        description="episodes whose gradients are averaged into one Adam step (the meta-batch; under "
+        "torchrun, shared by the processes, so a multiple of their number)",
+    )
     keep: Literal["best", "last"] = Field(
         "best", description="weights handed on: the best novel val accuracy (clean queries), or the last"
     )
     adversarial: AdversarialConfig | None = Field(
         None, description="adversarial querying: meta-train on PGD-perturbed queries (clean support)"
     )
+
+    @model_validator(mode="after")
+    def _steps_fit_validations(self) -> MetaTrainConfig:
+        for key in ("episodes", "val_every"):
+            if getattr(self, key) % self.episodes_per_step:
+                raise ValueError(
+                    f"{key}={getattr(self, key)} is not a multiple of episodes_per_step="
+                    f"{self.episodes_per_step}: validations fall between optimizer steps"
+                )
+        return self
 
 
 def search_combinations(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -587,6 +617,25 @@ class RuntimeConfig(StrictModel):
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     num_threads: PositiveInt | None = Field(None, description="CPU threads for torch; all cores if unset")
     output_dir: str = Field("outputs", description="checkpoints and local copies of artifacts")
+    compile: bool = Field(
+        False,
+        description="torch.compile the backbone for pretraining, meta-training (protonet, anil; not fomaml "
+        "or adversarial querying) and embedding; needs a C++ compiler on the CPU, triton and a C compiler "
+        "on CUDA. Checkpoints hold the plain backbone's weights",
+    )
+
+    @field_validator("compile")
+    @classmethod
+    def _compiler_present(cls, enabled: bool, info: ValidationInfo) -> bool:
+        from fewshot_med.models.features import compile_blocker
+        from fewshot_med.runtime import resolve_device
+
+        name = info.data.get("device", "auto")
+        device_type = resolve_device("auto").type if name == "auto" else name.partition(":")[0]
+        blocker = compile_blocker(device_type) if enabled else None
+        if blocker is not None:
+            raise _invalid(f"runtime.compile: {blocker}; install it or set runtime.compile: false")
+        return enabled
 
 
 #: Methods evaluated when a config names none.

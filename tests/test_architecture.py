@@ -97,8 +97,7 @@ def test_pyproject_names_every_package_folder():
     tomllib = pytest.importorskip("tomllib")
     settings = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
     folders = {
-        ".".join(path.parent.relative_to(REPO).parts)
-        for path in (REPO / "fewshot_med").rglob("__init__.py")
+        ".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "fewshot_med").rglob("__init__.py")
     }
     assert set(settings["packages"]) == folders | {INSTALLED_AS}
     assert settings["package-dir"] == {INSTALLED_AS: "pipelines"}

@@ -1,6 +1,6 @@
 """The speed suite: what fewshot-med costs in time and memory against the plainest alternatives.
 
-Five measurements, all on the real HAM10000 file (the 28 px file in quick mode), CPU only:
+Six measurements, all on the real HAM10000 file (the 28 px file in quick mode), CPU only:
 
 1. Pretraining throughput against a bare PyTorch loop: same resnet10t, base-class train images,
    batch 128, optimizer and threads, no augmentation; bare, ours, bare again in one process (see
@@ -17,6 +17,8 @@ Five measurements, all on the real HAM10000 file (the 28 px file in quick mode),
 5. Prediction on files, as ``fewshot-med predict`` runs it (``predict_files``: read, classify, table)
    against the bare backbone forward pass on the same decoded images; reading the files alone
    (``load_inputs``) is timed separately, so the classifier's own overhead shows as a ratio.
+6. Data larger than memory: pretraining on the base-class images decoded from PNG files into the
+   on-disk cache (memory-mapped) against the same pixels in memory (``benchmarks.suites.streaming``).
 
 Why: the guide asks for a lean loop (ratio near 1 or above), evaluation close to the cost of one
 forward pass (at least 10x faster than easyfsl), tracking that costs little, and a deployed classifier
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import SuiteOptions, SuiteReport, require_modules
+from benchmarks.suites import streaming
 
 #: Peer libraries the suite imports (the ``bench`` extra).
 REQUIRES = ("easyfsl",)
@@ -163,6 +166,7 @@ def measure(options: SuiteOptions, sizes: Sizes) -> SuiteReport:
     require_modules(REQUIRES)  # before any work
     kinds = ["baseline", "pretrain.compare", "pretrain.bare", "pretrain.ours"]
     kinds += ["eval.forward", "eval.ours", "eval.easyfsl", "predict", "tracking.off", "tracking.on"]
+    kinds += ["streaming"]
     if sizes.pipeline is not None:
         kinds += ["pipeline.off", "pipeline.on"]
     measured = _Measured()
@@ -301,6 +305,12 @@ def _pretrain_compare(task: _Task) -> dict[str, Any]:
         "bare_channels_last": result.bare_channels_last,
         "data_digest": data["dataset"].digest,
     }
+
+
+def _streaming(task: _Task) -> dict[str, Any]:
+    """Cached (memmap) against in-memory pretraining throughput (``benchmarks.suites.streaming``)."""
+    sizes = task.sizes
+    return streaming.measure(sizes.dataset, sizes.pretrain_steps, BATCH_SIZE, task.seed, task.workdir)
 
 
 def _pretrain_alone(task: _Task) -> dict[str, Any]:
@@ -601,6 +611,7 @@ _MEASUREMENTS: dict[str, Callable[[_Task], dict[str, Any]]] = {
     "tracking.on": _tracking,
     "pipeline.off": _pipeline,
     "pipeline.on": _pipeline,
+    "streaming": _streaming,
 }
 
 #: what each child ran, for the memory table
@@ -617,6 +628,7 @@ _MEMORY_ROWS = {
     "tracking.on": "short pretraining, tracked in MLflow",
     "pipeline.off": "quickstart pipeline, tracking off",
     "pipeline.on": "quickstart pipeline, tracked (and model registered)",
+    "streaming": "PNG files decoded into the on-disk cache, pretraining cached and in memory",
 }
 
 
@@ -679,6 +691,10 @@ def _report(options: SuiteOptions, sizes: Sizes, measured: _Measured, wall: floa
                 "speed.tracking.pipeline.ratio": pipe_on / pipe_off,
             }
         )
+    streamed = measured["streaming"]
+    metrics["speed.streaming.ratio"] = streamed["ratio"]
+    metrics["speed.streaming.cached_images_per_s"] = statistics.mean(streamed["cached"])
+    metrics["speed.streaming.in_memory_images_per_s"] = statistics.mean(streamed["in_memory"])
     for kind, result in measured.results.items():
         metrics[f"speed.memory.{kind.replace('.', '_')}_gib"] = result["peak_rss_gib"]
     bad = {key: value for key, value in metrics.items() if not math.isfinite(value)}
@@ -778,6 +794,7 @@ def _report(options: SuiteOptions, sizes: Sizes, measured: _Measured, wall: floa
         f"relative to the forward pass alone. Medians of {sizes.repeats} timing(s), after one untimed "
         "warm-up batch; the probabilities of both paths are checked to agree.",
         "",
+        *streaming.markdown(streamed, BATCH_SIZE, sizes.pretrain_steps),
         "### Peak memory",
         "",
         "| measurement (each in a fresh child process) | peak resident memory (GiB) |",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fewshot_med.data.cache import StreamOptions
 from fewshot_med.data.dataset import MedicalImageDataset
 from fewshot_med.data.intensity import IntensityConfig
 from fewshot_med.data.roles import ClassRoles
@@ -96,7 +97,8 @@ class LoadOptions:
     ``intensity`` applies to local files (``.npz``, MedMNIST and the demo are uint8 already).
     ``volume_index`` picks the volume of 4D NIfTI files (refused without it); ``duplicates`` says what
     copies in a folder or manifest get (``error`` or ``keep_first``, see ``fewshot_med.data.local``);
-    ``manifest_encoding`` is a CSV manifest's encoding (UTF-8 when unset)."""
+    ``manifest_encoding`` is a CSV manifest's encoding (UTF-8 when unset); ``streaming`` says whether a
+    folder or manifest is decoded once into the on-disk cache and mapped (``fewshot_med.data.cache``)."""
 
     image_size: int | None = None
     nifti_slice: int | None = None
@@ -107,6 +109,7 @@ class LoadOptions:
     volume_index: int | None = None
     duplicates: str = "error"
     manifest_encoding: str | None = None
+    streaming: StreamOptions = field(default_factory=StreamOptions)
 
 
 def load_dataset(spec: str, options: LoadOptions | None = None) -> MedicalImageDataset:
@@ -131,6 +134,7 @@ def _load(spec: str, options: LoadOptions) -> MedicalImageDataset:
         intensity=options.intensity,
         volume_index=options.volume_index,
         duplicates=options.duplicates,
+        streaming=options.streaming,
     )
     if spec == "demo":
         from fewshot_med.data.demo import make_demo_dataset

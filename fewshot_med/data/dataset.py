@@ -9,6 +9,7 @@ from functools import cached_property
 
 import numpy as np
 
+from fewshot_med.data.cache import iter_row_chunks
 from fewshot_med.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -84,14 +85,16 @@ class MedicalImageDataset:
 
     @cached_property
     def digest(self) -> str:
-        """SHA-256 of the class names, images, labels and groups of every split (content, not file)."""
+        """SHA-256 of the class names, images, labels and groups of every split (content, not file): the
+        same for the same pixels in memory or mapped from the cache."""
         sha = hashlib.sha256()
         sha.update("\x1f".join(self.class_names).encode())
         for name in SPLITS:
             split = self.splits[name]
             sha.update(name.encode())
             sha.update(str(split.images.shape).encode())
-            sha.update(np.ascontiguousarray(split.images).data)
+            for chunk in iter_row_chunks(split.images):  # a memmap is read, not copied, whole
+                sha.update(chunk.data)
             sha.update(np.ascontiguousarray(split.labels.astype(np.int64)).data)
             if split.groups is not None:
                 sha.update("\x1f".join(map(str, split.groups)).encode())

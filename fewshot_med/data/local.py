@@ -20,6 +20,7 @@ from typing import Literal, get_args
 import numpy as np
 from tqdm.auto import tqdm
 
+from fewshot_med.data.cache import StreamOptions, decode_to_cache, take_rows
 from fewshot_med.data.dataset import SPLITS, MedicalImageDataset, Split
 from fewshot_med.data.intensity import IntensityConfig
 from fewshot_med.data.readers import READER_BY_SUFFIX, is_image_file, read_image_and_digest
@@ -131,9 +132,11 @@ def _build(
     intensity: IntensityConfig | None,
     volume_index: int | None,
     duplicates: DuplicatePolicy | None,
+    streaming: StreamOptions | None,
 ) -> MedicalImageDataset:
-    """Check the labels, read the images, drop or refuse copies (``duplicates``; ``None`` leaves them to
-    the caller's own audit), and cut the images into splits (given, or patient-grouped when not given).
+    """Check the labels, read the images (into memory, or decoded once into the on-disk cache and mapped,
+    ``streaming``), drop or refuse copies (``duplicates``; ``None`` leaves them to the caller's own
+    audit), and cut the images into splits (given, or patient-grouped when not given).
 
     ``origins`` names each image in messages (``manifest.csv:7 (img/a.png)`` or the file path)."""
     if duplicates is not None and duplicates not in DUPLICATE_POLICIES:
@@ -148,7 +151,11 @@ def _build(
         keep = first_copies([str(path.resolve()) for path in paths], rows, "the same file is listed")
         rows = [rows[position] for position in keep]
     chosen = [paths[row] for row in rows]
-    images, digests = _read_images(chosen, image_size, nifti_slice, intensity, volume_index)
+    streaming = streaming or StreamOptions()
+    if streaming.applies(len(chosen), image_size):
+        images, digests = decode_to_cache(chosen, image_size, nifti_slice, intensity, volume_index, streaming)
+    else:
+        images, digests = _read_images(chosen, image_size, nifti_slice, intensity, volume_index)
     if duplicates is not None:
         keep = first_copies(digests, rows, "identical image content")
         if len(keep) < len(paths):
@@ -157,7 +164,7 @@ def _build(
                 "(data.duplicates: keep_first)",
                 stacklevel=3,
             )
-        rows, images = [rows[position] for position in keep], images[keep]
+        rows, images = [rows[position] for position in keep], take_rows(images, np.asarray(keep))
     kept_labels = [label_names[row] for row in rows]
     class_names = sorted(set(kept_labels), key=_natural_key)
     labels = np.asarray([class_names.index(label) for label in kept_labels], dtype=np.int64)
@@ -170,7 +177,7 @@ def _build(
             _check_no_group_leak(group_array, split_array, source)
     splits = {
         split: Split(
-            images=images[split_array == split],
+            images=take_rows(images, np.flatnonzero(split_array == split)),
             labels=labels[split_array == split],
             groups=None if group_array is None else group_array[split_array == split],
         )
@@ -181,8 +188,11 @@ def _build(
 
 def _check_no_group_leak(groups: np.ndarray, splits: np.ndarray, source: Path) -> None:
     """Refuse a given split in which one patient appears in two splits."""
-    for patient in np.unique(groups):
-        in_splits = sorted(str(s) for s in set(splits[groups == patient]))
+    splits_of: dict[str, set[str]] = {}
+    for patient, split in zip(groups.tolist(), splits.tolist(), strict=True):
+        splits_of.setdefault(patient, set()).add(split)
+    for patient in sorted(splits_of):
+        in_splits = sorted(splits_of[patient])
         if len(in_splits) > 1:
             raise DataError(
                 f"{source}: patient '{patient}' is in splits {in_splits}; one patient must stay in one "
@@ -199,6 +209,7 @@ def read_image_folder(
     intensity: IntensityConfig | None = None,
     volume_index: int | None = None,
     duplicates: DuplicatePolicy | None = None,
+    streaming: StreamOptions | None = None,
 ) -> MedicalImageDataset:
     """Read ``root/<class>/<image>`` or ``root/{train,val,test}/<class>/<image>``.
 
@@ -214,6 +225,8 @@ def read_image_folder(
         volume_index: the volume of 4D NIfTI files (``data.volume_index``).
         duplicates: ``error`` refuses copies (one file in two folders, identical pixels), ``keep_first``
             keeps the first; ``None`` does not look for them (for callers that audit the data).
+        streaming: whether the images are decoded once into the on-disk cache and mapped
+            (``fewshot_med.data.cache``); ``None`` streams above ``STREAM_AUTO_BYTES`` of pixels.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -258,6 +271,7 @@ def read_image_folder(
         intensity,
         volume_index,
         duplicates,
+        streaming,
     )
 
 
@@ -328,6 +342,7 @@ def read_manifest(
     volume_index: int | None = None,
     duplicates: DuplicatePolicy | None = None,
     encoding: str | None = None,
+    streaming: StreamOptions | None = None,
 ) -> MedicalImageDataset:
     """Read a CSV manifest with columns ``path,label[,patient_id][,split]``.
 
@@ -347,6 +362,8 @@ def read_manifest(
             splits, by path and by pixel content), naming both lines; ``keep_first`` keeps the first row;
             ``None`` does not look for them (for callers that audit the data, as ``fewshot-med adapt``).
         encoding: the CSV's text encoding (``data.manifest_encoding``); UTF-8 when ``None``.
+        streaming: whether the images are decoded once into the on-disk cache and mapped
+            (``fewshot_med.data.cache``); ``None`` streams above ``STREAM_AUTO_BYTES`` of pixels.
     """
     manifest = Path(manifest).expanduser()
     columns, rows = manifest_rows(manifest, encoding)
@@ -382,4 +399,5 @@ def read_manifest(
         intensity,
         volume_index,
         duplicates,
+        streaming,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fewshot_med.data.cache import take_rows
 from fewshot_med.data.dataset import MedicalImageDataset
 from fewshot_med.errors import DataError
 
@@ -70,7 +71,7 @@ def select_classes(dataset: MedicalImageDataset, split: str, class_names: Sequen
     local_of_global[global_ids] = np.arange(len(global_ids))
     indices = np.flatnonzero(np.isin(source.labels, global_ids))
     return ClassSubset(
-        images=source.images[indices],
+        images=take_rows(source.images, indices),  # a cached memmap stays on disk
         labels=local_of_global[source.labels[indices]],
         indices=indices,
         class_names=tuple(class_names),
