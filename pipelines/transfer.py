@@ -32,6 +32,7 @@ from fewshot_med.pipelines.stages import (
     pretrain_stage,
 )
 from fewshot_med.tracking import Registration, names
+from fewshot_med.training.distributed import is_main
 
 STAGES: tuple[str, ...] = ("pretrain", "meta_train", "evaluate")
 
@@ -126,4 +127,5 @@ def _timed(stage: str, seconds: dict[str, float]) -> Iterator[None]:
     start = time.perf_counter()
     yield
     seconds[stage] = time.perf_counter() - start
-    print(f"{stage} finished in {seconds[stage]:.1f} s", file=sys.stderr)
+    if is_main():  # every rank of a torchrun launch times its stages; one says so
+        print(f"{stage} finished in {seconds[stage]:.1f} s", file=sys.stderr)
