@@ -181,7 +181,7 @@ FromRun = Annotated[str, typer.Option("--from", help="MLflow run id whose backbo
 Nproc = Annotated[
     int | None,
     typer.Option(
-        "--nproc", min=1, help="Train in N processes on this machine (launches torchrun --standalone)."
+        "--nproc", min=1, help="Run in N processes on this machine (launches torchrun --standalone)."
     ),
 ]
 
@@ -235,7 +235,7 @@ def run_command(
     nproc: Nproc = None,
 ) -> None:
     """Run the whole pipeline: pretrain, meta-train (if enabled), evaluate every method. Under torchrun,
-    every process trains and rank 0 evaluates."""
+    every process trains and embeds a share of the evaluation images; rank 0 scores them."""
     _launch_torchrun(nproc)
     _run_pipeline(config_path, overrides, ("pretrain", "meta_train", "evaluate"), resume=resume)
 
@@ -272,8 +272,11 @@ def evaluate_command(
     config_path: Annotated[Path, typer.Argument(help="YAML config file.")],
     from_run: FromRun,
     overrides: Overrides = None,
+    nproc: Nproc = None,
 ) -> None:
-    """Evaluate the config's methods on the backbone of an earlier run."""
+    """Evaluate the config's methods on the backbone of an earlier run (under torchrun: every process
+    embeds a share of the images, rank 0 scores and logs)."""
+    _launch_torchrun(nproc)
     _run_pipeline(config_path, overrides, ("evaluate",), from_run=from_run)
 
 

@@ -49,9 +49,10 @@ from fewshot_med.evaluation.selective import risk_coverage_curve
 from fewshot_med.methods import METHODS, MethodContext, create_method
 from fewshot_med.models import embed
 from fewshot_med.pipelines.episodes import Episodes, draw_episodes
-from fewshot_med.pipelines.stages import StageContext
+from fewshot_med.pipelines.stages import StageContext, world_tags
 from fewshot_med.progress import Progress
 from fewshot_med.tracking import names
+from fewshot_med.training import distributed
 
 
 @dataclass
@@ -129,12 +130,24 @@ class Embedded:
 
 def embed_subsets(context: StageContext) -> Embedded:
     """Embed every image the evaluation uses once, and build the methods' context (base-class mean
-    feature, backbone, device, seed, and the pretraining's SWAG posterior if any)."""
+    feature, backbone, device, seed, and the pretraining's SWAG posterior if any).
+
+    Under ``torchrun`` every rank must call it, at the same point: each takes rank 0's weights
+    (``distributed.broadcast_state``) and embeds its contiguous ``distributed.share`` of every subset
+    (in ``EVALUATION_SUBSETS`` order, so the collective calls match); ``distributed.gather_rows`` gives
+    every rank the whole ``(n, D)`` features, in order. In eval mode an image's features do not depend
+    on its batch, so they equal one process's. One process makes no collective call.
+    """
     backbone, spec = context.trained()
+    distributed.broadcast_state(backbone)  # every rank embeds with rank 0's weights
     subsets = {f"{role}_{split}": context.data.subset(split, role) for role, split in EVALUATION_SUBSETS}
-    batch_size = context.config.evaluation.batch_size
+    batch_size, compile_backbone = context.config.evaluation.batch_size, context.config.runtime.compile
     features = {
-        name: embed(backbone, subset.images, spec, context.device, batch_size, context.config.runtime.compile)
+        name: distributed.gather_rows(
+            embed(
+                backbone, distributed.share(subset.images), spec, context.device, batch_size, compile_backbone
+            )
+        )
         for name, subset in subsets.items()
     }
     return Embedded(subsets, features, context.method_context(features["base_train"].mean(dim=0)))
@@ -145,7 +158,9 @@ def evaluate_stage(context: StageContext) -> EvaluationReport:
     the generalised rows; the pretraining's SWAG posterior, if any, reaches the methods' context.
 
     Frozen-feature methods use embeddings computed once per image and fit all episodes in one batched
-    call; fine-tuning methods get images, one episode at a time.
+    call; fine-tuning methods get images, one episode at a time. Under ``torchrun`` the ranks share the
+    embedding (``embed_subsets``, which the other ranks call instead of this stage) and rank 0 alone
+    runs this stage, whose run is tagged with the group's size and backend.
 
     A method whose own evaluation raises (anything but a ``FewshotMedError``, which is the user's to
     fix, or Ctrl-C) is contained: its nested run ends FAILED with the reason in its ``error`` tag, a
@@ -161,7 +176,7 @@ def evaluate_stage(context: StageContext) -> EvaluationReport:
     report = EvaluationReport(
         few_shot=[], generalised=[], base_feature_mean=methods_context.base_feature_mean
     )
-    with tracking.stage_run(names.EVALUATE, params=_evaluation_params(config)):
+    with tracking.stage_run(names.EVALUATE, tags=world_tags(), params=_evaluation_params(config)):
         tracking.log_dataset_input(data.dataset, "evaluation", "test", data.roles.novel)
         if episodes.val is not None:
             tracking.log_dataset_input(data.dataset, "validation", "val", data.roles.novel)

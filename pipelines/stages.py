@@ -11,8 +11,9 @@ wrote the checkpoint it continues (``tracking.continue_interrupted_run``). When 
 fails mid-stage, the one-line error names the checkpoint that survives it.
 
 Under ``torchrun`` (``fewshot_med.training.distributed``) every rank runs the training stages together;
-rank 0 alone opens MLflow runs, holds the checkpoint's lock and writes it, and runs the stages after
-training (``rank_share``).
+rank 0 alone opens MLflow runs, holds the checkpoint's lock and writes it. In the stages that embed
+the evaluation pools every rank embeds its share; rank 0 alone scores, logs and registers
+(``rank_share``).
 """
 
 from __future__ import annotations
@@ -135,11 +136,14 @@ def checkpoint_dir(config: Config) -> Path:
 
 #: the stages every rank of a ``torchrun`` launch runs together; rank 0 alone runs the others
 TRAINING_STAGES = ("pretrain", "meta_train")
+#: the stages whose evaluation pools every rank embeds a share of (``embed_subsets``); rank 0 scores them
+EMBEDDING_STAGES = ("evaluate", "select")
 
 
 def rank_share(config: Config, stages: Sequence[str]) -> tuple[Config, tuple[str, ...]]:
     """What this process runs of ``stages``: all of them, tracked, on rank 0 (and a single process);
-    only the training stages, untracked, on the other ranks of a ``torchrun`` launch.
+    only the training and embedding stages, untracked, on the other ranks of a ``torchrun`` launch
+    (where an embedding stage is this rank's share of the embeddings, which rank 0 gathers and scores).
 
     Raises:
         FewshotMedError: a global batch the processes cannot share (``pretrain.batch_size``,
@@ -152,7 +156,7 @@ def rank_share(config: Config, stages: Sequence[str]) -> tuple[Config, tuple[str
     if distributed.is_main():
         return config, tuple(stages)
     untracked = config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})})
-    return untracked, tuple(stage for stage in stages if stage in TRAINING_STAGES)
+    return untracked, tuple(stage for stage in stages if stage in TRAINING_STAGES + EMBEDDING_STAGES)
 
 
 def world_tags() -> dict[str, str]:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from fewshot_med import tracking
 from fewshot_med.config import Config
 from fewshot_med.errors import FewshotMedError
-from fewshot_med.pipelines.evaluation import EvaluationReport, evaluate_stage
+from fewshot_med.pipelines.evaluation import EvaluationReport, embed_subsets, evaluate_stage
 from fewshot_med.pipelines.registration import register_stage
 from fewshot_med.pipelines.selection import SelectionReport, select_stage
 from fewshot_med.pipelines.stages import (
+    EMBEDDING_STAGES,
     StageContext,
     from_run_stage,
     meta_train_stage,
@@ -90,6 +91,9 @@ def run_stages(
         from_run: an earlier MLflow run whose backbone (and SWAG posterior, if its pretrain stage logged
             one) the stages start from, instead of pretraining.
         resume: continue interrupted training from the stage's checkpoint.
+
+    On a ``torchrun`` rank other than 0 (``rank_share``: training and embedding stages, untracked), the
+    evaluate and select stages are this rank's share of their embeddings (``embed_subsets``) only.
     """
     _require_backbone_source(stages, from_run)
     context = open_context(config)
@@ -100,6 +104,11 @@ def run_stages(
     report = registration = selection = None
     with tracking.pipeline_run(config, run_name=config.name, tags=tags) as run:
         context = backbone_stages(context, stages, from_run, resume, seconds)
+        if not is_main():  # a torchrun rank other than 0: its share of the embeddings rank 0 scores
+            for stage in EMBEDDING_STAGES:
+                if stage in stages:
+                    embed_subsets(context)
+            return PipelineOutcome(run.run_id, None, seconds, context=context)
         if "evaluate" in stages:
             with _timed("evaluate", seconds):
                 report = evaluate_stage(context)

@@ -10,7 +10,8 @@ single-process run is unchanged.
 The training loops use DistributedDataParallel (pretraining) or ``average_gradients`` (meta-training,
 whose inner loops differentiate outside a module's forward), ``shard`` to take this rank's slice of a
 global batch, and ``broadcast`` so that what rank 0 alone computes (validation, its decisions) reaches
-every rank. Rank 0 alone logs to MLflow and writes checkpoints (``is_main``).
+every rank. The evaluation embeds its pools in ``share``s, one per rank, that ``gather_rows`` joins.
+Rank 0 alone logs to MLflow and writes checkpoints (``is_main``).
 """
 
 from __future__ import annotations
@@ -150,6 +151,25 @@ def shard(rows: np.ndarray) -> np.ndarray:
     return rows[rank * share : (rank + 1) * share]
 
 
+def share(rows: np.ndarray) -> np.ndarray:
+    """This rank's contiguous share of ``rows`` ``(N, …)`` for work done once per row (embedding an
+    evaluation pool): ``np.array_split`` into one part per rank, so ``N`` need not be a multiple of the
+    group size (the first ``N mod n`` ranks take one row more; a rank may get none). ``rows`` itself
+    for one process. ``gather_rows`` puts the results back together."""
+    if not is_distributed():
+        return rows
+    return np.array_split(rows, world().size)[world().rank]
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """The ``(n_r, …)`` rows every rank computed from its ``share``, concatenated in rank order on every
+    rank: ``(N, …)`` on the CPU, row ``i`` the result for row ``i`` of what was shared. ``local`` itself
+    for one process (no collective call)."""
+    if not is_distributed():
+        return local
+    return torch.cat(gather(local.cpu()))
+
+
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` in ``DistributedDataParallel`` (gradients averaged over the ranks in the backward
     pass; buffers broadcast from rank 0 at every forward) when distributed; ``module`` itself otherwise."""
@@ -194,6 +214,16 @@ def broadcast_buffers(module: nn.Module) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer, src=0)
+
+
+def broadcast_state(module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers, in place (nothing for one process): the ranks
+    then compute with the weights rank 0 logged, whatever their local steps left behind."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            dist.broadcast(tensor, src=0)
 
 
 def broadcast(value: T) -> T:

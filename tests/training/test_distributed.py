@@ -13,6 +13,11 @@ norm) and without augmentation (each rank draws its own), where 2 processes must
 float rounding: losses and accuracies within 1e-4; weights within 1e-3, a third of one AdamW step at
 the quickstart's lr 3e-3 (Adam divides each gradient coordinate by its own running scale, so rounding
 in a near-zero coordinate moves that weight by up to lr: 3.6e-4 was measured).
+
+The evaluation is compared on one backbone: one process evaluates the backbone the 2-process launch
+logged (``evaluate --from``), and every metric the launch's evaluation logged (each rank embedding its
+share of the images, rank 0 scoring) must match within 1e-6: in eval mode an image's features do not
+depend on the rest of its batch, so only float rounding in the batched matrix products may differ.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-3
+EVALUATION_TOLERANCE = 1e-6
+#: the pipeline run's metric sections the evaluation writes (``names.test_metric`` and its siblings)
+EVALUATION_SECTIONS = ("test.", "val.", "generalised.")
 #: the quickstart, shrunk: 2 epochs of 2 steps of 32 images, 4 episodes in 2 steps, one method scored
 SHRUNK = [
     "model.backbone=convnext_atto",
@@ -87,6 +95,11 @@ def _max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tens
     )
 
 
+def _evaluation_metrics(client, run_id: str) -> dict[str, float]:
+    metrics = client.get_run(run_id).data.metrics
+    return {key: value for key, value in metrics.items() if key.startswith(EVALUATION_SECTIONS)}
+
+
 def _assert_same_history(distributed_run: list[dict], single: list[dict], keys: set[str]) -> None:
     assert len(distributed_run) == len(single)
     for mine, theirs in zip(distributed_run, single, strict=True):
@@ -100,6 +113,8 @@ def test_one_process_outside_torchrun_is_rank_0_of_1():
     assert distributed.world() == distributed.World(rank=0, size=1, local_rank=0, backend=None)
     assert distributed.is_main()
     assert torch.equal(distributed.shard(rows), rows)
+    images = rows.numpy()
+    assert distributed.share(images) is images and distributed.gather_rows(rows) is rows  # no copy, no call
     assert distributed.broadcast({"a": 1}) == {"a": 1}
     assert distributed.gather(3) == [3]
 
@@ -123,9 +138,21 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     pretrain_run = next(run for run in runs if run.data.tags.get(names.STAGE_TAG) == names.PRETRAIN)
     assert pretrain_run.data.tags[names.WORLD_SIZE_TAG] == "2"
     assert pretrain_run.data.tags[names.DIST_BACKEND_TAG] == "gloo"
+    evaluate_run = next(run for run in runs if run.data.tags.get(names.STAGE_TAG) == names.EVALUATE)
+    assert evaluate_run.data.tags[names.WORLD_SIZE_TAG] == "2"  # both ranks embedded; rank 0 scored
+    distributed_metrics = _evaluation_metrics(client, top[0].info.run_id)
 
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
+    store = [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "evaluation.plots=false"]
+    one_process = load_config(QUICKSTART, [*_overrides(tmp_path / "single"), *store])
+    single_run = run_stages(one_process, ("evaluate",), from_run=top[0].info.run_id).run_id
+    single_metrics = _evaluation_metrics(client, single_run)
+    assert any(key.startswith("test.") for key in single_metrics)
+    assert distributed_metrics.keys() == single_metrics.keys()
+    for key, value in single_metrics.items():
+        assert distributed_metrics[key] == pytest.approx(value, abs=EVALUATION_TOLERANCE), key
+
     reference = load_config(QUICKSTART, [*_overrides(tmp_path / "single"), "tracking.enabled=false"])
     run_stages(reference, ("pretrain", "meta_train"))
     for name, keys in (
