@@ -8,7 +8,7 @@ nothing and every function here answers for one process (rank 0 of 1), with no c
 single-process run is unchanged.
 
 The training loops use DistributedDataParallel (pretraining) or ``average_gradients`` (meta-training,
-whose inner loops differentiate outside a module's forward), ``shard`` to take this rank's slice of a
+whose inner loops differentiate outside a module's forward), ``share`` to take this rank's slice of a
 global batch, and ``broadcast`` so that what rank 0 alone computes (validation, its decisions) reaches
 every rank. The evaluation embeds its pools in ``share``s, one per rank, that ``gather_rows`` joins.
 Rank 0 alone logs to MLflow and writes checkpoints (``is_main``).
@@ -141,14 +141,6 @@ def check_divisible(total: int, what: str) -> None:
             f"{what}={total} cannot be shared equally by {size} processes: set it to a multiple of {size} "
             "(it is the global count, summed over the processes)"
         )
-
-
-def shard(rows: np.ndarray) -> np.ndarray:
-    """This rank's contiguous share of a global batch ``(B, …)``: rows ``rank * B/n … (rank + 1) * B/n``
-    (``B`` divisible by the group size ``n``; ``check_divisible`` first). The whole batch for one process."""
-    size, rank = world().size, world().rank
-    share = len(rows) // size
-    return rows[rank * share : (rank + 1) * share]
 
 
 def share(rows: np.ndarray) -> np.ndarray:

@@ -413,7 +413,7 @@ def _train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     lr = optimizer.param_groups[0]["lr"]
     for step in range(loop.steps):
-        batch_rows = distributed.shard(rows[step * batch_size : (step + 1) * batch_size])
+        batch_rows = distributed.share(rows[step * batch_size : (step + 1) * batch_size])
         images = to_model_input(train.images[batch_rows], spec.mean, spec.std, spec.in_chans, device)
         images = images.contiguous(memory_format=_memory_format(device))
         if settings.augment:
