@@ -546,6 +546,12 @@ class EvaluationConfig(StrictModel):
     )
     oracle: bool = Field(True, description="classifier trained on all novel train images (upper bound)")
     batch_size: PositiveInt = Field(512, description="images per forward pass when embedding")
+    test_time_views: Literal["identity", "dihedral"] = Field(
+        "identity",
+        description="features of every image averaged over these views (fewshot_med.models.views.VIEWS): "
+        "dihedral = the 4 rotations x mirror, for images without an orientation (skin, blood, histology); "
+        "never for images that have one (chest X-rays)",
+    )
     calibration: list[CalibrationName] = Field(
         ["val_temperature", "loo_temperature"],
         description="calibration settings (CALIBRATION_SETTINGS) reported beside the uncalibrated results: "

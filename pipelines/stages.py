@@ -97,7 +97,9 @@ class StageContext:
     def with_backbone(
         self, backbone: nn.Module, spec: BackboneSpec, swag: SwagPosterior | None = None
     ) -> StageContext:
-        """This context with a new backbone (and its pretraining's SWAG posterior, if given)."""
+        """This context with a new backbone (and its pretraining's SWAG posterior, if given); its spec
+        reads features over the config's ``evaluation.test_time_views``."""
+        spec = dataclasses.replace(spec, views=self.config.evaluation.test_time_views)
         return dataclasses.replace(self, backbone=backbone, spec=spec, swag=swag or self.swag)
 
     def trained(self) -> tuple[nn.Module, BackboneSpec]:

@@ -30,6 +30,7 @@ from fewshot_med.deploy.batch import expand_inputs
 from fewshot_med.deploy.classifier import FewShotClassifier
 from fewshot_med.deploy.preprocess import Preprocessing, load_inputs
 from fewshot_med.errors import DataError, FewshotMedError
+from fewshot_med.models.views import view_features
 
 #: Bundle files, relative to the bundle folder.
 METADATA_FILE = "configs/metadata.json"
@@ -81,7 +82,8 @@ class ProbabilityNetwork(nn.Module):
     """A classifier as one network: ``(B, C, S, S)`` float pixels in 0..255 (``C`` the channels of its
     preprocessing) -> ``(B, n_classes)`` float64 calibrated probabilities.
 
-    Normalises with ``spec.mean``/``spec.std`` (as ``to_model_input``), embeds with the backbone for
+    Normalises with ``spec.mean``/``spec.std`` (as ``to_model_input``), embeds with the backbone (over the
+    test-time views ``spec.views``) for
     frozen-feature methods, scores with the fitted method, divides the logits by the temperature and
     applies a softmax, as ``FewShotClassifier.predict_proba`` does.
     """
@@ -92,6 +94,7 @@ class ProbabilityNetwork(nn.Module):
         self.backbone = classifier.backbone.eval()
         self.method = classifier.method
         self.in_chans = spec.in_chans
+        self.views = spec.views
         self.temperature = classifier.temperature
         self.embeds = classifier.method.inputs == "features"
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
@@ -105,7 +108,7 @@ class ProbabilityNetwork(nn.Module):
                 if self.in_chans == 1
                 else batch.expand(-1, self.in_chans, -1, -1)
             )
-        inputs = self.backbone(batch).float() if self.embeds else batch
+        inputs = view_features(self.backbone, batch, self.views).float() if self.embeds else batch
         return torch.softmax(self.method.predict_logits(inputs).double() / self.temperature, dim=1)
 
 

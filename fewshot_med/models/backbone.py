@@ -33,6 +33,8 @@ class BackboneSpec:
         image_size: the square image size it was adapted to.
         mean: per-channel input mean in ``[0, 1]`` units (of the source images' channels).
         std: per-channel input standard deviation, same units.
+        views: how features are read: the ``fewshot_med.models.views.VIEWS`` entry whose views'
+            features are averaged (``identity``: the image as it is).
     """
 
     name: str
@@ -40,6 +42,7 @@ class BackboneSpec:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    views: str = "identity"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, stored in checkpoints and logged to MLflow."""

@@ -15,6 +15,7 @@ from torch import nn
 from fewshot_med.data.transforms import to_model_input
 from fewshot_med.errors import ConfigError
 from fewshot_med.models.backbone import BackboneSpec
+from fewshot_med.models.views import view_features
 
 #: the mixed-precision dtype: bfloat16 keeps float32's exponent range, so no loss scaling is needed
 AUTOCAST_DTYPE = torch.bfloat16
@@ -85,7 +86,8 @@ def embed(
     batch_size: int = 512,
     compile: bool = False,
 ) -> torch.Tensor:
-    """Compute pooled features for uint8 images, in eval mode, batch by batch.
+    """Compute pooled features for uint8 images, in eval mode, batch by batch, averaged over the
+    test-time views ``spec.views`` (``fewshot_med.models.views``).
 
     Args:
         backbone: maps ``(B, C, H, W)`` to ``(B, D)``.
@@ -112,7 +114,7 @@ def embed(
     for start in range(0, len(images), batch_size):
         batch = to_model_input(images[start : start + batch_size], spec.mean, spec.std, spec.in_chans, device)
         with autocast(device):
-            chunks.append(forward(batch).float().cpu())
+            chunks.append(view_features(forward, batch, spec.views).float().cpu())
     backbone.train(was_training)
     with torch.inference_mode(False):
         backbone.to(memory_format=trained_layout)

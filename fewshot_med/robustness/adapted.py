@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from fewshot_med.methods import FewShotMethod
 from fewshot_med.models import BackboneSpec
+from fewshot_med.models.views import view_features
 
 #: Methods whose adapted pipeline is attacked end to end (query attacks).
 ATTACKABLE = ("simpleshot", "protonet", "r2d2", "logreg")
@@ -57,9 +58,9 @@ def model_input(images: Tensor, spec: BackboneSpec) -> Tensor:
 class FeatureModel(nn.Module):
     """``(B, C, H, W)`` images in ``[0, 1]`` -> ``(B, D)`` backbone features, normalised on the way as
     ``fewshot_med.data.transforms.to_model_input`` does (mean/std of ``spec``, channels repeated or
-    averaged to ``spec.in_chans``), so clean features equal the pipeline's ``embed`` on CPU. A
-    backbone holding inference tensors (made under ``torch.inference_mode``) is copied first; any
-    other is shared, so training it trains this module too."""
+    averaged to ``spec.in_chans``), averaged over the test-time views ``spec.views``, so clean features
+    equal the pipeline's ``embed`` on CPU. A backbone holding inference tensors (made under
+    ``torch.inference_mode``) is copied first; any other is shared, so training it trains this module too."""
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec) -> None:
         super().__init__()
@@ -71,7 +72,7 @@ class FeatureModel(nn.Module):
         self.eval()  # batch-norm on its running statistics, as the pipeline embeds
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(model_input(images, self.spec)).float()
+        return view_features(self.backbone, model_input(images, self.spec), self.spec.views).float()
 
 
 class AdaptedModel(nn.Module):

@@ -5,6 +5,7 @@ arguments are refused in one line."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -135,6 +136,22 @@ def test_each_method_exports_its_probabilities_or_is_refused(name, classifier, r
             probs = network(inputs).numpy()
         np.testing.assert_allclose(probs, adapted.predict_proba(images), rtol=0, atol=1e-5)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_a_classifier_that_reads_dihedral_views_exports_them(classifier, rare):
+    """The exported network averages the backbone's features over the same test-time views as the
+    classifier it came from (``BackboneSpec.views``), so its probabilities match on new images."""
+    spec = dataclasses.replace(classifier.spec, views="dihedral")
+    viewed = fitted(
+        dataclasses.replace(classifier, spec=spec), rare, create_method("protonet", MethodContext())
+    )
+    network = trace_network(viewed)
+    images, inputs = random_input(4, 13)
+    with torch.no_grad():
+        probs = network(inputs).numpy()
+    np.testing.assert_allclose(probs, viewed.predict_proba(images), rtol=0, atol=1e-5)
+    plain = fitted(classifier, rare, create_method("protonet", MethodContext()))
+    assert not np.allclose(plain.predict_proba(images), probs, atol=1e-4)  # the views are not a no-op
 
 
 class NumpyPrototypes(FewShotMethod):
