@@ -77,7 +77,15 @@ class FeatureModel(nn.Module):
 
 class AdaptedModel(nn.Module):
     """The adapted pipeline: ``(B, C, H, W)`` images in ``[0, 1]`` -> ``(B, n_way)`` logits of a method
-    fitted on one episode's clean support features (its head is fixed; the attack moves the queries)."""
+    fitted on clean support features (its head is fixed; the attack moves the queries).
+
+    Fitted on one episode (``n_episodes_`` unset), every image is scored by its head. Fitted on ``E``
+    episodes at once (a batched frozen-feature fit), the images are episode-major, ``B = E · m``: the
+    ``m`` images of episode ``e`` are rows ``e·m … e·m + m - 1`` and are scored by episode ``e``'s head.
+    In eval mode an image's features and gradient do not depend on its batch, so one attack on the
+    ``E · m`` images is ``E`` attacks of ``m`` images at the cost of one
+    (``fewshot_med.robustness.evaluate``).
+    """
 
     def __init__(self, features: FeatureModel, method: FewShotMethod) -> None:
         super().__init__()
@@ -85,13 +93,26 @@ class AdaptedModel(nn.Module):
         self.method = method
         self.eval()
 
+    @property
+    def n_classes(self) -> int:
+        """Classes of every episode (the logits' last dimension)."""
+        return self.method.n_way_
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.method.predict_logits(self.features(images)).to(images.device)
+        features = self.features(images)
+        episodes = self.method.n_episodes_
+        if episodes is None:
+            return self.method.predict_logits(features).to(images.device)
+        if len(features) % episodes:
+            raise ValueError(f"{len(features)} images cannot be split evenly over {episodes} episodes")
+        logits = self.method.predict_logits(features.view(episodes, -1, features.shape[-1]))
+        return logits.flatten(0, 1).to(images.device)
 
 
 def adapt(factory: MethodFactory, features: FeatureModel, support: Tensor, labels: Tensor) -> AdaptedModel:
-    """Fit ``factory()`` on one episode's ``(n_support, D)`` clean support features and ``(n_support,)``
-    labels, and return the adapted pipeline around ``features``."""
+    """Fit ``factory()`` on clean support features and return the adapted pipeline around ``features``:
+    one episode's ``(n_support, D)`` features and ``(n_support,)`` labels, or ``E`` episodes'
+    ``(E, n_support, D)`` and ``(E, n_support)`` (one batched fit; see ``AdaptedModel``)."""
     with torch.no_grad():
         method = factory().fit(support, labels)
     return AdaptedModel(features, method)

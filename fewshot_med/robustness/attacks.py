@@ -32,11 +32,14 @@ PGD_STEP_RATIO = 2.5
 
 def art_classifier(model: nn.Module, images: Tensor) -> PyTorchClassifier:
     """Wrap ``model`` (``(B, C, H, W)`` images in ``[0, 1]`` -> ``(B, n_way)`` logits) for ART on the
-    images' device, with cross-entropy loss and ``clip_values=(0, 1)``; one eval-mode forward pass of
-    ``images[:1]`` reads the number of classes (the caller restores the mode)."""
+    images' device, with cross-entropy loss and ``clip_values=(0, 1)``; the number of classes is the
+    model's ``n_classes`` attribute, else read from one eval-mode forward pass of ``images[:1]`` (the
+    caller restores the mode)."""
     model.eval()
-    with torch.no_grad():
-        n_classes = int(model(images[:1]).shape[-1])
+    n_classes = getattr(model, "n_classes", None)
+    if n_classes is None:
+        with torch.no_grad():
+            n_classes = int(model(images[:1]).shape[-1])
     return PyTorchClassifier(
         model=model,
         loss=nn.CrossEntropyLoss(),

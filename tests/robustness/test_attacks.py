@@ -69,6 +69,36 @@ def test_adapted_module_gives_the_methods_own_logits(setup, method):
     torch.testing.assert_close(logits, fitted.predict_logits(features[query[0]]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ATTACKABLE)
+def test_a_model_adapted_on_several_episodes_scores_each_query_with_its_episodes_head(setup, method):
+    model_features, images, features, pool, episodes, context = setup
+    support, query = episode_positions(pool, episodes[3])
+    labels = torch.as_tensor(episodes[3].arrays.support_labels)
+    batched = adapt(_factory(method, context), model_features, features[support], labels)
+    with torch.no_grad():
+        logits = batched(images[query.reshape(-1)]).view(len(query), query.shape[1], -1)
+        for e in range(len(query)):
+            alone = adapt(_factory(method, context), model_features, features[support[e]], labels[e])
+            torch.testing.assert_close(logits[e], alone(images[query[e]]), atol=1e-5, rtol=1e-5)
+
+
+def test_one_attack_on_several_episodes_equals_one_attack_per_episode(setup):
+    """FGSM has no random start: the batched attack must move every image exactly as its own episode's
+    attack does (eval-mode features do not depend on the batch)."""
+    model_features, images, features, pool, episodes, context = setup
+    support, query = episode_positions(pool, episodes[3])
+    labels = torch.as_tensor(episodes[3].arrays.support_labels)
+    targets = torch.as_tensor(episodes[3].arrays.query_labels)
+    batched = adapt(_factory("protonet", context), model_features, features[support], labels)
+    together = fgsm(batched, images[query.reshape(-1)], targets.reshape(-1), 4 / 255).reshape(
+        *query.shape, -1
+    )
+    for e in range(len(query)):
+        alone = adapt(_factory("protonet", context), model_features, features[support[e]], labels[e])
+        by_episode = fgsm(alone, images[query[e]], targets[e], 4 / 255)
+        torch.testing.assert_close(together[e], by_episode.flatten(1), atol=1e-6, rtol=0)
+
+
 def _small_model() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(

@@ -1,0 +1,125 @@
+"""Can a transductive method be calibrated from its own support set? Held-out support folds against
+the val temperature.
+
+A transductive method's confidence depends on the query set it infers over, so a temperature fitted
+on val episodes with fewer queries (HAM10000's val split has 10 df images: 5 queries per class at 5
+shots, against 15 at test) is fitted on another regime. This tries the support set of each test
+episode instead: in fold ``f`` of ``K``, the ``f``-th support image of every class is held out and
+joins the episode's queries as an unlabelled image, the method is fitted on the other ``K - 1`` shots
+and infers over the test queries plus the held-out images; the held-out images' logits are then
+labelled predictions made in the test regime. Reported per transductive method of the config (its
+search chosen on val episodes, as the evaluate stage does) and K ≥ 2: accuracy and pooled ECE raw,
+after the val temperature, after a per-episode temperature fitted on the episode's held-out
+predictions (deployable: one episode's own data), and after one temperature fitted on the held-out
+predictions of all test episodes pooled (not deployable for a single task: a reference of what
+the held-out signal carries when its noise is averaged away).
+
+Run: ``python -m benchmarks.scripts.transductive_calibration CONFIG --from RUN [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewshot_med.config import load_config
+from fewshot_med.data import ClassSubset
+from fewshot_med.data.episodes import EpisodeList
+from fewshot_med.evaluation.calibration import calibrate_with_val_episodes, fit_episode_temperatures
+from fewshot_med.evaluation.metrics import pooled_ece, softmax
+from fewshot_med.evaluation.runner import _tasks, evaluate_frozen
+from fewshot_med.methods import METHODS, FewShotMethod, create_method
+from fewshot_med.pipelines.episodes import draw_episodes
+from fewshot_med.pipelines.evaluation import embed_subsets, search_on_val
+from fewshot_med.pipelines.stages import open_context
+from fewshot_med.pipelines.transfer import backbone_stages
+
+
+def _rows(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """``(E, n, D)`` -> ``(E, m, D)``: each episode's ``rows`` ``(E, m)``."""
+    return torch.gather(x, 1, torch.as_tensor(rows)[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def held_out_fold_logits(
+    factory: Callable[[], FewShotMethod], features: torch.Tensor, pool: ClassSubset, episodes: EpisodeList
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(E, n_way·K, n_way)`` logits of every support image held out in its fold (the method fitted
+    on the other ``K - 1`` shots, inferring over the queries plus the held-out images) and their labels."""
+    tasks = _tasks(pool, episodes)
+    support, queries = features[torch.as_tensor(tasks.support)], features[torch.as_tensor(tasks.query)]
+    labels = torch.as_tensor(tasks.support_labels)
+    n_way, k = int(tasks.support_labels.max()) + 1, episodes.k_shot
+    by_class = np.argsort(tasks.support_labels, axis=1, kind="stable").reshape(len(support), n_way, k)
+    logits, held_labels = [], []
+    for fold in range(k):
+        held = by_class[:, :, fold]  # (E, n_way): one image of each class
+        kept = np.sort(np.delete(by_class, fold, axis=2).reshape(len(support), -1), axis=1)
+        method = factory().fit(_rows(support, kept), torch.gather(labels, 1, torch.as_tensor(kept)))
+        scored = method.predict_logits(torch.cat([queries, _rows(support, held)], dim=1))
+        logits.append(scored[:, -n_way:].double().numpy())
+        held_labels.append(np.take_along_axis(tasks.support_labels, held, axis=1))
+    return np.concatenate(logits, axis=1), np.concatenate(held_labels, axis=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument(
+        "--from", dest="from_run", required=True, help="the pipeline run whose backbone is read"
+    )
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    config = load_config(args.config)
+    context = backbone_stages(open_context(config), (), args.from_run)
+    embedded = embed_subsets(context)
+    episodes = draw_episodes(config, embedded.pools, context.n_way, val=True)
+    test_pool, val_pool = embedded.pools["test"], embedded.pools["val"]
+    test_features, val_features = embedded.features["novel_test"], embedded.features["novel_val"]
+    print(
+        "| method | K | accuracy | ECE raw | val temperature | held-out folds, per episode (median T) "
+        "| held-out folds, pooled over episodes (T) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for method in config.methods:
+        if not (METHODS[method.name].transductive and METHODS[method.name].inputs == "features"):
+            continue
+        for k in (k for k in episodes.test if k >= 2):
+            chosen: dict = {}
+            if method.search:
+                chosen, _, _ = search_on_val(
+                    method, embedded.methods, val_features, val_pool, episodes.val[k], {}
+                )
+            factory = partial(create_method, method.name, embedded.methods, **method.params, **chosen)
+            test = evaluate_frozen(factory, test_features, test_pool, episodes.test[k])
+            val = evaluate_frozen(factory, val_features, val_pool, episodes.val[k])
+            held, held_labels = held_out_fold_logits(factory, test_features, test_pool, episodes.test[k])
+            per_episode = fit_episode_temperatures(held, held_labels, t_max=100.0)
+            pooled = fit_episode_temperatures(
+                held.reshape(1, -1, held.shape[-1]), held_labels.reshape(1, -1), t_max=100.0
+            )
+
+            def ece(logits: np.ndarray, labels: np.ndarray = test.labels) -> float:
+                return pooled_ece(softmax(logits), labels)[0]
+
+            cells = [
+                f"{100 * test.values('accuracy').mean():.1f}",
+                f"{ece(test.logits):.3f}",
+                f"{ece(calibrate_with_val_episodes(test, val).logits):.3f}",
+                f"{ece(test.logits / per_episode[:, None, None]):.3f} ({np.median(per_episode):.2f})",
+                f"{ece(test.logits / pooled[0]):.3f} ({pooled[0]:.2f})",
+            ]
+            print(f"| {method.display_name} | {k} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
