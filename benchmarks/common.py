@@ -62,6 +62,9 @@ SUITE_OVERRIDES = (
     "evaluation.generalised=false",
     "evaluation.plots=false",
 )
+#: Under ``--quick``, every config also gets these: one view per image (a smoke run need not pay for
+#: a config's test-time views, 8 forward passes per image with ``dihedral``).
+QUICK_COMMON_OVERRIDES = ("evaluation.test_time_views=identity",)
 #: Under ``--quick``, these data sources are read from a smaller file (``data.source`` -> quick source).
 QUICK_SOURCES = {"ham10000": "ham10000-28"}
 
@@ -196,15 +199,16 @@ def open_dataset(
 ) -> Iterator[OpenedDataset]:
     """Open one dataset of a suite under an MLflow run ``<suite>:<name>`` nested in the suite's run.
 
-    The config gets ``SUITE_OVERRIDES``, the suite's seed and, for ``--quick``, ``quick_overrides``
-    and the smaller file of ``QUICK_SOURCES``; ``configure`` may adjust it further. The backbone is
-    an earlier run's (``options.backbone_runs``) or trained by the pipeline's stages
-    (``backbone_stages``); the episodes are the pipeline's (``draw_episodes``), checked against that
-    run's saved lists; the test data and episode lists are logged to the dataset's run.
+    The config gets ``SUITE_OVERRIDES``, the suite's seed and, for ``--quick``,
+    ``QUICK_COMMON_OVERRIDES``, ``quick_overrides`` and the smaller file of ``QUICK_SOURCES``;
+    ``configure`` may adjust it further. The backbone is an earlier run's (``options.backbone_runs``)
+    or trained by the pipeline's stages (``backbone_stages``); the episodes are the pipeline's
+    (``draw_episodes``), checked against that run's saved lists; the test data and episode lists are
+    logged to the dataset's run.
     """
     overrides = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}"]
     if options.quick:
-        overrides += quick_overrides
+        overrides += [*QUICK_COMMON_OVERRIDES, *quick_overrides]
     config = load_config(config_path, overrides)
     if options.quick and config.data.source in QUICK_SOURCES:
         config = load_config(config_path, [*overrides, f"data.source={QUICK_SOURCES[config.data.source]}"])
