@@ -1,11 +1,14 @@
-"""Query attacks of several episodes in one batch against one small batch per episode.
+"""Attacks of several episodes in one batch against one small batch per episode.
 
 ``fewshot_med.robustness.evaluate.attack_queries`` attacks the queries of up to
-``ATTACK_BATCH_IMAGES // m`` episodes in one call (``AdaptedModel`` fitted on all of them); this times
-it against one call per episode (``ATTACK_BATCH_IMAGES`` lowered to one episode's ``m`` images) on the
-same episodes: a random-init resnet10t on the demo dataset's rare classes at ``--image-size`` px, one
-query per class of each 3-way 5-shot episode, ProtoNet, FGSM and PGD-10 at 2/255. Medians over
-``--repeats``; one JSON line per setting, then the speed-up.
+``ATTACK_BATCH_IMAGES // m`` episodes in one call (``AdaptedModel`` fitted on all of them), and
+``attack_support`` up to ``ATTACK_BATCH_IMAGES`` single support images (``SupportAttackModel``). This
+times both against one call per episode (queries: ``ATTACK_BATCH_IMAGES`` lowered to one episode's
+``m`` images) or per target (support: lowered to 1), on the same episodes: a random-init resnet10t on
+the demo dataset's rare classes at ``--image-size`` px, one query per class of each 3-way 5-shot
+episode, ProtoNet; FGSM and PGD-10 at 2/255 on the queries, PGD-10 at 2/255 on one support image for
+each of 3 targets per episode. Medians over ``--repeats``; one JSON line per attack and setting, then
+the speed-ups.
 
 Run: ``python -m benchmarks.scripts.attack_batching [--episodes 10] [--image-size 64] [--threads 2]``.
 """
@@ -47,37 +50,30 @@ def main() -> None:
     features = embed(backbone, pool.images, spec, torch.device("cpu"))
     episodes = sample_episodes(pool, 3, 5, 3, args.episodes, seed=0)
     settings = evaluate.RobustnessSettings(
-        epsilons=(2 / 255,), steps=(10,), check_epsilon=2 / 255, episodes=args.episodes
+        epsilons=(2 / 255,), steps=(10,), check_epsilon=2 / 255, episodes=args.episodes, support_targets=3
     )
     factory = lambda: create_method("protonet", MethodContext())  # noqa: E731
     model, images = FeatureModel(backbone, spec), unit_images(pool.images)
 
-    def seconds(per_call_images: int) -> float:
+    attacks = {"queries": evaluate.attack_queries, "support": evaluate.attack_support}
+
+    def seconds(attack: str, per_call_images: int) -> float:
         times = []
         for _ in range(args.repeats):
             with mock.patch.object(evaluate, "ATTACK_BATCH_IMAGES", per_call_images):
                 started = time.perf_counter()
-                evaluate.attack_queries(
-                    factory, "protonet", model, images, features, pool, episodes, settings
-                )
+                attacks[attack](factory, "protonet", model, images, features, pool, episodes, settings)
                 times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    queries = 3 * settings.queries_per_class
-    one_per_episode, batched = seconds(queries), seconds(evaluate.ATTACK_BATCH_IMAGES)
-    for name, value in (("one call per episode", one_per_episode), ("batched", batched)):
-        print(
-            json.dumps(
-                {
-                    "setting": name,
-                    "seconds": round(value, 2),
-                    "episodes": args.episodes,
-                    "image_size": args.image_size,
-                    "threads": args.threads,
-                }
-            )
-        )
-    print(f"speed-up: {one_per_episode / batched:.1f}x")
+    unbatched = {"queries": 3 * settings.queries_per_class, "support": 1}
+    for attack, alone in unbatched.items():
+        one_by_one, batched = seconds(attack, alone), seconds(attack, evaluate.ATTACK_BATCH_IMAGES)
+        for setting, value in (("one call per episode or target", one_by_one), ("batched", batched)):
+            record = {"attack": attack, "setting": setting, "seconds": round(value, 2)}
+            record |= {"episodes": args.episodes, "image_size": args.image_size, "threads": args.threads}
+            print(json.dumps(record))
+        print(f"{attack}: speed-up {one_by_one / batched:.1f}x")
 
 
 if __name__ == "__main__":

@@ -119,16 +119,19 @@ def adapt(factory: MethodFactory, features: FeatureModel, support: Tensor, label
 
 
 class SupportAttackModel(nn.Module):
-    """``(1, C, H, W)`` image in ``[0, 1]``, standing for support sample ``index`` -> ``(1, n_way)``
-    logits of one target query, the head re-fitted (differentiably) on the support set with that
-    sample's features replaced by the image's.
+    """``(R, C, H, W)`` images in ``[0, 1]``, image ``r`` standing for support sample ``index[r]`` of
+    support set ``r`` -> ``(R, n_way)`` logits of target query ``r``, every head re-fitted
+    (differentiably, one batched fit) on its support set with that sample's features replaced by the
+    image's. ``R`` attacks of one support image each, run as one (the rows are independent: eval-mode
+    features do not depend on the batch); one attack is ``R = 1``.
 
     Args:
         factory: builds the unfitted method (one of ``SUPPORT_ATTACKABLE``).
         features: the normalising backbone.
-        support: ``(n_support, D)`` clean support features; labels ``(n_support,)``.
-        index: which support sample the image replaces.
-        query: ``(D,)`` clean features of the target query.
+        support: ``(R, n_support, D)`` clean support features, or one set ``(n_support, D)``; labels
+            ``(R, n_support)`` or ``(n_support,)``.
+        index: ``(R,)`` which support sample each image replaces, or one ``int``.
+        query: ``(R, D)`` clean features of the target queries, or one ``(D,)``.
     """
 
     def __init__(
@@ -137,20 +140,24 @@ class SupportAttackModel(nn.Module):
         features: FeatureModel,
         support: Tensor,
         labels: Tensor,
-        index: int,
+        index: int | Tensor,
         query: Tensor,
     ) -> None:
         super().__init__()
-        self.factory, self.features, self.index = factory, features, index
+        self.factory, self.features = factory, features
+        single = support.ndim == 2
+        support, labels = (support.unsqueeze(0), labels.unsqueeze(0)) if single else (support, labels)
+        index = torch.as_tensor(index, device=support.device).view(-1)
         # clones: features from ``embed`` are inference tensors, which autograd may not save
         self.register_buffer("support", support.detach().clone(), persistent=False)
         self.register_buffer("labels", labels, persistent=False)
-        self.register_buffer("query", query.detach().clone().view(1, -1), persistent=False)
+        self.register_buffer("query", query.detach().clone().view(len(support), 1, -1), persistent=False)
+        positions = torch.arange(support.shape[1], device=support.device)
+        self.register_buffer("keep", (positions[None, :] != index[:, None]).unsqueeze(-1), persistent=False)
         self.eval()
 
-    def forward(self, image: Tensor) -> Tensor:
-        replaced = self.features(image)  # (1, D)
-        keep = torch.arange(len(self.support), device=self.support.device) != self.index
-        support = torch.where(keep.unsqueeze(1), self.support, replaced)
-        logits = self.factory().fit(support, self.labels).predict_logits(self.query)
-        return logits.to(image.device)
+    def forward(self, images: Tensor) -> Tensor:
+        replaced = self.features(images).unsqueeze(1)  # (R, 1, D)
+        support = torch.where(self.keep, self.support, replaced)
+        logits = self.factory().fit(support, self.labels).predict_logits(self.query)  # (R, 1, n_way)
+        return logits[:, 0].to(images.device)

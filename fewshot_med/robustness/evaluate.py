@@ -254,7 +254,9 @@ def attack_support(
 ) -> list[SupportResults]:
     """The support-set attack: per episode, ``settings.support_targets`` correctly classified queries
     (chosen at random, seeded); for each, PGD (fewest steps of ``settings.steps``) on the first support
-    image of the query's class, maximising the query's cross-entropy through the re-fitted head.
+    image of the query's class, maximising the query's cross-entropy through the re-fitted head. The
+    attacks of all episodes and targets run in batches of up to ``ATTACK_BATCH_IMAGES``
+    (``SupportAttackModel``).
 
     Returns:
         One ``SupportResults`` per budget of ``settings.epsilons``.
@@ -264,29 +266,39 @@ def attack_support(
     n = min(settings.episodes, len(episodes))
     steps = min(settings.steps)
     rng = np.random.default_rng(settings.seed)
-    success = np.full((len(settings.epsilons), n), np.nan)
+    rows = []  # (episode, query column, support index): one attack each
     for e in range(n):
-        support_labels = torch.as_tensor(arrays.support_labels[e])
-        support = pool_features[torch.as_tensor(support_pos[e])]
         with torch.no_grad():
-            fitted = factory().fit(support, support_labels)
+            fitted = factory().fit(
+                pool_features[torch.as_tensor(support_pos[e])], torch.as_tensor(arrays.support_labels[e])
+            )
             predicted = fitted.predict_logits(pool_features[torch.as_tensor(query_pos[e])]).argmax(dim=-1)
         correct = np.flatnonzero(predicted.numpy() == arrays.query_labels[e])
-        if len(correct) == 0:
-            continue
-        targets = rng.permutation(correct)[: settings.support_targets]
-        flipped = np.zeros((len(settings.epsilons), len(targets)))
-        for t, column in enumerate(targets):
-            label = int(arrays.query_labels[e, column])
-            index = int(np.flatnonzero(arrays.support_labels[e] == label)[0])
-            query = pool_features[int(query_pos[e, column])]
-            model = SupportAttackModel(factory, features, support, support_labels, index, query)
-            image = images[int(support_pos[e, index])].unsqueeze(0)
-            for i, eps in enumerate(settings.epsilons):
-                adversarial = pgd(model, image, torch.tensor([label]), eps, steps, seed=settings.seed + e)
-                with torch.no_grad():
-                    flipped[i, t] = float(model(adversarial).argmax(dim=-1).item() != label)
-        success[:, e] = flipped.mean(axis=1)
+        for column in rng.permutation(correct)[: settings.support_targets]:
+            index = int(np.flatnonzero(arrays.support_labels[e] == arrays.query_labels[e, column])[0])
+            rows.append((e, int(column), index))
+    flipped = np.zeros((len(settings.epsilons), len(rows)))
+    for start in range(0, len(rows), ATTACK_BATCH_IMAGES):
+        chunk = np.array(rows[start : start + ATTACK_BATCH_IMAGES]).reshape(-1, 3)
+        episode, column, index = chunk[:, 0], chunk[:, 1], chunk[:, 2]
+        labels = torch.as_tensor(arrays.query_labels[episode, column])
+        model = SupportAttackModel(
+            factory,
+            features,
+            pool_features[torch.as_tensor(support_pos[episode])],
+            torch.as_tensor(arrays.support_labels[episode]),
+            torch.as_tensor(index),
+            pool_features[torch.as_tensor(query_pos[episode, column])],
+        )
+        clean_images = images[torch.as_tensor(support_pos[episode, index])]
+        for i, eps in enumerate(settings.epsilons):
+            adversarial = pgd(model, clean_images, labels, eps, steps, seed=settings.seed + start)
+            with torch.no_grad():
+                flipped[i, start : start + len(chunk)] = (model(adversarial).argmax(dim=-1) != labels).numpy()
+    episode_of = np.array([e for e, _, _ in rows], dtype=np.int64)
+    success = np.full((len(settings.epsilons), n), np.nan)
+    for e in np.unique(episode_of):
+        success[:, e] = flipped[:, episode_of == e].mean(axis=1)
     k = episodes.k_shot
     return [SupportResults(method, k, eps, steps, success[i]) for i, eps in enumerate(settings.epsilons)]
 

@@ -182,6 +182,42 @@ def test_support_attack_backpropagates_through_the_fit(setup):
         assert image.grad is not None and image.grad.abs().sum() > 0, method
 
 
+@pytest.mark.parametrize("method", SUPPORT_ATTACKABLE)
+def test_support_attacks_of_several_episodes_run_as_one_batch_of_independent_rows(setup, method):
+    """Row r of the batched model is support set r with its own replaced sample and target: its logits
+    and its image's gradient are those of the one-attack model."""
+    model_features, images, features, pool, episodes, context = setup
+    support, query = episode_positions(pool, episodes[3])
+    labels = torch.as_tensor(episodes[3].arrays.support_labels)
+    index, column = torch.tensor([0, 4, 8]), torch.tensor([0, 3, 7])
+    rows = torch.arange(3)
+    batched = SupportAttackModel(
+        _factory(method, context),
+        model_features,
+        features[support],
+        labels,
+        index,
+        features[query[rows, column]],
+    )
+    image = images[support[rows, index]].clone().requires_grad_(True)
+    logits = batched(image)
+    logits[rows, 0].sum().backward()
+    for r in range(3):
+        alone = SupportAttackModel(
+            _factory(method, context),
+            model_features,
+            features[support[r]],
+            labels[r],
+            int(index[r]),
+            features[query[r, column[r]]],
+        )
+        one = images[support[r, index[r]]].unsqueeze(0).requires_grad_(True)
+        single = alone(one)
+        single[0, 0].backward()
+        torch.testing.assert_close(logits[r], single[0].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(image.grad[r], one.grad[0], atol=1e-5, rtol=1e-4)
+
+
 def test_support_attack_flips_queries_at_a_huge_budget(setup):
     model_features, images, features, pool, episodes, context = setup
     settings = RobustnessSettings(epsilons=(1 / 255, 255 / 255), steps=(3,), episodes=3, support_targets=2)
