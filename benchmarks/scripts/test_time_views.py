@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fewshot_med.config import Config, load_config
+from fewshot_med.data import ClassSubset
 from fewshot_med.evaluation.intervals import paired_difference_ci95
 from fewshot_med.evaluation.runner import EpisodeResults, evaluate_frozen
 from fewshot_med.methods import METHODS, create_method
@@ -44,20 +45,20 @@ QUICK = (
 )
 
 
+#: The image sets the comparison embeds: role and split.
+SUBSETS = {"base": ("base", "train"), "val": ("novel", "val"), "test": ("novel", "test")}
+
+
 def scored(
-    context: StageContext, config: Config, episodes: Episodes, views: str
+    context: StageContext,
+    config: Config,
+    subsets: dict[str, ClassSubset],
+    episodes: Episodes,
+    views: str,
 ) -> dict[tuple[str, int], tuple[EpisodeResults, EpisodeResults]]:
     """(method label, K) -> (val, test) results of every frozen-feature method with ``views``."""
     backbone, spec = context.trained()
     spec = dataclasses.replace(spec, views=views)
-    subsets = {
-        name: context.data.subset(split, role)
-        for name, (role, split) in {
-            "base": ("base", "train"),
-            "val": ("novel", "val"),
-            "test": ("novel", "test"),
-        }.items()
-    }
     features = {
         name: embed(backbone, subset.images, spec, context.device, config.evaluation.batch_size)
         for name, subset in subsets.items()
@@ -68,14 +69,14 @@ def scored(
         if METHODS[method.name].inputs != "features":
             continue
         for k in episodes.test:
-            val_episodes = episodes.val[k]
-            chosen: dict = {}
+            val_episodes, chosen, val = episodes.val[k], {}, None
             if method.search:
-                chosen, _, _ = search_on_val(
+                chosen, val, _ = search_on_val(
                     method, methods, features["val"], subsets["val"], val_episodes, {}
                 )
             factory = partial(create_method, method.name, methods, **method.params, **chosen)
-            val = evaluate_frozen(factory, features["val"], subsets["val"], val_episodes)
+            if val is None:
+                val = evaluate_frozen(factory, features["val"], subsets["val"], val_episodes)
             test = evaluate_frozen(factory, features["test"], subsets["test"], episodes.test[k])
             results[method.display_name, k] = (val, test)
     return results
@@ -99,11 +100,11 @@ def main() -> None:
     context = backbone_stages(
         context, ("pretrain",) if args.quick else (), None if args.quick else args.from_run
     )
-    probe = context.data.subset("test", "novel")
+    subsets = {name: context.data.subset(split, role) for name, (role, split) in SUBSETS.items()}
     episodes = draw_episodes(
-        config, {"test": probe, "val": context.data.subset("val", "novel")}, context.n_way, val=True
+        config, {"test": subsets["test"], "val": subsets["val"]}, context.n_way, val=True
     )
-    plain, views = (scored(context, config, episodes, name) for name in VIEW_SETS)
+    plain, views = (scored(context, config, subsets, episodes, name) for name in VIEW_SETS)
     print("| method | K | val plain | val dihedral | val Δ | test plain | test dihedral | test Δ |")
     print("|---|---|---|---|---|---|---|---|")
     val_deltas, test_deltas = [], []

@@ -33,12 +33,13 @@ from fewshot_med.data import ClassSubset
 from fewshot_med.data.episodes import EpisodeList
 from fewshot_med.evaluation.calibration import calibrate_with_val_episodes, fit_episode_temperatures
 from fewshot_med.evaluation.metrics import pooled_ece, softmax
-from fewshot_med.evaluation.runner import _tasks, evaluate_frozen
+from fewshot_med.evaluation.runner import evaluate_frozen
 from fewshot_med.methods import METHODS, FewShotMethod, create_method
 from fewshot_med.pipelines.episodes import draw_episodes
 from fewshot_med.pipelines.evaluation import embed_subsets, search_on_val
 from fewshot_med.pipelines.stages import open_context
 from fewshot_med.pipelines.transfer import backbone_stages
+from fewshot_med.robustness.evaluate import episode_positions
 
 
 def _rows(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
@@ -51,11 +52,15 @@ def held_out_fold_logits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(E, n_way·K, n_way)`` logits of every support image held out in its fold (the method fitted
     on the other ``K - 1`` shots, inferring over the queries plus the held-out images) and their labels."""
-    tasks = _tasks(pool, episodes)
-    support, queries = features[torch.as_tensor(tasks.support)], features[torch.as_tensor(tasks.query)]
-    labels = torch.as_tensor(tasks.support_labels)
-    n_way, k = int(tasks.support_labels.max()) + 1, episodes.k_shot
-    by_class = np.argsort(tasks.support_labels, axis=1, kind="stable").reshape(len(support), n_way, k)
+    support_positions, query_positions = episode_positions(pool, episodes)
+    support, queries = (
+        features[torch.as_tensor(support_positions)],
+        features[torch.as_tensor(query_positions)],
+    )
+    support_labels = episodes.arrays.support_labels
+    labels = torch.as_tensor(support_labels)
+    n_way, k = int(support_labels.max()) + 1, episodes.k_shot
+    by_class = np.argsort(support_labels, axis=1, kind="stable").reshape(len(support), n_way, k)
     logits, held_labels = [], []
     for fold in range(k):
         held = by_class[:, :, fold]  # (E, n_way): one image of each class
@@ -63,7 +68,7 @@ def held_out_fold_logits(
         method = factory().fit(_rows(support, kept), torch.gather(labels, 1, torch.as_tensor(kept)))
         scored = method.predict_logits(torch.cat([queries, _rows(support, held)], dim=1))
         logits.append(scored[:, -n_way:].double().numpy())
-        held_labels.append(np.take_along_axis(tasks.support_labels, held, axis=1))
+        held_labels.append(np.take_along_axis(support_labels, held, axis=1))
     return np.concatenate(logits, axis=1), np.concatenate(held_labels, axis=1)
 
 
@@ -93,14 +98,15 @@ def main() -> None:
         if not (METHODS[method.name].transductive and METHODS[method.name].inputs == "features"):
             continue
         for k in (k for k in episodes.test if k >= 2):
-            chosen: dict = {}
+            chosen, val = {}, None
             if method.search:
-                chosen, _, _ = search_on_val(
+                chosen, val, _ = search_on_val(
                     method, embedded.methods, val_features, val_pool, episodes.val[k], {}
                 )
             factory = partial(create_method, method.name, embedded.methods, **method.params, **chosen)
             test = evaluate_frozen(factory, test_features, test_pool, episodes.test[k])
-            val = evaluate_frozen(factory, val_features, val_pool, episodes.val[k])
+            if val is None:
+                val = evaluate_frozen(factory, val_features, val_pool, episodes.val[k])
             held, held_labels = held_out_fold_logits(factory, test_features, test_pool, episodes.test[k])
             per_episode = fit_episode_temperatures(held, held_labels, t_max=100.0)
             pooled = fit_episode_temperatures(

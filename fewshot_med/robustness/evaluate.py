@@ -224,7 +224,8 @@ def attack_queries(
         model = adapt(factory, features, support, torch.as_tensor(arrays.support_labels[chunk]))
         rows = np.take_along_axis(query_pos[chunk], columns[chunk], axis=1)
         queries = images[torch.as_tensor(rows.reshape(-1))]  # (c·m, C, H, W), episode-major
-        targets, flat = torch.as_tensor(labels[chunk].reshape(-1)), labels[chunk].reshape(-1)
+        flat = labels[chunk].reshape(-1)
+        targets = torch.as_tensor(flat)
         with torch.no_grad():
             clean = softmax(model(queries))
         probs[0].append(clean)
@@ -234,10 +235,9 @@ def attack_queries(
                 probs[i].append(worst_case(clean, softmax(model(adversarial)), flat))
         if progress is not None:
             progress(chunk.stop)
-    shape = labels.shape
     k = episodes.k_shot
     return [
-        AttackResults(method, k, attack, np.concatenate(probs[i]).reshape(*shape, -1), labels)
+        AttackResults(method, k, attack, np.concatenate(probs[i]).reshape(*labels.shape, -1), labels)
         for i, attack in enumerate(attacks)
     ]
 
@@ -277,10 +277,11 @@ def attack_support(
         for column in rng.permutation(correct)[: settings.support_targets]:
             index = int(np.flatnonzero(arrays.support_labels[e] == arrays.query_labels[e, column])[0])
             rows.append((e, int(column), index))
-    flipped = np.zeros((len(settings.epsilons), len(rows)))
-    for start in range(0, len(rows), ATTACK_BATCH_IMAGES):
-        chunk = np.array(rows[start : start + ATTACK_BATCH_IMAGES]).reshape(-1, 3)
-        episode, column, index = chunk[:, 0], chunk[:, 1], chunk[:, 2]
+    attacks = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    flipped = np.zeros((len(settings.epsilons), len(attacks)))
+    for start in range(0, len(attacks), ATTACK_BATCH_IMAGES):
+        chunk = attacks[start : start + ATTACK_BATCH_IMAGES]
+        episode, column, index = chunk.T
         labels = torch.as_tensor(arrays.query_labels[episode, column])
         model = SupportAttackModel(
             factory,
@@ -295,10 +296,9 @@ def attack_support(
             adversarial = pgd(model, clean_images, labels, eps, steps, seed=settings.seed + start)
             with torch.no_grad():
                 flipped[i, start : start + len(chunk)] = (model(adversarial).argmax(dim=-1) != labels).numpy()
-    episode_of = np.array([e for e, _, _ in rows], dtype=np.int64)
     success = np.full((len(settings.epsilons), n), np.nan)
-    for e in np.unique(episode_of):
-        success[:, e] = flipped[:, episode_of == e].mean(axis=1)
+    for e in np.unique(attacks[:, 0]):
+        success[:, e] = flipped[:, attacks[:, 0] == e].mean(axis=1)
     k = episodes.k_shot
     return [SupportResults(method, k, eps, steps, success[i]) for i, eps in enumerate(settings.epsilons)]
 
