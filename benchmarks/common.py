@@ -196,22 +196,23 @@ def open_dataset(
     options: SuiteOptions,
     quick_overrides: Sequence[str] = (),
     configure: Callable[[Config], Config] | None = None,
+    overrides: Sequence[str] = (),
 ) -> Iterator[OpenedDataset]:
     """Open one dataset of a suite under an MLflow run ``<suite>:<name>`` nested in the suite's run.
 
-    The config gets ``SUITE_OVERRIDES``, the suite's seed and, for ``--quick``,
+    The config gets ``SUITE_OVERRIDES``, the suite's seed, ``overrides`` and, for ``--quick``,
     ``QUICK_COMMON_OVERRIDES``, ``quick_overrides`` and the smaller file of ``QUICK_SOURCES``;
     ``configure`` may adjust it further. The backbone is an earlier run's (``options.backbone_runs``)
     or trained by the pipeline's stages (``backbone_stages``); the episodes are the pipeline's
     (``draw_episodes``), checked against that run's saved lists; the test data and episode lists are
     logged to the dataset's run.
     """
-    overrides = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}"]
+    applied = [*SUITE_OVERRIDES, f"seed={options.seed}", f"episodes.seed={options.seed}", *overrides]
     if options.quick:
-        overrides += [*QUICK_COMMON_OVERRIDES, *quick_overrides]
-    config = load_config(config_path, overrides)
+        applied += [*QUICK_COMMON_OVERRIDES, *quick_overrides]
+    config = load_config(config_path, applied)
     if options.quick and config.data.source in QUICK_SOURCES:
-        config = load_config(config_path, [*overrides, f"data.source={QUICK_SOURCES[config.data.source]}"])
+        config = load_config(config_path, [*applied, f"data.source={QUICK_SOURCES[config.data.source]}"])
     if configure is not None:
         config = configure(config)
     context = open_context(config)

@@ -26,6 +26,7 @@ def test_quick_run_writes_tables_checks_and_metrics(tmp_path):
         patch.chdir(tmp_path)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.setattr(robustness, "DATASETS", {"quickstart": QUICKSTART})
+        patch.setattr(robustness, "SECTIONS", {"quickstart": robustness.SECTIONS["pbc"]})
         argv = ["--suite", "robustness", "--quick", "--threads", "1", "--output", "robustness.md"]
         assert run.main(argv) == 0
     text = (tmp_path / "robustness.md").read_text()
