@@ -8,8 +8,9 @@ artifacts under ``mlruns/artifacts/<experiment>/``. Any SQLite file store keeps 
 Every command opens a store through ``open_store``: it creates a SQLite store's folder, keeps
 SQLAlchemy's and MLflow's database logging from flooding the terminal, and ends the runs that a dead
 process of this host left RUNNING (``end_orphaned_runs``). A store that fails mid-command (turned
-read-only, deleted, a server not answering) becomes one ``StoreError`` line; calls that SQLite answers
-"database is locked" are retried a bounded number of times (``retrying``); MLflow's HTTP client
+read-only, deleted, a server not answering) becomes one ``StoreError`` line; calls that lose a race
+with another writer (SQLite's "database is locked", two runs inserting the same dataset row at once)
+are retried a bounded number of times (``retrying``); MLflow's HTTP client
 retries a server by itself (``MLFLOW_HTTP_REQUEST_*``, bounded in ``fewshot_med.tracking``).
 """
 
@@ -44,10 +45,19 @@ DEFAULT_STORE_DIR = "mlruns"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 _SQLITE_PREFIX = "sqlite:///"
-#: Attempts of a store call that SQLite answers "database is locked" (after its own 5 s busy wait),
-#: and the wait before the second attempt (doubled before each further one).
+#: Attempts of a store call that loses a race (``RACE_REASONS``), and the wait before the second
+#: attempt (doubled before each further one).
 LOCKED_ATTEMPTS = 4
 LOCKED_FIRST_WAIT = 0.5
+#: What a store answers when a write loses a race with another writer; the same call, tried again,
+#: succeeds: SQLite's write lock held beyond its own 5 s busy wait, and a row that another run inserted
+#: between MLflow's lookup and its insert (two runs logging the same dataset input to one server:
+#: PostgreSQL's unique violation, or SQLite's).
+RACE_REASONS = (
+    "database is locked",
+    "duplicate key value violates unique constraint",
+    "UNIQUE constraint failed",
+)
 _MAX_REASON_CHARS = 200
 _opened: set[str] = set()  # stores this process has opened (and swept) already
 _identities: dict[str, tuple[int, int]] = {}  # absolute database path -> its (device, inode)
@@ -438,13 +448,14 @@ def check_store_present(uri: str) -> None:
 
 
 def retrying(call: Callable[[], T]) -> T:
-    """``call()``, tried again up to ``LOCKED_ATTEMPTS`` times in all, with doubling waits, while SQLite
-    answers "database is locked" (another process holds the write lock beyond SQLite's busy wait)."""
+    """``call()``, tried again up to ``LOCKED_ATTEMPTS`` times in all, with doubling waits, while it
+    loses a race with another writer (``RACE_REASONS``)."""
     for attempt in range(LOCKED_ATTEMPTS - 1):
         try:
             return call()
         except Exception as error:
-            if "database is locked" not in (failure_reason(error) or ""):
+            text = f"{failure_reason(error) or ''} {error}"
+            if not any(reason in text for reason in RACE_REASONS):
                 raise
         time.sleep(LOCKED_FIRST_WAIT * 2**attempt)
     return call()

@@ -46,6 +46,38 @@ def test_locked_database_calls_are_retried_a_bounded_number_of_times(monkeypatch
     assert len(calls) == 1
 
 
+def test_a_dataset_row_inserted_by_a_concurrent_run_is_retried(monkeypatch):
+    """Two runs logging the same dataset input to one PostgreSQL-backed server: the loser's insert
+    fails on the primary key, and its retry finds the row."""
+    from mlflow.exceptions import RestException
+
+    monkeypatch.setattr(_store, "LOCKED_FIRST_WAIT", 0.0)
+    calls = []
+
+    def lost_the_race_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RestException(
+                {
+                    "error_code": "BAD_REQUEST",
+                    "message": "(psycopg.errors.UniqueViolation) duplicate key value violates unique "
+                    'constraint "dataset_pk"',
+                }
+            )
+        return "linked"
+
+    assert _store.retrying(lost_the_race_once) == "linked" and len(calls) == 2
+
+    def bad_request() -> None:
+        calls.append(1)
+        raise RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad metric name"})
+
+    calls.clear()
+    with pytest.raises(RestException):
+        _store.retrying(bad_request)
+    assert len(calls) == 1
+
+
 def test_store_failures_are_told_from_other_errors():
     try:
         try:
