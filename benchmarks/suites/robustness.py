@@ -44,7 +44,8 @@ SUITE = "robustness"
 #: interval over episodes more than more queries per episode), 3 support-attack targets per episode.
 #: Each method, K and episode costs 258 PGD/FGSM steps on 3 images plus 120 single-image steps of the
 #: support attack; a backward pass of ResNet-10t takes about 9 ms per image at 64 px (HAM10000) and
-#: 3.6 ms at 28 px (PBC) on 2 CPU cores: about 20 and 8 minutes for the 12 (method, K) pairs.
+#: 3.6 ms at 28 px (PBC) on 2 CPU cores: the 12 (method, K) pairs took 10.2 and 6.3 minutes
+#: (docs/robustness.md).
 SETTINGS = RobustnessSettings(episodes=10, queries_per_class=1, support_targets=3)
 #: A smoke run: numbers mean nothing.
 QUICK_SETTINGS = RobustnessSettings(steps=(2, 4), episodes=2, queries_per_class=1, support_targets=1)
@@ -61,8 +62,8 @@ QUICK_OVERRIDES = (
 #: Every config's test-time views in this suite: one (see the module docstring).
 VIEWS_OVERRIDE = "evaluation.test_time_views=identity"
 #: Per dataset, the other studies of the suite, each ``section(opened, options) -> (markdown, metrics)``.
-#: Robust training trains three backbones: at 28 px (PBC) about 10 minutes, at 64 px about 35, so it
-#: runs on PBC only to keep the full suite within an hour.
+#: Robust training trains three backbones: 7.7 minutes at 28 px (PBC), an estimated half hour at 64 px,
+#: so it runs on PBC only to keep the full suite within an hour.
 SECTIONS = {"ham10000": (poisoning.section,), "pbc": (robust_training.section, poisoning.section)}
 
 
