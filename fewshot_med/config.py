@@ -367,6 +367,14 @@ class PretrainConfig(StrictModel):
         "et al. 2019; or either, chosen per batch)",
     )
     mixing_alpha: PositiveFloat = Field(1.0, description="Beta(alpha, alpha) of the mixing proportion")
+    contrastive_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of an auxiliary self-supervised loss: SimCLR's NT-Xent between two augmented "
+        "views of every base image (Chen et al., ICML 2020; as a few-shot auxiliary, Su et al., ECCV 2020), "
+        "through a projection head dropped after pretraining; 0 = off. Each step then reads two views",
+    )
+    contrastive_temperature: PositiveFloat = Field(0.1, description="NT-Xent temperature")
     early_stopping_patience: PositiveInt | None = Field(8, description="epochs without val improvement")
     keep: Literal["best", "last"] = Field(
         "best",
@@ -378,6 +386,14 @@ class PretrainConfig(StrictModel):
         SwagConfig(),
         description="SWAG posterior over the snapshots of the last epochs, whichever epoch keep hands on",
     )
+
+    @model_validator(mode="after")
+    def _contrastive_views_differ(self) -> PretrainConfig:
+        if self.contrastive_weight > 0 and not self.augment:
+            raise ValueError("contrastive_weight > 0 compares two augmented views; set augment: true")
+        if self.contrastive_weight > 0 and self.mixing != "none":
+            raise ValueError("contrastive_weight > 0 reads unmixed views; set mixing: none (or weight 0)")
+        return self
 
     @model_validator(mode="after")
     def _swag_schedule_fits(self) -> PretrainConfig:

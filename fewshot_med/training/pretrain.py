@@ -216,7 +216,8 @@ def pretrain(
     backbone.to(device=device, memory_format=_memory_format(device))
     torch.manual_seed(seed)
     head = nn.Linear(backbone.num_features, len(train.class_names)).to(device)
-    loop = _build_loop(backbone, head, len(train), settings, device, seed, compile_backbone)
+    projection = projection_head(backbone.num_features).to(device) if settings.contrastive_weight else None
+    loop = _build_loop(backbone, head, projection, len(train), settings, device, seed, compile_backbone)
     harness = _harness(loop, spec, train, val, settings, device, checkpoint_path, log_metrics, seed)
     if resume:
         harness.restore()
@@ -241,6 +242,7 @@ class _Loop:
 
     backbone: nn.Module
     head: nn.Linear
+    projection: nn.Module | None
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -253,6 +255,41 @@ class _Loop:
     swag_steps: frozenset[int]
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
     seed: int
+
+
+#: Width of the contrastive projection's output (SimCLR's 128; Chen et al., ICML 2020).
+PROJECTION_DIM = 128
+
+
+def projection_head(n_features: int) -> nn.Sequential:
+    """SimCLR's projection MLP, ``(B, D)`` -> ``(B, PROJECTION_DIM)``: the contrastive loss reads its
+    output, so the backbone's features keep what the loss would otherwise discard (Chen et al., 2020)."""
+    return nn.Sequential(
+        nn.Linear(n_features, n_features), nn.ReLU(inplace=True), nn.Linear(n_features, PROJECTION_DIM)
+    )
+
+
+class _ClassifyAndProject(nn.Module):
+    """``(B, C, H, W)`` images -> ``(B, n_classes)`` logits and ``(B, PROJECTION_DIM)`` projections of the
+    same features, in one forward pass (one module, so data-parallel wrapping sees every parameter)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, projection: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head, self.projection = backbone, head, projection
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(images)
+        return self.head(features), self.projection(features)
+
+
+def contrastive_loss(projections: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR) of ``(2B, P)`` projections whose row ``i`` and row ``B + i`` are two views of one
+    image: each view's positive is its twin, the other ``2B - 2`` rows are its negatives
+    (pytorch-metric-learning's ``NTXentLoss``)."""
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    pairs = torch.arange(len(projections) // 2, device=projections.device).repeat(2)
+    return NTXentLoss(temperature=temperature)(projections.float(), pairs)
 
 
 def mixing_transform(
@@ -279,6 +316,7 @@ def mixing_transform(
 def _build_loop(
     backbone: nn.Module,
     head: nn.Linear,
+    projection: nn.Module | None,
     n_train: int,
     settings: PretrainConfig,
     device: torch.device,
@@ -286,7 +324,7 @@ def _build_loop(
     compile_backbone: bool,
 ) -> _Loop:
     """The optimizer, schedule, generators, batch shape and SWAG schedule of a run on ``n_train`` images."""
-    optimizer = _make_optimizer([backbone, head], settings)
+    optimizer = _make_optimizer([backbone, head, *([projection] if projection is not None else [])], settings)
     batch_size = min(settings.batch_size, n_train)
     distributed.check_divisible(batch_size, "pretrain.batch_size")
     steps = n_train // batch_size
@@ -307,10 +345,15 @@ def _build_loop(
     world = distributed.world()
     stream = [seed, 1] if world.size == 1 else [seed, 1, world.rank]  # each rank augments its own share
     augment_generator.manual_seed(int(np.random.SeedSequence(stream).generate_state(1)[0]))
-    model = distributed.wrap(nn.Sequential(backbone, head), device)
+    if projection is None:
+        joint: nn.Module = nn.Sequential(backbone, head)
+    else:
+        joint = _ClassifyAndProject(backbone, head, projection)
+    model = distributed.wrap(joint, device)
     return _Loop(
         backbone=backbone,
         head=head,
+        projection=projection,
         model=compiled(model, device) if compile_backbone else model,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -347,7 +390,11 @@ def _harness(
         unit="epoch",
         total=settings.epochs,
         metric="val_balanced_accuracy",
-        modules={"backbone": loop.backbone, "head": loop.head},
+        modules={
+            "backbone": loop.backbone,
+            "head": loop.head,
+            **({"projection": loop.projection} if loop.projection is not None else {}),
+        },
         states={"optimizer": loop.optimizer, "scheduler": loop.scheduler, "swag": loop.swag},
         generators={"augment": loop.augment_generator, "numpy_sampler": loop.sampler},
         device=device,
@@ -417,7 +464,10 @@ def _train_epoch(
         images = to_model_input(train.images[batch_rows], spec.mean, spec.std, spec.in_chans, device)
         images = images.contiguous(memory_format=_memory_format(device))
         if settings.augment:
-            images = augment_batch(images, loop.augment_generator)
+            views = [augment_batch(images, loop.augment_generator)]
+            if loop.projection is not None:  # a second view of every image, for the contrastive loss
+                views.append(augment_batch(images, loop.augment_generator))
+            images = torch.cat(views)
         targets = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
         goals = targets  # class indices, or label proportions after mixing
         if loop.mix is not None:
@@ -426,8 +476,14 @@ def _train_epoch(
                 torch.manual_seed(int(step_seed))
                 images, goals = loop.mix(images, targets)
         with autocast(device):
-            logits = loop.model(images)
-            loss = criterion(logits, goals)
+            if loop.projection is None:
+                logits = loop.model(images)
+                loss = criterion(logits, goals)
+            else:  # classify the first view; pull each image's two views together
+                logits, projections = loop.model(images)
+                logits = logits[: len(targets)]
+                auxiliary = contrastive_loss(projections, settings.contrastive_temperature)
+                loss = criterion(logits, goals) + settings.contrastive_weight * auxiliary
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -188,6 +188,48 @@ def test_mixup_blends_images_and_labels_in_the_same_proportion():
     assert pretrain_module.mixing_transform("none", 3, 1.0) is None
 
 
+def test_the_contrastive_loss_resumes_to_the_same_weights_and_changes_the_trajectory(data, tmp_path):
+    train, val, spec = data
+    settings = quick(contrastive_weight=0.5)
+    whole = pretrain(fresh_backbone(spec), spec, train, val, settings, CPU)
+    path = tmp_path / "contrastive.pt"
+    interrupt_after_second_epoch(data, settings, path)
+    assert "projection" in load_checkpoint(path)["current"]  # the projection head resumes too
+    resumed = resume_pretraining(path, data, settings)
+    assert_same_weights(resumed.backbone, whole.backbone)
+    supervised = pretrain(fresh_backbone(spec), spec, train, val, quick(), CPU)
+    assert not np.array_equal(trainable(supervised.backbone), trainable(whole.backbone))
+    # the reported loss holds the weighted NT-Xent term (0.56 measured; log(2 * 32 - 1) = 4.1 at chance)
+    assert whole.history[-1]["train_loss"] > supervised.history[-1]["train_loss"] + 0.25
+
+
+def test_the_contrastive_loss_is_nt_xent_with_each_view_paired_to_its_twin():
+    torch.manual_seed(0)
+    projections, temperature = torch.randn(8, 5), 0.3  # rows i and 4 + i are two views of image i
+    unit = torch.nn.functional.normalize(projections, dim=1)
+    similarity = unit @ unit.T / temperature
+    twin = torch.arange(8).roll(4)
+    expected = torch.stack(
+        [torch.logsumexp(similarity[i][torch.arange(8) != i], 0) - similarity[i, twin[i]] for i in range(8)]
+    ).mean()
+    assert pretrain_module.contrastive_loss(projections, temperature).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
+    agreeing = torch.cat([unit[:4], unit[:4]])  # identical twins score lower than unrelated rows
+    assert pretrain_module.contrastive_loss(agreeing, temperature) < pretrain_module.contrastive_loss(
+        projections, temperature
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"augment": False}, "set augment: true"), ({"mixing": "cutmix"}, "set mixing: none")],
+)
+def test_the_contrastive_loss_refuses_settings_without_two_distinct_views(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PretrainConfig(contrastive_weight=0.5, **changes)
+
+
 def trainable(module: torch.nn.Module) -> np.ndarray:
     """The module's trainable parameters flattened in ``named_parameters()`` order, float64."""
     return (
