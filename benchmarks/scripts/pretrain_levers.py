@@ -4,9 +4,10 @@ For every arm (a named set of ``--set`` overrides of the config; the first arm i
 every training seed, pretrains a backbone on the base classes (the config's ``pretrain`` section; no
 meta-training), then scores SimpleShot and logistic regression on the novel classes at K shots: the
 val episodes (the signal the protocol allows choosing on) and the test episodes (for reading only),
-the same seeded episode lists for every arm and seed. Prints one JSON line per arm and seed, then a
-markdown table: per arm, the mean ± standard deviation over training seeds, and the paired difference
-from the reference arm over seeds (each seed's arms share their episode lists and initial weights).
+the same seeded episode lists for every arm and seed. Runs seed by seed (every arm of seed 0 first)
+and prints one JSON line per arm and seed, and after each seed a markdown table: per arm, the mean ±
+standard deviation over training seeds, and the paired difference from the reference arm over seeds
+(each seed's arms share their episode lists and initial weights).
 A lever is kept only when its val difference is positive for every seed. Everything is logged to an
 MLflow run in the ``benchmarks`` experiment.
 
@@ -123,10 +124,10 @@ def main() -> None:
     args = parser.parse_args()
     arms = args.arms or [Arm("reference", ())]
     base = load_config(args.config, args.overrides)  # validates the shared overrides once, up front
-    configs = {
+    configs = {  # seed-major: a run stopped early still holds every arm of its finished seeds
         (arm.name, seed): load_config(args.config, [*args.overrides, *arm.overrides, f"seed={seed}"])
-        for arm in arms
         for seed in args.seeds
+        for arm in arms
     }
     records: dict[str, dict[int, dict[str, float | str]]] = {arm.name: {} for arm in arms}
     command = {"config": args.config, "overrides": args.overrides, "arms": [a.__dict__ for a in arms]}
@@ -139,6 +140,8 @@ def main() -> None:
             prefix = (base.name, args.shots, arm, f"seed{seed}")
             numbers = {key: value for key, value in record.items() if isinstance(value, float)}
             tracking.log_metrics({names.benchmark_metric(*prefix, k): v for k, v in numbers.items()})
+            if arm == arms[-1].name:  # a seed is complete: the table so far
+                print(summary_table({name: runs for name, runs in records.items() if runs}, args.shots))
         table = summary_table(records, args.shots)
         tracking.log_text_artifact(table, "pretrain_levers.md")
     print(table)
