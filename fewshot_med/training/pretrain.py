@@ -464,10 +464,10 @@ def _train_epoch(
         images = to_model_input(train.images[batch_rows], spec.mean, spec.std, spec.in_chans, device)
         images = images.contiguous(memory_format=_memory_format(device))
         if settings.augment:
-            views = [augment_batch(images, loop.augment_generator)]
+            view = augment_batch(images, loop.augment_generator)
             if loop.projection is not None:  # a second view of every image, for the contrastive loss
-                views.append(augment_batch(images, loop.augment_generator))
-            images = torch.cat(views)
+                view = torch.cat([view, augment_batch(images, loop.augment_generator)])
+            images = view
         targets = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
         goals = targets  # class indices, or label proportions after mixing
         if loop.mix is not None:
