@@ -14,6 +14,11 @@ predictions (deployable: one episode's own data), and after one temperature fitt
 predictions of all test episodes pooled (not deployable for a single task: a reference of what
 the held-out signal carries when its noise is averaged away).
 
+Two more columns, for every K: the val temperature extrapolated to the test regime (a temperature
+fitted on val episodes with 1, 2, … queries per class, ``log T`` regressed on ``log`` queries per
+class and read at the test episodes' count; deployable: val labels only), and the temperature fitted
+on the test queries themselves (not deployable: the floor of what any single temperature reaches).
+
 Run: ``python -m benchmarks.scripts.transductive_calibration CONFIG --from RUN [--threads N]``.
 """
 
@@ -30,8 +35,12 @@ import torch
 
 from fewshot_med.config import load_config
 from fewshot_med.data import ClassSubset
-from fewshot_med.data.episodes import EpisodeList
-from fewshot_med.evaluation.calibration import calibrate_with_val_episodes, fit_episode_temperatures
+from fewshot_med.data.episodes import EpisodeList, sample_episodes
+from fewshot_med.evaluation.calibration import (
+    TemperatureScaling,
+    calibrate_with_val_episodes,
+    fit_episode_temperatures,
+)
 from fewshot_med.evaluation.metrics import pooled_ece, softmax
 from fewshot_med.evaluation.runner import evaluate_frozen
 from fewshot_med.methods import METHODS, FewShotMethod, create_method
@@ -72,6 +81,28 @@ def held_out_fold_logits(
     return np.concatenate(logits, axis=1), np.concatenate(held_labels, axis=1)
 
 
+def query_count_temperature(
+    factory: Callable[[], FewShotMethod],
+    features: torch.Tensor,
+    pool: ClassSubset,
+    val_episodes: EpisodeList,
+    n_query_test: int,
+) -> tuple[float, dict[int, float]]:
+    """The val temperature read at ``n_query_test`` queries per class: one temperature fitted on the
+    val episodes redrawn with each query count the val split allows (the same shots, episodes and
+    seed), then ``log T`` regressed linearly on ``log`` queries per class. Returns the extrapolated
+    temperature and the fitted one per query count."""
+    n_way, k = int(val_episodes.arrays.support_labels.max()) + 1, val_episodes.k_shot
+    most = int(np.bincount(pool.labels).min()) - k
+    temperatures = {}
+    for n_query in range(1, most + 1):
+        episodes = sample_episodes(pool, n_way, k, n_query, len(val_episodes), val_episodes.seed)
+        result = evaluate_frozen(factory, features, pool, episodes)
+        temperatures[n_query] = TemperatureScaling(t_max=100.0).fit(result.logits, result.labels).temperature_
+    slope, intercept = np.polyfit(np.log(list(temperatures)), np.log(list(temperatures.values())), 1)
+    return float(np.exp(intercept + slope * np.log(n_query_test))), temperatures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -91,13 +122,14 @@ def main() -> None:
     test_features, val_features = embedded.features["novel_test"], embedded.features["novel_val"]
     print(
         "| method | K | accuracy | ECE raw | val temperature | held-out folds, per episode (median T) "
-        "| held-out folds, pooled over episodes (T) |"
+        "| held-out folds, pooled over episodes (T) | val temperature at the test query count (T) "
+        "| temperature fitted on the test queries (T) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for method in config.methods:
         if not (METHODS[method.name].transductive and METHODS[method.name].inputs == "features"):
             continue
-        for k in (k for k in episodes.test if k >= 2):
+        for k in episodes.test:
             chosen, val = {}, None
             if method.search:
                 chosen, val, _ = search_on_val(
@@ -107,21 +139,38 @@ def main() -> None:
             test = evaluate_frozen(factory, test_features, test_pool, episodes.test[k])
             if val is None:
                 val = evaluate_frozen(factory, val_features, val_pool, episodes.val[k])
-            held, held_labels = held_out_fold_logits(factory, test_features, test_pool, episodes.test[k])
-            per_episode = fit_episode_temperatures(held, held_labels, t_max=100.0)
-            pooled = fit_episode_temperatures(
-                held.reshape(1, -1, held.shape[-1]), held_labels.reshape(1, -1), t_max=100.0
-            )
 
             def ece(logits: np.ndarray, labels: np.ndarray = test.labels) -> float:
                 return pooled_ece(softmax(logits), labels)[0]
 
+            val_calibrated = calibrate_with_val_episodes(test, val)
             cells = [
                 f"{100 * test.values('accuracy').mean():.1f}",
                 f"{ece(test.logits):.3f}",
-                f"{ece(calibrate_with_val_episodes(test, val).logits):.3f}",
-                f"{ece(test.logits / per_episode[:, None, None]):.3f} ({np.median(per_episode):.2f})",
-                f"{ece(test.logits / pooled[0]):.3f} ({pooled[0]:.2f})",
+                f"{ece(val_calibrated.logits):.3f} ({val_calibrated.calibrator['temperature']:.2f})",
+            ]
+            if k >= 2:
+                held, held_labels = held_out_fold_logits(factory, test_features, test_pool, episodes.test[k])
+                per_episode = fit_episode_temperatures(held, held_labels, t_max=100.0)
+                pooled = fit_episode_temperatures(
+                    held.reshape(1, -1, held.shape[-1]), held_labels.reshape(1, -1), t_max=100.0
+                )
+                cells += [
+                    f"{ece(test.logits / per_episode[:, None, None]):.3f} ({np.median(per_episode):.2f})",
+                    f"{ece(test.logits / pooled[0]):.3f} ({pooled[0]:.2f})",
+                ]
+            else:
+                cells += ["—", "—"]
+            n_query_test = test.logits.shape[1] // test.logits.shape[2]
+            extrapolated, by_count = query_count_temperature(
+                factory, val_features, val_pool, episodes.val[k], n_query_test
+            )
+            floor = TemperatureScaling(t_max=100.0).fit(test.logits, test.labels).temperature_
+            cells += [
+                f"{ece(test.logits / extrapolated):.3f} ({extrapolated:.2f}; fitted "
+                + ", ".join(f"{q}: {t:.2f}" for q, t in by_count.items())
+                + ")",
+                f"{ece(test.logits / floor):.3f} ({floor:.2f})",
             ]
             print(f"| {method.display_name} | {k} | " + " | ".join(cells) + " |", flush=True)
     print(f"\n{time.perf_counter() - started:.0f} s")
