@@ -152,12 +152,10 @@ def main() -> None:
             if k >= 2:
                 held, held_labels = held_out_fold_logits(factory, test_features, test_pool, episodes.test[k])
                 per_episode = fit_episode_temperatures(held, held_labels, t_max=100.0)
-                pooled = fit_episode_temperatures(
-                    held.reshape(1, -1, held.shape[-1]), held_labels.reshape(1, -1), t_max=100.0
-                )
+                pooled = TemperatureScaling(t_max=100.0).fit(held, held_labels).temperature_
                 cells += [
                     f"{ece(test.logits / per_episode[:, None, None]):.3f} ({np.median(per_episode):.2f})",
-                    f"{ece(test.logits / pooled[0]):.3f} ({pooled[0]:.2f})",
+                    f"{ece(test.logits / pooled):.3f} ({pooled:.2f})",
                 ]
             else:
                 cells += ["—", "—"]
