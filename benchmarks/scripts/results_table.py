@@ -1,8 +1,10 @@
 """Write a pipeline run's results table into the docs, with the lineage needed to rerun it.
 
 Run: ``python -m benchmarks.scripts.results_table RUN_ID [--out docs/results.md]`` after
-``fewshot-med run configs/<dataset>.yaml``. The section for the run's experiment is replaced (or
-added); other sections stay. The run is read through ``fewshot_med.tracking.collect_run``.
+``fewshot-med run configs/<dataset>.yaml``, or with ``--config configs/<name>.yaml`` after
+``fewshot-med evaluate configs/<name>.yaml --from RUN``. The section named after the config (by
+default the run's experiment) is replaced (or added); other sections stay. The run is read through
+``fewshot_med.tracking.collect_run``.
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ def _lowest_pooled_ece(review: RunReview) -> str:
     return "\n".join(lines)
 
 
-def section(run_id: str) -> tuple[str, str]:
-    """``(experiment name, markdown section)`` for a finished pipeline run."""
+def section(run_id: str, config: Path | None = None) -> tuple[str, str]:
+    """``(section name, markdown section)`` for a finished pipeline run started from ``config``
+    (default ``configs/<experiment>.yaml``)."""
     with tempfile.TemporaryDirectory(prefix="fewshot-med-results-") as folder:
         try:
             review = collect_run(run_id, Path(folder), with_plots=False)
         except FewshotMedError as error:
             raise SystemExit(str(error)) from None
-    experiment = review.experiment_name
+    config = config or Path("configs") / f"{review.experiment_name}.yaml"
     table = re.sub(
         r"Lowest (pooled )?test ECE per method and K:\n\n.*?\n\n",
         lambda _: "Lowest pooled test ECE per method and K:\n\n" + _lowest_pooled_ece(review) + "\n\n",
@@ -72,17 +75,26 @@ def section(run_id: str) -> tuple[str, str]:
         if meta_accuracy in training
         else ""
     )
+    if review.from_run:
+        command = f"`fewshot-med evaluate {config} --from {review.from_run}`"
+        backbone = f"- backbone `{review.backbone}` of MLflow run `{review.from_run}`"
+    else:
+        command = (
+            f"`fewshot-med run {config}` (or `python -m benchmarks.scripts.pipeline_wall {config}`, the "
+            "same run plus peak memory)"
+        )
+        backbone = (
+            f"- backbone `{review.backbone}`; base-class val balanced accuracy after pretraining "
+            f"{100 * pretrain:.1f}%{meta_line}"
+        )
     lines = [
-        f"## {experiment}",
+        f"## {config.stem}",
         "",
-        f"- command: `fewshot-med run configs/{experiment}.yaml` (or "
-        f"`python -m benchmarks.scripts.pipeline_wall configs/{experiment}.yaml`, the same run plus peak "
-        f"memory); config logged as `{names.CONFIG}`",
+        f"- command: {command}; config logged as `{names.CONFIG}`",
         f"- MLflow run `{review.run_id}`; git commit `{review.git_commit or 'unknown'}`"
         f"{' (uncommitted changes)' if review.git_dirty == 'true' else ''}; seed {review.seed}",
         f"- data `{review.data_source}`, content digest sha256 `{review.data_digest}`",
-        f"- backbone `{review.backbone}`; base-class val balanced accuracy after pretraining "
-        f"{100 * pretrain:.1f}%{meta_line}",
+        backbone,
         f"- wall time on this machine: {times}",
         "",
         "Mean ± 95% CI over episodes; accuracy, balanced accuracy, AUROC and accuracy at 80% coverage in %. "
@@ -93,15 +105,16 @@ def section(run_id: str) -> tuple[str, str]:
         "",
         table,
     ]
-    return experiment, "\n".join(lines) + "\n"
+    return config.stem, "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_id")
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--config", type=Path, help="the config the run was started with")
     args = parser.parse_args()
-    experiment, text = section(args.run_id)
+    experiment, text = section(args.run_id, args.config)
     out = Path(args.out)
     existing = (
         out.read_text()
