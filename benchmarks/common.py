@@ -241,6 +241,15 @@ def open_dataset(
         yield OpenedDataset(context, embedded, episodes, lineage)
 
 
+def embed_run(config: Config, from_run: str) -> tuple[Embedded, Episodes]:
+    """Every image of ``config`` embedded by the backbone of pipeline run ``from_run``, and the
+    pipeline's seeded test and val episodes: what a script studying that run starts from, without an
+    MLflow run of its own (suites use ``open_dataset``)."""
+    context = backbone_stages(open_context(config), (), from_run)
+    embedded = embed_subsets(context)
+    return embedded, draw_episodes(config, embedded.pools, context.n_way, val=True)
+
+
 def _backbone_source(config: Config, from_run: str | None) -> str:
     """A sentence saying where a suite's backbone comes from."""
     if from_run is not None:

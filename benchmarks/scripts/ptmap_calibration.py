@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import embed_run
 from fewshot_med.config import MethodConfig, load_config
 from fewshot_med.evaluation.calibration import TemperatureScaling, calibrate_with_val_episodes
 from fewshot_med.evaluation.metrics import pooled_ece, softmax
@@ -34,10 +35,7 @@ from fewshot_med.evaluation.runner import EpisodeResults, evaluate_frozen, score
 from fewshot_med.methods import create_method
 from fewshot_med.methods.base import euclidean_distances
 from fewshot_med.methods.pt_map import MIN_PROBABILITY, PTMAP, sinkhorn
-from fewshot_med.pipelines.episodes import draw_episodes
-from fewshot_med.pipelines.evaluation import embed_subsets, search_on_val
-from fewshot_med.pipelines.stages import open_context
-from fewshot_med.pipelines.transfer import backbone_stages
+from fewshot_med.pipelines.evaluation import search_on_val
 
 
 def final_assignment(method: PTMAP, query: torch.Tensor, lam: float) -> torch.Tensor:
@@ -96,9 +94,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     config = load_config(args.config)
-    context = backbone_stages(open_context(config), (), args.from_run)
-    embedded = embed_subsets(context)
-    episodes = draw_episodes(config, embedded.pools, context.n_way, val=True)
+    embedded, episodes = embed_run(config, args.from_run)
     pools = {"test": embedded.pools["test"], "val": embedded.pools["val"]}
     features = {"test": embedded.features["novel_test"], "val": embedded.features["novel_val"]}
     by_label = {method.display_name: method for method in config.methods}

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import embed_run
 from fewshot_med.config import load_config
 from fewshot_med.data import ClassSubset
 from fewshot_med.data.episodes import EpisodeList, sample_episodes
@@ -44,10 +45,7 @@ from fewshot_med.evaluation.calibration import (
 from fewshot_med.evaluation.metrics import pooled_ece, softmax
 from fewshot_med.evaluation.runner import evaluate_frozen
 from fewshot_med.methods import METHODS, FewShotMethod, create_method
-from fewshot_med.pipelines.episodes import draw_episodes
-from fewshot_med.pipelines.evaluation import embed_subsets, search_on_val
-from fewshot_med.pipelines.stages import open_context
-from fewshot_med.pipelines.transfer import backbone_stages
+from fewshot_med.pipelines.evaluation import search_on_val
 from fewshot_med.robustness.evaluate import episode_positions
 
 
@@ -115,9 +113,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     config = load_config(args.config)
-    context = backbone_stages(open_context(config), (), args.from_run)
-    embedded = embed_subsets(context)
-    episodes = draw_episodes(config, embedded.pools, context.n_way, val=True)
+    embedded, episodes = embed_run(config, args.from_run)
     test_pool, val_pool = embedded.pools["test"], embedded.pools["val"]
     test_features, val_features = embedded.features["novel_test"], embedded.features["novel_val"]
     print(
