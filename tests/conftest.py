@@ -13,6 +13,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fewshot_med.data import data_root
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n``), give each worker its share of the cores, so that torch's threads in
+    parallel workers do not oversubscribe them (children inherit ``OMP_NUM_THREADS``)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or ``$FEWSHOT_MED_DATA``); skips the test when the files are absent."""
