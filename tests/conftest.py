@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,8 +21,6 @@ def _share_the_cores_between_workers() -> None:
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        import torch
-
         torch.set_num_threads(threads)
 
 
