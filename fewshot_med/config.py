@@ -382,6 +382,25 @@ class PretrainConfig(StrictModel):
         "last epoch (the end of the schedule; for transfer, base-class accuracy is a noisy proxy)",
     )
     steps_per_epoch: PositiveInt | None = Field(None, description="cap on steps per epoch (quick runs)")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise learning-rate decay for a pretrained start: the backbone's last block "
+        "trains at lr, each earlier one at this factor times the next (BEiT, Bao et al., ICLR 2022; "
+        "timm's layer groups); the head at lr; null = one rate",
+    )
+    head_warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="epochs that train the head alone on a frozen backbone (eval mode) before the "
+        "backbone joins on its own warm-up and cosine (LP-FT, Kumar et al., ICLR 2022); 0 = off",
+    )
+    freeze_bn_stats: bool = Field(
+        False,
+        description="keep the backbone's batch-norm running statistics as the starting weights have them "
+        "(its affine parameters still train)",
+    )
     swag: SwagConfig = Field(
         SwagConfig(),
         description="SWAG posterior over the snapshots of the last epochs, whichever epoch keep hands on",
@@ -393,6 +412,15 @@ class PretrainConfig(StrictModel):
             raise ValueError("contrastive_weight > 0 compares two augmented views; set augment: true")
         if self.contrastive_weight > 0 and self.mixing != "none":
             raise ValueError("contrastive_weight > 0 reads unmixed views; set mixing: none (or weight 0)")
+        return self
+
+    @model_validator(mode="after")
+    def _backbone_joins_before_the_end(self) -> PretrainConfig:
+        if self.head_warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"head_warmup_epochs {self.head_warmup_epochs} leaves no epoch of {self.epochs} to train "
+                "the backbone; lower it or add epochs"
+            )
         return self
 
     @model_validator(mode="after")

@@ -181,17 +181,26 @@ def checkpointed(path: Path) -> Iterator[Path]:
             raise error.keeping(path) from error
 
 
-def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
-    """Build the backbone and train it on the base classes of the train split; log it as a model,
-    with its SWAG posterior (``pretrain.swag``) beside it. Returns the context with that backbone."""
-    config, data, device = context.config, context.data, context.device
-    base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
+def starting_backbone(config: Config, data: Data) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone pretraining starts from (``model``: timm name, hub or local weights) and its spec,
+    whose input normalisation is the weights' own or the base-train channel statistics
+    (``model.normalization``)."""
     carried = weights_normalization(config.model.backbone, config.model.pretrained, config.model.weights)
+    base_train = data.subset("train", "base")
     mean, std = input_normalization(config.model.normalization, carried, channel_stats(base_train.images))
     spec = BackboneSpec(config.model.backbone, 3, data.dataset.image_shape[0], mean, std)
     backbone = create_backbone(
         spec.name, spec.in_chans, spec.image_size, config.model.pretrained, config.model.weights
     )
+    return backbone, spec
+
+
+def pretrain_stage(context: StageContext, resume: bool = False) -> StageContext:
+    """Build the backbone and train it on the base classes of the train split; log it as a model,
+    with its SWAG posterior (``pretrain.swag``) beside it. Returns the context with that backbone."""
+    config, data, device = context.config, context.data, context.device
+    base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
+    backbone, spec = starting_backbone(config, data)
     swag = None
     tags = {names.BACKBONE_TAG: spec.name, **world_tags()}
     checkpoint = checkpoint_dir(config) / "pretrain.pt"

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from fewshot_med import tracking
 from fewshot_med.config import Config, load_config
 from fewshot_med.data import sample_episodes
-from fewshot_med.data.transforms import channel_stats
 from fewshot_med.evaluation import evaluate_frozen
 from fewshot_med.methods import MethodContext, create_method
-from fewshot_med.models import BackboneSpec, create_backbone, embed
-from fewshot_med.pipelines.stages import load_data
+from fewshot_med.models import embed
+from fewshot_med.pipelines.stages import load_data, starting_backbone
 from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.tracking import names
 from fewshot_med.training.pretrain import pretrain
@@ -68,9 +67,7 @@ def score_seed(config: Config, n_val: int, n_test: int, shots: int) -> dict[str,
         split: sample_episodes(pool, n_way, shots, draw.n_query, counts[split], draw.seed)
         for split, pool in pools.items()
     }
-    mean, std = channel_stats(base_train.images)
-    spec = BackboneSpec(config.model.backbone, 3, data.dataset.image_shape[0], mean, std)
-    backbone = create_backbone(spec.name, spec.in_chans, spec.image_size)
+    backbone, spec = starting_backbone(config, data)  # as the pipeline builds it: weights, normalisation
     settings = config.pretrain.model_copy(update={"early_stopping_patience": None})
     started = time.perf_counter()
     pretrain(backbone, spec, base_train, base_val, settings, device, seed=config.seed)

@@ -185,6 +185,12 @@ def pretrain(
     the same as without them, and the collector is part of the checkpoint, so a resumed run ends with
     the same moments.
 
+    A pretrained start has three knobs (``optimizer_groups``): ``settings.layer_decay`` lowers the
+    learning rate of earlier blocks; ``settings.head_warmup_epochs`` trains the head alone on the
+    frozen backbone (eval mode, learning rate 0) before the backbone starts its own warm-up and cosine
+    over the remaining steps (LP-FT, Kumar et al., ICLR 2022); ``settings.freeze_bn_stats`` keeps the
+    backbone's batch-norm statistics as loaded. All three are off by default.
+
     A fresh run seeds torch's global generator with ``seed`` (dropout, drop-path and head
     initialisation); batch sampling and augmentation use their own generators derived from ``seed``.
 
@@ -234,6 +240,10 @@ def pretrain(
         stopped_early=harness.stopped_early,
         swag=loop.swag.posterior() if loop.swag is not None else None,
     )
+
+
+#: The optimizer-group key that marks the backbone's groups (their schedule waits for the head warm-up).
+BACKBONE_GROUP = "backbone"
 
 
 @dataclass
@@ -324,7 +334,7 @@ def _build_loop(
     compile_backbone: bool,
 ) -> _Loop:
     """The optimizer, schedule, generators, batch shape and SWAG schedule of a run on ``n_train`` images."""
-    optimizer = _make_optimizer([backbone, head, *([projection] if projection is not None else [])], settings)
+    optimizer = _make_optimizer(backbone, [head, *([projection] if projection is not None else [])], settings)
     batch_size = min(settings.batch_size, n_train)
     distributed.check_divisible(batch_size, "pretrain.batch_size")
     steps = n_train // batch_size
@@ -338,8 +348,19 @@ def _build_loop(
             "each); it needs 2 or more: set pretrain.swag.start_epoch earlier"
         )
     warmup_steps, total_steps = settings.warmup_epochs * steps, settings.epochs * steps
+    frozen_steps = settings.head_warmup_epochs * steps
+
+    def head_factor(step: int) -> float:
+        return lr_factor(step, warmup_steps, total_steps, settings.schedule)
+
+    def backbone_factor(step: int) -> float:  # its own warm-up and cosine start after the head's epochs
+        if step < frozen_steps:
+            return 0.0
+        return lr_factor(step - frozen_steps, warmup_steps, total_steps - frozen_steps, settings.schedule)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, settings.schedule)
+        optimizer,
+        [backbone_factor if group[BACKBONE_GROUP] else head_factor for group in optimizer.param_groups],
     )
     augment_generator = torch.Generator(device=device)
     world = distributed.world()
@@ -452,6 +473,10 @@ def _train_epoch(
     backbone, head, optimizer, batch_size = loop.backbone, loop.head, loop.optimizer, loop.batch_size
     backbone.train()
     head.train()
+    if epoch < settings.head_warmup_epochs:
+        backbone.eval()  # a fixed feature extractor while the head alone trains (its learning rate is 0)
+    elif settings.freeze_bn_stats:
+        freeze_batch_norm_statistics(backbone)
     started = time.perf_counter()
     labels = train.labels.astype(np.int64)
     rows = epoch_indices(labels, settings.balanced_sampling, loop.steps * batch_size, loop.sampler)
@@ -567,9 +592,57 @@ def _memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
-def _make_optimizer(modules: list[nn.Module], settings: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW, or SGD with Nesterov momentum 0.9, with decoupled parameter groups."""
-    groups = parameter_groups(modules, settings.weight_decay)
+def freeze_batch_norm_statistics(module: nn.Module) -> None:
+    """Put every batch-norm layer of ``module`` in eval mode: its running statistics stop moving and
+    normalise the batches, its affine parameters still train (call after ``module.train()``)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
+def optimizer_groups(
+    backbone: nn.Module, heads: list[nn.Module], settings: PretrainConfig
+) -> list[dict[str, Any]]:
+    """The heads' groups at ``settings.lr``, then the backbone's, each flagged ``BACKBONE_GROUP``.
+
+    Without ``settings.layer_decay`` the backbone also trains at ``settings.lr``. With it, timm's layer
+    groups of the backbone (``group_matcher``: stem, then each block) get ``lr · decay^(L - 1 - i)``
+    for group ``i`` of ``L``, so the last block trains at ``lr`` and the stem at the smallest rate
+    (layer-wise decay, Bao et al., ICLR 2022). Weight decay follows ``parameter_groups`` in both cases.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    if settings.layer_decay is None:
+        backbone_groups = [
+            {**group, "lr": settings.lr} for group in parameter_groups([backbone], settings.weight_decay)
+        ]
+    else:
+        skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+        layered = param_groups_layer_decay(
+            backbone, settings.weight_decay, no_weight_decay_list=skip, layer_decay=settings.layer_decay
+        )
+        backbone_groups = [
+            {
+                "params": group["params"],
+                "weight_decay": group["weight_decay"],
+                "lr": settings.lr * group["lr_scale"],
+            }
+            for group in layered
+        ]
+    head_groups = [{**group, "lr": settings.lr} for group in parameter_groups(heads, settings.weight_decay)]
+    return [
+        {**group, BACKBONE_GROUP: in_backbone}
+        for groups, in_backbone in ((head_groups, False), (backbone_groups, True))
+        for group in groups
+        if group["params"]
+    ]
+
+
+def _make_optimizer(
+    backbone: nn.Module, heads: list[nn.Module], settings: PretrainConfig
+) -> torch.optim.Optimizer:
+    """AdamW, or SGD with Nesterov momentum 0.9, over ``optimizer_groups``."""
+    groups = optimizer_groups(backbone, heads, settings)
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=settings.lr)

@@ -386,6 +386,74 @@ def test_no_weight_decay_on_norms_and_biases(data):
     assert any(p is head.bias for p in no_decay["params"]) and any(p is head.weight for p in decay["params"])
 
 
+def test_layer_decay_lowers_the_rate_of_earlier_blocks_and_keeps_the_head_at_lr(data):
+    _, _, spec = data
+    backbone = fresh_backbone(spec)  # resnet10t: the stem and 4 one-block stages, 5 timm layer groups
+    head = torch.nn.Linear(backbone.num_features, 3)
+    plain = pretrain_module.optimizer_groups(backbone, [head], PretrainConfig(lr=0.1))
+    assert {group["lr"] for group in plain} == {0.1}
+    groups = pretrain_module.optimizer_groups(backbone, [head], PretrainConfig(lr=0.1, layer_decay=0.5))
+    rate = {id(param): group["lr"] for group in groups for param in group["params"]}
+    decay = {id(param): group["weight_decay"] for group in groups for param in group["params"]}
+    assert len(rate) == sum(1 for _ in itertools.chain(backbone.parameters(), head.parameters()))
+    assert rate[id(head.weight)] == rate[id(head.bias)] == 0.1
+    assert rate[id(backbone.conv1[0].weight)] == pytest.approx(0.1 * 0.5**4)
+    assert rate[id(backbone.layer1[0].conv1.weight)] == pytest.approx(0.1 * 0.5**3)
+    assert rate[id(backbone.layer4[0].conv1.weight)] == pytest.approx(0.1)
+    assert all((decay[id(p)] == 0.05) == (p.ndim > 1) for p in backbone.parameters())
+    flags = {
+        id(param): group[pretrain_module.BACKBONE_GROUP] for group in groups for param in group["params"]
+    }
+    assert not flags[id(head.weight)] and all(flags[id(p)] for p in backbone.parameters())
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, value in before.items() if not torch.equal(value, after[name])}
+
+
+def test_head_warmup_trains_the_head_alone_then_the_backbone_joins(data):
+    train, val, spec = data
+    backbone = fresh_backbone(spec)
+    start = _state(backbone)
+    after_epoch: list[dict[str, torch.Tensor]] = []
+    rates: list[float] = []
+    pretrain(
+        backbone,
+        spec,
+        train,
+        val,
+        quick(epochs=3, head_warmup_epochs=1, keep="last"),
+        CPU,
+        log_metrics=lambda metrics, step: (after_epoch.append(_state(backbone)), rates.append(metrics["lr"])),
+    )
+    assert not _changed(start, after_epoch[0])  # weights and batch-norm statistics as loaded
+    moved = _changed(start, after_epoch[1])
+    assert any(name.endswith("running_mean") for name in moved) and "conv1.0.weight" in moved
+    assert rates[0] > 0  # the head trained during the warm-up (the reported rate is the head's)
+
+
+def test_frozen_bn_statistics_stay_as_loaded_while_the_weights_train(data):
+    train, val, spec = data
+    backbone = fresh_backbone(spec)
+    start = _state(backbone)
+    pretrain(backbone, spec, train, val, quick(epochs=2, freeze_bn_stats=True, keep="last"), CPU)
+    moved = _changed(start, _state(backbone))
+    statistics = {
+        name for name in start if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+    assert statistics and not moved & statistics
+    assert "conv1.0.weight" in moved and "bn1.weight" in moved  # convolutions and BN affine parameters train
+
+
+def test_a_head_warmup_as_long_as_the_run_is_refused():
+    with pytest.raises(ValueError, match="head_warmup_epochs 3 leaves no epoch of 3"):
+        PretrainConfig(epochs=3, head_warmup_epochs=3)
+
+
 @pytest.fixture(scope="module")
 def short_checkpoint(data, tmp_path_factory) -> tuple[PretrainConfig, Path]:
     train, val, spec = data
