@@ -9,14 +9,20 @@ of episodes with at least one such query. The groups come from a CSV with column
 ``index_in_split`` (the row in the split's arrays), ``dx`` (the class name, checked against the data)
 and the group column. Nothing is trained; it takes seconds.
 
+With ``--from RUN``, the run's backbone (read over the config's test-time views) also scores the test
+episodes with each of ``--methods`` (default hyperparameters, uncalibrated), and the table adds the
+accuracy on the queries that have a twin in their support and on the others.
+
 Run: ``python -m benchmarks.scripts.episode_group_overlap configs/ham10000.yaml``
 ``--groups ${FEWSHOT_MED_DATA:-../shared/data}/ham10000_derma/split_index.csv [--column lesion_id]``
+``[--from RUN [--methods simpleshot pt_map]]``
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +30,11 @@ import numpy as np
 from fewshot_med.config import load_config
 from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.errors import FewshotMedError
+from fewshot_med.evaluation import evaluate_frozen
+from fewshot_med.methods import create_method
+from fewshot_med.models import embed
 from fewshot_med.pipelines.episodes import draw_episodes
-from fewshot_med.pipelines.stages import load_data
+from fewshot_med.pipelines.stages import StageContext, from_run_stage, open_context
 
 
 def read_groups(path: Path, column: str, pools: dict[str, ClassSubset]) -> dict[str, np.ndarray]:
@@ -50,23 +59,51 @@ def read_groups(path: Path, column: str, pools: dict[str, ClassSubset]) -> dict[
     return groups
 
 
-def overlap(episodes: EpisodeList, groups: np.ndarray) -> tuple[float, float]:
-    """``(share of queries, share of episodes)`` where a query's group is among its class's support groups.
+def twin_mask(episodes: EpisodeList, groups: np.ndarray) -> np.ndarray:
+    """``(E, n_way * n_query)`` bool, in ``query_rows`` order: the query's group is among the groups of
+    its own class's support images.
 
     Args:
         episodes: ``E`` episodes, rows of the split ``groups`` describes.
         groups: ``(N,)`` group id of every split row.
     """
-    twins, queries, touched = 0, 0, 0
+    mask = []
     for episode in episodes.episodes:
-        hits = 0
+        row = []
         for support, query in zip(episode.support, episode.query, strict=True):
-            seen = {groups[row] for row in support}
-            hits += sum(groups[row] in seen for row in query)
-            queries += len(query)
-        twins += hits
-        touched += hits > 0
-    return twins / queries, touched / len(episodes.episodes)
+            seen = {groups[index] for index in support}
+            row.extend(groups[index] in seen for index in query)
+        mask.append(row)
+    return np.asarray(mask, dtype=bool)
+
+
+def overlap(episodes: EpisodeList, groups: np.ndarray) -> tuple[float, float]:
+    """``(share of queries, share of episodes)`` with a query whose group is among its class's support
+    groups (``twin_mask``)."""
+    mask = twin_mask(episodes, groups)
+    return float(mask.mean()), float(mask.any(axis=1).mean())
+
+
+def accuracy_by_twin(
+    context: StageContext, methods: list[str], episodes: dict[int, EpisodeList], groups: np.ndarray
+) -> dict[tuple[str, int], tuple[float, float]]:
+    """``{(method, K): (accuracy on twin queries, on the others)}`` on the test episodes, with the
+    context's backbone read over ``evaluation.test_time_views`` and each method at its defaults
+    (uncalibrated); ``groups`` are the test split's."""
+    backbone, spec = context.trained()
+    batch = context.config.evaluation.batch_size
+    pool = context.data.subset("test", "novel")
+    features = embed(backbone, pool.images, spec, context.device, batch)
+    base = embed(backbone, context.data.subset("train", "base").images, spec, context.device, batch)
+    method_context = context.method_context(base.mean(dim=0))
+    scores = {}
+    for method in methods:
+        for k, listed in episodes.items():
+            results = evaluate_frozen(partial(create_method, method, method_context), features, pool, listed)
+            correct = results.logits.argmax(axis=-1) == results.labels
+            twins = twin_mask(listed, groups)
+            scores[method, k] = (float(correct[twins].mean()), float(correct[~twins].mean()))
+    return scores
 
 
 def main() -> None:
@@ -74,25 +111,41 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--groups", type=Path, required=True)
     parser.add_argument("--column", default="lesion_id")
+    parser.add_argument("--from", dest="run_id")
+    parser.add_argument("--methods", nargs="+", default=["simpleshot", "pt_map"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     if not args.groups.is_file():
         raise SystemExit(f"error: --groups {args.groups} is not a file")
-    data = load_data(config)
-    pools = {split: data.subset(split, "novel") for split in ("val", "test")}
+    context = open_context(config)
+    pools = {split: context.data.subset(split, "novel") for split in ("val", "test")}
     try:
         groups = read_groups(args.groups, args.column, pools)
     except FewshotMedError as error:
         raise SystemExit(f"error: {error}") from None
-    lists = draw_episodes(config, pools, len(data.roles.novel), val=True)
+    lists = draw_episodes(config, pools, context.n_way, val=True)
+    scores = {}
+    if args.run_id:
+        scores = accuracy_by_twin(
+            from_run_stage(context, args.run_id), args.methods, lists.test, groups["test"]
+        )
     shared = f"queries sharing a {args.column} with their class's support"
-    print(f"| episodes | K | shots drawn | {shared} | episodes with one |")
-    print("|---|---|---|---|---|")
+    columns = [f"{method}: twin / other queries" for method in args.methods] if scores else []
+    print(
+        f"| episodes | K | shots drawn | {shared} | episodes with one |{''.join(f' {c} |' for c in columns)}"
+    )
+    print("|---|---|---|---|---|" + "---|" * len(columns))
     for split, by_k in (("val", lists.val or {}), ("test", lists.test)):
         for k, episodes in by_k.items():
             queries, touched = overlap(episodes, groups[split])
-            print(f"| {split} | {k} | {episodes.k_shot} | {100 * queries:.1f}% | {100 * touched:.1f}% |")
+            cells = [
+                f"{100 * scores[m, k][0]:.1f}% / {100 * scores[m, k][1]:.1f}%" if split == "test" else "—"
+                for m in args.methods
+                if scores
+            ]
+            line = f"| {split} | {k} | {episodes.k_shot} | {100 * queries:.1f}% | {100 * touched:.1f}% |"
+            print(line + "".join(f" {cell} |" for cell in cells))
 
 
 if __name__ == "__main__":
