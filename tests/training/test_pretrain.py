@@ -203,6 +203,17 @@ def test_the_contrastive_loss_resumes_to_the_same_weights_and_changes_the_trajec
     assert whole.history[-1]["train_loss"] > supervised.history[-1]["train_loss"] + 0.25
 
 
+def test_a_pretrained_start_recipe_resumes_across_the_head_warmup_to_the_same_weights(data, tmp_path):
+    train, val, spec = data
+    settings = quick(head_warmup_epochs=2, layer_decay=0.7, freeze_bn_stats=True)
+    whole = pretrain(fresh_backbone(spec), spec, train, val, settings, CPU)
+    path = tmp_path / "recipe.pt"
+    interrupt_after_second_epoch(data, settings, path)  # the last epoch of the head warm-up
+    resumed = resume_pretraining(path, data, settings)
+    assert_same_weights(resumed.backbone, whole.backbone)
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in whole.history]
+
+
 def test_the_contrastive_loss_is_nt_xent_with_each_view_paired_to_its_twin():
     torch.manual_seed(0)
     projections, temperature = torch.randn(8, 5), 0.3  # rows i and 4 + i are two views of image i
