@@ -96,13 +96,13 @@ def accuracy_by_twin(
     features = embed(backbone, pool.images, spec, context.device, batch)
     base = embed(backbone, context.data.subset("train", "base").images, spec, context.device, batch)
     method_context = context.method_context(base.mean(dim=0))
+    twins = {k: twin_mask(listed, groups) for k, listed in episodes.items()}
     scores = {}
     for method in methods:
         for k, listed in episodes.items():
             results = evaluate_frozen(partial(create_method, method, method_context), features, pool, listed)
             correct = results.logits.argmax(axis=-1) == results.labels
-            twins = twin_mask(listed, groups)
-            scores[method, k] = (float(correct[twins].mean()), float(correct[~twins].mean()))
+            scores[method, k] = (float(correct[twins[k]].mean()), float(correct[~twins[k]].mean()))
     return scores
 
 
@@ -131,7 +131,8 @@ def main() -> None:
             from_run_stage(context, args.run_id), args.methods, lists.test, groups["test"]
         )
     shared = f"queries sharing a {args.column} with their class's support"
-    columns = [f"{method}: twin / other queries" for method in args.methods] if scores else []
+    scored = args.methods if scores else []
+    columns = [f"{method}: twin / other queries" for method in scored]
     print(
         f"| episodes | K | shots drawn | {shared} | episodes with one |{''.join(f' {c} |' for c in columns)}"
     )
@@ -141,8 +142,7 @@ def main() -> None:
             queries, touched = overlap(episodes, groups[split])
             cells = [
                 f"{100 * scores[m, k][0]:.1f}% / {100 * scores[m, k][1]:.1f}%" if split == "test" else "—"
-                for m in args.methods
-                if scores
+                for m in scored
             ]
             line = f"| {split} | {k} | {episodes.k_shot} | {100 * queries:.1f}% | {100 * touched:.1f}% |"
             print(line + "".join(f" {cell} |" for cell in cells))
