@@ -375,6 +375,25 @@ class PretrainConfig(StrictModel):
         "through a projection head dropped after pretraining; 0 = off. Each step then reads two views",
     )
     contrastive_temperature: PositiveFloat = Field(0.1, description="NT-Xent temperature")
+    born_again_generations: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="born-again self-distillation (Furlanello et al., ICML 2018; for few-shot transfer, "
+        "Tian et al., ECCV 2020): after the recipe ends, a fresh copy of the starting weights is trained "
+        "again with the same recipe and batches to match the labels and the previous generation's "
+        "softened predictions, this many times; each generation costs one more pretraining plus a "
+        "teacher forward pass per step; 0 = off",
+    )
+    distill_weight: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the distillation loss in a student's loss (the rest: the labels)",
+    )
+    distill_temperature: PositiveFloat = Field(
+        4.0, description="softmax temperature of teacher and student in the distillation loss"
+    )
     early_stopping_patience: PositiveInt | None = Field(8, description="epochs without val improvement")
     keep: Literal["best", "last"] = Field(
         "best",

@@ -8,6 +8,8 @@ per-step linear warmup then cosine schedule, label smoothing, class-balanced sam
 selection is by the balanced accuracy on the base classes of the val split, with early stopping, or
 the last epoch (``keep="last"``). Optionally, SWAG moments of the backbone's weights are collected
 over the last epochs (``settings.swag``): the posterior that serves as an informative prior downstream.
+Born-again self-distillation (``settings.born_again_generations``) retrains the starting weights
+against the previous generation's predictions.
 
 The loop is lean on purpose: batches are indexed from uint8 arrays on the CPU, moved as uint8 and
 normalised/augmented on the device, and losses are accumulated on the device, so the host syncs
@@ -25,6 +27,7 @@ with its own generator. Rank 0 validates and tells the others the result.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -47,7 +50,7 @@ from fewshot_med.models.features import compiled
 from fewshot_med.priors import SwagCollector, SwagPosterior
 from fewshot_med.progress import Progress
 from fewshot_med.training import distributed
-from fewshot_med.training._harness import Harness, checkpoint_header
+from fewshot_med.training._harness import Harness, checkpoint_header, cpu_copy
 
 if TYPE_CHECKING:
     from fewshot_med.config import PretrainConfig
@@ -191,6 +194,14 @@ def pretrain(
     over the remaining steps (LP-FT, Kumar et al., ICLR 2022); ``settings.freeze_bn_stats`` keeps the
     backbone's batch-norm statistics as loaded. All three are off by default.
 
+    With ``settings.born_again_generations = G`` the recipe runs ``G + 1`` times (born-again networks,
+    Furlanello et al., ICML 2018; sequential self-distillation for few-shot transfer, Tian et al.,
+    ECCV 2020): each later generation starts again from the starting weights, sees the same batches,
+    and minimises ``(1 - w) · CE + w · distillation_loss`` against the previous generation's kept
+    weights (``w = settings.distill_weight``). The last generation is handed on. Each generation
+    checkpoints on its own (``generation_checkpoint``), so a resumed run continues the generation it
+    was in; its epochs are logged at steps counted on across generations, with a ``generation`` metric.
+
     A fresh run seeds torch's global generator with ``seed`` (dropout, drop-path and head
     initialisation); batch sampling and augmentation use their own generators derived from ``seed``.
 
@@ -220,26 +231,90 @@ def pretrain(
     """
     _check_inputs(backbone, train, val)
     backbone.to(device=device, memory_format=_memory_format(device))
-    torch.manual_seed(seed)
-    head = nn.Linear(backbone.num_features, len(train.class_names)).to(device)
-    projection = projection_head(backbone.num_features).to(device) if settings.contrastive_weight else None
-    loop = _build_loop(backbone, head, projection, len(train), settings, device, seed, compile_backbone)
-    harness = _harness(loop, spec, train, val, settings, device, checkpoint_path, log_metrics, seed)
-    if resume:
-        harness.restore()
-    if not harness.finished:
-        _run_epochs(loop, harness, spec, train, val, settings, device)
-    harness.load_best()
+    generations = settings.born_again_generations
+    start = cpu_copy(backbone.state_dict()) if generations else None
+    teacher, history = None, []
+    for generation in range(generations + 1):
+        torch.manual_seed(seed)
+        head = nn.Linear(backbone.num_features, len(train.class_names)).to(device)
+        projection = (
+            projection_head(backbone.num_features).to(device) if settings.contrastive_weight else None
+        )
+        loop = _build_loop(
+            backbone, head, projection, teacher, len(train), settings, device, seed, compile_backbone
+        )
+        harness = _harness(
+            loop,
+            spec,
+            train,
+            val,
+            settings,
+            device,
+            generation_checkpoint(checkpoint_path, generation, generations),
+            _generation_logger(log_metrics, generation, settings.epochs) if generations else log_metrics,
+            seed,
+        )
+        if resume:
+            harness.restore()
+        if not harness.finished:
+            label = f"pretrain generation {generation}" if generations else "pretrain"
+            _run_epochs(loop, harness, spec, train, val, settings, device, label)
+        harness.load_best()
+        history += (
+            [{**record, "generation": float(generation)} for record in harness.history]
+            if generations
+            else harness.history
+        )
+        if generation < generations:  # this generation teaches a fresh copy of the starting weights
+            teacher = frozen_teacher(backbone, head)
+            backbone.load_state_dict(start)
     return PretrainResult(
         backbone=backbone,
         head=head,
         spec=spec,
-        history=harness.history,
+        history=history,
         best_epoch=harness.best_step,
         best_val_balanced_accuracy=float(harness.best_metric),
         stopped_early=harness.stopped_early,
         swag=loop.swag.posterior() if loop.swag is not None else None,
     )
+
+
+def generation_checkpoint(path: Path | None, generation: int, generations: int) -> Path | None:
+    """Where generation ``generation`` of ``generations`` born-again generations checkpoints: the last
+    one at ``path`` itself (so ``path`` always holds the weights handed on), each teacher beside it as
+    ``<stem>.generation<g><suffix>``."""
+    if path is None or generation == generations:
+        return path
+    path = Path(path)
+    return path.with_name(f"{path.stem}.generation{generation}{path.suffix}")
+
+
+def _generation_logger(
+    log_metrics: Callable[[dict[str, float], int], None] | None, generation: int, epochs: int
+) -> Callable[[dict[str, float], int], None] | None:
+    """``log_metrics`` with generation ``g``'s epochs counted on from the earlier generations'
+    (step ``g · epochs + epoch``) and a ``generation`` metric, so one history holds every generation."""
+    if log_metrics is None:
+        return None
+    return lambda metrics, epoch: log_metrics(
+        {**metrics, "generation": float(generation)}, generation * epochs + epoch
+    )
+
+
+def frozen_teacher(backbone: nn.Module, head: nn.Linear) -> nn.Module:
+    """A frozen copy of ``backbone`` and ``head`` in eval mode: ``(B, C, H, W)`` images ->
+    ``(B, n_classes)`` logits for ``distillation_loss``."""
+    return nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(head)).eval().requires_grad_(False)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., 2015): ``KL(softmax(t / T) || softmax(s / T)) · T²`` of
+    ``(B, n_classes)`` student logits ``s`` against teacher logits ``t``, averaged over the batch; the
+    ``T²`` keeps its gradients on the scale of the cross-entropy's."""
+    student = F.log_softmax(logits.float() / temperature, dim=1)
+    target = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(student, target, reduction="batchmean", log_target=True) * temperature**2
 
 
 #: The optimizer-group key that marks the backbone's groups (their schedule waits for the head warm-up).
@@ -253,6 +328,7 @@ class _Loop:
     backbone: nn.Module
     head: nn.Linear
     projection: nn.Module | None
+    teacher: nn.Module | None
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -327,6 +403,7 @@ def _build_loop(
     backbone: nn.Module,
     head: nn.Linear,
     projection: nn.Module | None,
+    teacher: nn.Module | None,
     n_train: int,
     settings: PretrainConfig,
     device: torch.device,
@@ -375,6 +452,7 @@ def _build_loop(
         backbone=backbone,
         head=head,
         projection=projection,
+        teacher=teacher,
         model=compiled(model, device) if compile_backbone else model,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -433,9 +511,11 @@ def _run_epochs(
     val: ClassSubset,
     settings: PretrainConfig,
     device: torch.device,
+    label: str,
 ) -> None:
-    """Train and validate epoch by epoch from ``harness.done`` until the harness says the run is over."""
-    with Progress("pretrain", total=settings.epochs, unit="epoch", initial=harness.done) as progress:
+    """Train and validate epoch by epoch from ``harness.done`` until the harness says the run is over;
+    progress lines are headed ``label``."""
+    with Progress(label, total=settings.epochs, unit="epoch", initial=harness.done) as progress:
         for epoch in range(harness.done, settings.epochs):
             started = time.perf_counter()
             trained = _train_epoch(loop, epoch, spec, train, settings, device, progress)
@@ -503,12 +583,20 @@ def _train_epoch(
         with autocast(device):
             if loop.projection is None:
                 logits = loop.model(images)
-                loss = criterion(logits, goals)
             else:  # classify the first view; pull each image's two views together
                 logits, projections = loop.model(images)
                 logits = logits[: len(targets)]
-                auxiliary = contrastive_loss(projections, settings.contrastive_temperature)
-                loss = criterion(logits, goals) + settings.contrastive_weight * auxiliary
+            loss = criterion(logits, goals)
+            if loop.teacher is not None:  # born-again: the labels and the previous generation's predictions
+                with torch.no_grad():
+                    teacher_logits = loop.teacher(images[: len(targets)])
+                weight = settings.distill_weight
+                distilled = distillation_loss(logits, teacher_logits, settings.distill_temperature)
+                loss = (1 - weight) * loss + weight * distilled
+            if loop.projection is not None:
+                loss = loss + settings.contrastive_weight * contrastive_loss(
+                    projections, settings.contrastive_temperature
+                )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -130,13 +130,14 @@ class Interrupted(Exception):
     pass
 
 
-def interrupt_after_second_epoch(data, settings: PretrainConfig, path: Path) -> None:
-    """Pretrain a fresh backbone with checkpoints at ``path`` and interrupt it after epoch 2."""
+def interrupt_after_second_epoch(data, settings: PretrainConfig, path: Path, logged_step: int = 2) -> None:
+    """Pretrain a fresh backbone with checkpoints at ``path`` and interrupt it after the epoch logged at
+    ``logged_step`` (epoch 2; born-again generations count their epochs on)."""
     train, val, spec = data
 
-    def interrupt(metrics: dict[str, float], epoch: int) -> None:
-        if epoch == 2:
-            raise Interrupted  # the checkpoint of epoch 2 is written before the metrics are logged
+    def interrupt(metrics: dict[str, float], step: int) -> None:
+        if step == logged_step:
+            raise Interrupted  # the checkpoint of that epoch is written before the metrics are logged
 
     with pytest.raises(Interrupted):
         pretrain(
@@ -212,6 +213,54 @@ def test_a_pretrained_start_recipe_resumes_across_the_head_warmup_to_the_same_we
     resumed = resume_pretraining(path, data, settings)
     assert_same_weights(resumed.backbone, whole.backbone)
     assert [h["lr"] for h in resumed.history] == [h["lr"] for h in whole.history]
+
+
+def test_born_again_trains_the_start_again_against_the_plain_recipe_and_resumes_mid_generation(
+    data, tmp_path
+):
+    train, val, spec = data
+    settings = quick(born_again_generations=1)
+    steps: list[tuple[int, float]] = []
+    path = tmp_path / "student.pt"
+    whole = pretrain(
+        fresh_backbone(spec),
+        spec,
+        train,
+        val,
+        settings,
+        CPU,
+        checkpoint_path=path,
+        log_metrics=lambda metrics, step: steps.append((step, metrics["generation"])),
+    )
+    assert steps == [(1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0), (5, 1.0), (6, 1.0), (7, 1.0), (8, 1.0)]
+    assert [h["generation"] for h in whole.history] == [0.0] * 4 + [1.0] * 4
+    # generation 0 is the plain recipe, checkpointed beside the handed-on student
+    plain = pretrain(fresh_backbone(spec), spec, train, val, quick(), CPU)
+    teacher, _ = backbone_from_state(load_checkpoint(tmp_path / "student.generation0.pt"))
+    assert_same_weights(teacher, plain.backbone)
+    assert not np.array_equal(trainable(whole.backbone), trainable(plain.backbone))
+    student, _ = backbone_from_state(load_checkpoint(path))
+    assert_same_weights(student, whole.backbone)
+
+    resumed_path = tmp_path / "resumed.pt"
+    interrupt_after_second_epoch(data, settings, resumed_path, logged_step=6)  # epoch 2 of generation 1
+    assert load_checkpoint(resumed_path)["epoch"] == 2
+    resumed = resume_pretraining(resumed_path, data, settings)
+    assert_same_weights(resumed.backbone, whole.backbone)
+    assert strip_timing(resumed.history) == strip_timing(whole.history)
+
+
+def test_the_distillation_loss_is_the_tempered_kl_divergence_times_t_squared():
+    torch.manual_seed(0)
+    student, teacher, temperature = torch.randn(5, 4), torch.randn(5, 4), 3.0
+    p_teacher = torch.softmax(teacher / temperature, dim=1)
+    log_student = torch.log_softmax(student / temperature, dim=1)
+    expected = (p_teacher * (p_teacher.log() - log_student)).sum(dim=1).mean() * temperature**2
+    loss = pretrain_module.distillation_loss(student, teacher, temperature)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert pretrain_module.distillation_loss(teacher, teacher, temperature).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_the_contrastive_loss_is_nt_xent_with_each_view_paired_to_its_twin():
@@ -463,6 +512,21 @@ def test_frozen_bn_statistics_stay_as_loaded_while_the_weights_train(data):
 def test_a_head_warmup_as_long_as_the_run_is_refused():
     with pytest.raises(ValueError, match="head_warmup_epochs 3 leaves no epoch of 3"):
         PretrainConfig(epochs=3, head_warmup_epochs=3)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("pretrain.distill_weight=0", "pretrain.distill_weight"),
+        ("pretrain.born_again_generations=6", "pretrain.born_again_generations"),
+        ("pretrain.distill_temperature=0", "pretrain.distill_temperature"),
+    ],
+)
+def test_born_again_settings_out_of_range_are_refused_naming_the_key(override, key):
+    from fewshot_med.config import load_config
+
+    with pytest.raises(FewshotMedError, match=re.escape(key)):
+        load_config(Path(__file__).parents[2] / "configs" / "quickstart.yaml", [override])
 
 
 @pytest.fixture(scope="module")
