@@ -8,12 +8,13 @@ the same seeded episode lists for every arm and seed. Runs seed by seed (every a
 and prints one JSON line per arm and seed, and after each seed a markdown table: per arm, the mean ±
 standard deviation over training seeds, and the paired difference from the reference arm over seeds
 (each seed's arms share their episode lists and initial weights).
-A lever is kept only when its val difference is positive for every seed. Everything is logged to an
-MLflow run in the ``benchmarks`` experiment.
+A lever is kept only when its val difference is positive for every seed. With ``--ensemble``, each
+arm's backbones of all seeds are also scored as one ensemble (``ensemble_record``), against each
+single backbone. Everything is logged to an MLflow run in the ``benchmarks`` experiment.
 
 Run: ``python -m benchmarks.scripts.pretrain_levers configs/ham10000.yaml --seeds 0 1 2``
 ``--arm reference --arm mixup:pretrain.mixing=mixup --arm cutmix:pretrain.mixing=cutmix``
-``[--set data.source=ham10000-28]``.
+``[--set data.source=ham10000-28] [--ensemble]``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
 from fewshot_med import tracking
 from fewshot_med.config import Config, load_config
 from fewshot_med.data import sample_episodes
+from fewshot_med.data.episodes import EpisodeList
 from fewshot_med.evaluation import evaluate_frozen
 from fewshot_med.methods import MethodContext, create_method
 from fewshot_med.models import embed
@@ -54,33 +59,93 @@ def parse_arm(text: str) -> Arm:
     return Arm(name, tuple(item for item in rest.split(";") if item))
 
 
-def score_seed(config: Config, n_val: int, n_test: int, shots: int) -> dict[str, float | str]:
-    """Pretrain one backbone with ``config`` (its seed) and score the probes on novel val/test episodes."""
+def novel_episodes(config: Config, data, n_val: int, n_test: int, shots: int) -> dict[str, EpisodeList]:
+    """The seeded val and test episode lists of the novel classes (the same for every arm and seed)."""
+    draw, counts = config.episodes, {"val": n_val, "test": n_test}
+    n_way = len(data.roles.novel)
+    return {
+        split: sample_episodes(
+            data.subset(split, "novel"), n_way, shots, draw.n_query, counts[split], draw.seed
+        )
+        for split in SPLITS
+    }
+
+
+def score_seed(
+    config: Config, n_val: int, n_test: int, shots: int
+) -> tuple[dict[str, float | str], dict[str, torch.Tensor]]:
+    """Pretrain one backbone with ``config`` (its seed) and score the probes on novel val/test episodes.
+
+    Returns:
+        The record, and per split the ``(N, D)`` novel features centred on the base-train mean and
+        L2-normalised (SimpleShot's CL2N), for ``ensemble_record``.
+    """
     device = resolve_device(config.runtime.device)
     seed_everything(config.seed)
     data = load_data(config)
     base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
-    pools = {split: data.subset(split, "novel") for split in SPLITS}
-    n_way = len(data.roles.novel)
-    counts, draw = {"val": n_val, "test": n_test}, config.episodes
-    episodes = {
-        split: sample_episodes(pool, n_way, shots, draw.n_query, counts[split], draw.seed)
-        for split, pool in pools.items()
-    }
+    episodes = novel_episodes(config, data, n_val, n_test, shots)
     backbone, spec = starting_backbone(config, data)  # as the pipeline builds it: weights, normalisation
     settings = config.pretrain.model_copy(update={"early_stopping_patience": None})
     started = time.perf_counter()
     pretrain(backbone, spec, base_train, base_val, settings, device, seed=config.seed)
     record: dict[str, float | str] = {"pretrain_seconds": time.perf_counter() - started}
-    context = MethodContext(base_feature_mean=embed(backbone, base_train.images, spec, device).mean(dim=0))
-    for split, pool in pools.items():
-        features = embed(backbone, pool.images, spec, device)
+    base_mean = embed(backbone, base_train.images, spec, device).mean(dim=0)
+    features = {split: embed(backbone, data.subset(split, "novel").images, spec, device) for split in SPLITS}
+    record.update(score_probes(features, base_mean, data, episodes))
+    record["data_digest"] = data.dataset.digest
+    centred = {split: F.normalize(values - base_mean, dim=1) for split, values in features.items()}
+    return record, centred
+
+
+def score_probes(
+    features: dict[str, torch.Tensor], base_mean: torch.Tensor, data, episodes: dict[str, EpisodeList]
+) -> dict[str, float]:
+    """``{"<split>.<probe>": accuracy in %}`` of every probe on each split's ``(N, D)`` novel features."""
+    context = MethodContext(base_feature_mean=base_mean)
+    scores = {}
+    for split, values in features.items():
         for probe in PROBES:
             make = lambda probe=probe: create_method(probe, context)  # noqa: E731
-            result = evaluate_frozen(make, features, pool, episodes[split])
-            record[f"{split}.{probe}"] = 100 * result.summary()["accuracy"][0]
-    record["data_digest"] = data.dataset.digest
-    return record
+            result = evaluate_frozen(make, values, data.subset(split, "novel"), episodes[split])
+            scores[f"{split}.{probe}"] = 100 * result.summary()["accuracy"][0]
+    return scores
+
+
+def ensemble_record(
+    config: Config, per_seed: list[dict[str, torch.Tensor]], n_val: int, n_test: int, shots: int
+) -> dict[str, float]:
+    """The probes on an ensemble of one arm's backbones (one per training seed): each backbone's
+    centred, L2-normalised ``(N, D)`` features concatenated to ``(N, S · D)`` and scaled by ``1/√S``
+    (unit norm again), so every backbone weighs the same in the probes' distances and dot products."""
+    data = load_data(config)
+    episodes = novel_episodes(config, data, n_val, n_test, shots)
+    joined = {
+        split: torch.cat([seed[split] for seed in per_seed], dim=1) / len(per_seed) ** 0.5 for split in SPLITS
+    }
+    zero_mean = torch.zeros(joined["val"].shape[1])  # already centred per backbone
+    return score_probes(joined, zero_mean, data, episodes)
+
+
+def ensemble_table(
+    records: dict[str, dict[int, dict[str, float | str]]], ensembles: dict[str, dict[str, float]]
+) -> str:
+    """Markdown: per arm, the ensemble of its seeds' backbones against each single backbone."""
+    columns = [f"{split}.{probe}" for split in SPLITS for probe in PROBES]
+    lines = [
+        f"| arm | backbones | {' | '.join(f'{c}: ensemble (mean single)' for c in columns)} | "
+        f"{' | '.join(f'Δ {c} vs each single' for c in columns)} |",
+        "|---|---|" + "---|" * (2 * len(columns)),
+    ]
+    for arm, ensemble in ensembles.items():
+        seeds = sorted(records[arm])
+        cells, deltas = [], []
+        for column in columns:
+            singles = [records[arm][s][column] for s in seeds]
+            cells.append(f"{ensemble[column]:.1f} ({statistics.mean(singles):.1f})")
+            deltas.append(", ".join(f"{ensemble[column] - single:+.1f}" for single in singles))
+        lines.append(f"| {arm} | {len(seeds)} | {' | '.join(cells)} | {' | '.join(deltas)} |")
+    return "\n".join(lines)
 
 
 def summary_table(records: dict[str, dict[int, dict[str, float | str]]], shots: int) -> str:
@@ -118,6 +183,9 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--val-episodes", type=int, default=200)
     parser.add_argument("--test-episodes", type=int, default=600)
+    parser.add_argument(
+        "--ensemble", action="store_true", help="also score each arm's backbones of all seeds as one ensemble"
+    )
     args = parser.parse_args()
     arms = args.arms or [Arm("reference", ())]
     base = load_config(args.config, args.overrides)  # validates the shared overrides once, up front
@@ -127,12 +195,14 @@ def main() -> None:
         for arm in arms
     }
     records: dict[str, dict[int, dict[str, float | str]]] = {arm.name: {} for arm in arms}
+    features: dict[str, list[dict[str, torch.Tensor]]] = {arm.name: [] for arm in arms}
     command = {"config": args.config, "overrides": args.overrides, "arms": [a.__dict__ for a in arms]}
     tags = {"command": json.dumps(command)}
     with tracking.benchmark_run("pretrain-levers", tags=tags, settings=base.tracking):
         for (arm, seed), config in configs.items():
-            record = score_seed(config, args.val_episodes, args.test_episodes, args.shots)
+            record, centred = score_seed(config, args.val_episodes, args.test_episodes, args.shots)
             records[arm][seed] = record
+            features[arm].append(centred)
             print(json.dumps({"arm": arm, "seed": seed, **record}), flush=True)
             prefix = (base.name, args.shots, arm, f"seed{seed}")
             numbers = {key: value for key, value in record.items() if isinstance(value, float)}
@@ -140,6 +210,18 @@ def main() -> None:
             if arm == arms[-1].name:  # a seed is complete: the table so far
                 print(summary_table({name: runs for name, runs in records.items() if runs}, args.shots))
         table = summary_table(records, args.shots)
+        if args.ensemble and len(args.seeds) > 1:
+            ensembles = {}
+            for arm in arms:
+                config = configs[(arm.name, args.seeds[0])]
+                ensembles[arm.name] = ensemble_record(
+                    config, features[arm.name], args.val_episodes, args.test_episodes, args.shots
+                )
+                prefix = (base.name, args.shots, arm.name, "ensemble")
+                tracking.log_metrics(
+                    {names.benchmark_metric(*prefix, k): v for k, v in ensembles[arm.name].items()}
+                )
+            table += "\n\nEnsembles of each arm's backbones:\n\n" + ensemble_table(records, ensembles)
         tracking.log_text_artifact(table, "pretrain_levers.md")
     print(table)
 
