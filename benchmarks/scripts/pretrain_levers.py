@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from fewshot_med import tracking
 from fewshot_med.config import Config, load_config
-from fewshot_med.data import sample_episodes
+from fewshot_med.data import ClassSubset, sample_episodes
 from fewshot_med.data.episodes import EpisodeList
 from fewshot_med.evaluation import evaluate_frozen
 from fewshot_med.methods import MethodContext, create_method
 from fewshot_med.models import embed
-from fewshot_med.pipelines.stages import load_data, starting_backbone
+from fewshot_med.pipelines.stages import Data, load_data, starting_backbone
 from fewshot_med.runtime import resolve_device, seed_everything
 from fewshot_med.tracking import names
 from fewshot_med.training.pretrain import pretrain
@@ -59,15 +59,19 @@ def parse_arm(text: str) -> Arm:
     return Arm(name, tuple(item for item in rest.split(";") if item))
 
 
-def novel_episodes(config: Config, data, n_val: int, n_test: int, shots: int) -> dict[str, EpisodeList]:
+def novel_pools(data: Data) -> dict[str, ClassSubset]:
+    """The novel-class images of the val and test splits."""
+    return {split: data.subset(split, "novel") for split in SPLITS}
+
+
+def novel_episodes(
+    config: Config, pools: dict[str, ClassSubset], n_val: int, n_test: int, shots: int
+) -> dict[str, EpisodeList]:
     """The seeded val and test episode lists of the novel classes (the same for every arm and seed)."""
     draw, counts = config.episodes, {"val": n_val, "test": n_test}
-    n_way = len(data.roles.novel)
     return {
-        split: sample_episodes(
-            data.subset(split, "novel"), n_way, shots, draw.n_query, counts[split], draw.seed
-        )
-        for split in SPLITS
+        split: sample_episodes(pool, len(pool.class_names), shots, draw.n_query, counts[split], draw.seed)
+        for split, pool in pools.items()
     }
 
 
@@ -84,22 +88,26 @@ def score_seed(
     seed_everything(config.seed)
     data = load_data(config)
     base_train, base_val = data.subset("train", "base"), data.subset("val", "base")
-    episodes = novel_episodes(config, data, n_val, n_test, shots)
+    pools = novel_pools(data)
+    episodes = novel_episodes(config, pools, n_val, n_test, shots)
     backbone, spec = starting_backbone(config, data)  # as the pipeline builds it: weights, normalisation
     settings = config.pretrain.model_copy(update={"early_stopping_patience": None})
     started = time.perf_counter()
     pretrain(backbone, spec, base_train, base_val, settings, device, seed=config.seed)
     record: dict[str, float | str] = {"pretrain_seconds": time.perf_counter() - started}
     base_mean = embed(backbone, base_train.images, spec, device).mean(dim=0)
-    features = {split: embed(backbone, data.subset(split, "novel").images, spec, device) for split in SPLITS}
-    record.update(score_probes(features, base_mean, data, episodes))
+    features = {split: embed(backbone, pool.images, spec, device) for split, pool in pools.items()}
+    record.update(score_probes(features, base_mean, pools, episodes))
     record["data_digest"] = data.dataset.digest
     centred = {split: F.normalize(values - base_mean, dim=1) for split, values in features.items()}
     return record, centred
 
 
 def score_probes(
-    features: dict[str, torch.Tensor], base_mean: torch.Tensor, data, episodes: dict[str, EpisodeList]
+    features: dict[str, torch.Tensor],
+    base_mean: torch.Tensor,
+    pools: dict[str, ClassSubset],
+    episodes: dict[str, EpisodeList],
 ) -> dict[str, float]:
     """``{"<split>.<probe>": accuracy in %}`` of every probe on each split's ``(N, D)`` novel features."""
     context = MethodContext(base_feature_mean=base_mean)
@@ -107,7 +115,7 @@ def score_probes(
     for split, values in features.items():
         for probe in PROBES:
             make = lambda probe=probe: create_method(probe, context)  # noqa: E731
-            result = evaluate_frozen(make, values, data.subset(split, "novel"), episodes[split])
+            result = evaluate_frozen(make, values, pools[split], episodes[split])
             scores[f"{split}.{probe}"] = 100 * result.summary()["accuracy"][0]
     return scores
 
@@ -118,13 +126,13 @@ def ensemble_record(
     """The probes on an ensemble of one arm's backbones (one per training seed): each backbone's
     centred, L2-normalised ``(N, D)`` features concatenated to ``(N, S · D)`` and scaled by ``1/√S``
     (unit norm again), so every backbone weighs the same in the probes' distances and dot products."""
-    data = load_data(config)
-    episodes = novel_episodes(config, data, n_val, n_test, shots)
+    pools = novel_pools(load_data(config))
+    episodes = novel_episodes(config, pools, n_val, n_test, shots)
     joined = {
         split: torch.cat([seed[split] for seed in per_seed], dim=1) / len(per_seed) ** 0.5 for split in SPLITS
     }
     zero_mean = torch.zeros(joined["val"].shape[1])  # already centred per backbone
-    return score_probes(joined, zero_mean, data, episodes)
+    return score_probes(joined, zero_mean, pools, episodes)
 
 
 def ensemble_table(

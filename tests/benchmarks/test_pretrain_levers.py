@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-from benchmarks.scripts.pretrain_levers import SPLITS, ensemble_record, novel_episodes, score_probes
+from benchmarks.scripts.pretrain_levers import (
+    SPLITS,
+    ensemble_record,
+    novel_episodes,
+    novel_pools,
+    score_probes,
+)
 from fewshot_med.config import load_config
 from fewshot_med.pipelines.stages import load_data
 
@@ -23,14 +29,13 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 def test_an_ensemble_of_one_backbone_twice_scores_as_that_backbone():
     config = load_config(QUICKSTART)
-    data = load_data(config)
+    pools = novel_pools(load_data(config))
     generator = torch.Generator().manual_seed(0)
     single = {
-        split: F.normalize(torch.randn(len(data.subset(split, "novel")), 16, generator=generator), dim=1)
-        for split in SPLITS
+        split: F.normalize(torch.randn(len(pools[split]), 16, generator=generator), dim=1) for split in SPLITS
     }
-    episodes = novel_episodes(config, data, 20, 20, 5)
-    alone = score_probes(single, torch.zeros(16), data, episodes)
+    episodes = novel_episodes(config, pools, 20, 20, 5)
+    alone = score_probes(single, torch.zeros(16), pools, episodes)
     twice = ensemble_record(config, [single, single], 20, 20, 5)
     assert twice.keys() == alone.keys()
     for key, value in alone.items():  # the concatenation, scaled by 1/√2, has the same geometry
