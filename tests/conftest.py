@@ -61,6 +61,18 @@ def tiny_pipeline() -> dict:
     return copy.deepcopy(TINY_PIPELINE)
 
 
+@pytest.fixture
+def tiny_swag_pretrain() -> dict:
+    """``TINY_PIPELINE``'s pretraining, long enough to collect a SWAG posterior over its last epoch."""
+    return {
+        **copy.deepcopy(TINY_PIPELINE["pretrain"]),
+        "epochs": 2,
+        "steps_per_epoch": 2,
+        "keep": "last",
+        "swag": {"enabled": True, "start_epoch": 2, "snapshots_per_epoch": 2},
+    }
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly migrated, empty MLflow database (creating one takes MLflow about 10 s)."""

@@ -11,7 +11,12 @@ and the group column. Nothing is trained; it takes seconds.
 
 With ``--from RUN``, the run's backbone (read over the config's test-time views) also scores the test
 episodes with each of ``--methods`` (default hyperparameters, uncalibrated), and the table adds the
-accuracy on the queries that have a twin in their support and on the others.
+accuracy on the queries that have a twin in their support and on the others. A second table asks
+whether the twins are why val temperatures are too small for the transductive methods: for each
+transductive method of the config (its search chosen on val episodes, as the evaluate stage does) and
+K, the val accuracy on twin and other queries, and the test pooled ECE after a temperature fitted on
+all val queries (the pipeline's val temperature), on the val queries without a twin only, and on the
+test queries themselves (not deployable: the floor of any single temperature).
 
 Run: ``python -m benchmarks.scripts.episode_group_overlap configs/ham10000.yaml``
 ``--groups ${FEWSHOT_MED_DATA:-../shared/data}/ham10000_derma/split_index.csv [--column lesion_id]``
@@ -26,14 +31,18 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from fewshot_med.config import load_config
+from fewshot_med.config import Config, load_config
 from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import evaluate_frozen
-from fewshot_med.methods import create_method
+from fewshot_med.evaluation.calibration import TemperatureScaling
+from fewshot_med.evaluation.metrics import pooled_ece, softmax
+from fewshot_med.methods import METHODS, MethodContext, create_method
 from fewshot_med.models import embed
-from fewshot_med.pipelines.episodes import draw_episodes
+from fewshot_med.pipelines.episodes import Episodes, draw_episodes
+from fewshot_med.pipelines.evaluation import search_on_val
 from fewshot_med.pipelines.stages import StageContext, from_run_stage, open_context
 
 
@@ -84,26 +93,81 @@ def overlap(episodes: EpisodeList, groups: np.ndarray) -> tuple[float, float]:
     return float(mask.mean()), float(mask.any(axis=1).mean())
 
 
-def accuracy_by_twin(
-    context: StageContext, methods: list[str], episodes: dict[int, EpisodeList], groups: np.ndarray
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """``{(method, K): (accuracy on twin queries, on the others)}`` on the test episodes, with the
-    context's backbone read over ``evaluation.test_time_views`` and each method at its defaults
-    (uncalibrated); ``groups`` are the test split's."""
+def embed_novel(context: StageContext) -> tuple[dict[str, torch.Tensor], MethodContext]:
+    """``{split: (len(pool), D)}`` features of the val and test novel pools, read by the context's
+    backbone over ``evaluation.test_time_views``, and the methods' context (base-class mean feature)."""
     backbone, spec = context.trained()
     batch = context.config.evaluation.batch_size
-    pool = context.data.subset("test", "novel")
-    features = embed(backbone, pool.images, spec, context.device, batch)
+    features = {
+        split: embed(backbone, context.data.subset(split, "novel").images, spec, context.device, batch)
+        for split in ("val", "test")
+    }
     base = embed(backbone, context.data.subset("train", "base").images, spec, context.device, batch)
-    method_context = context.method_context(base.mean(dim=0))
+    return features, context.method_context(base.mean(dim=0))
+
+
+def accuracy_by_twin(
+    features: torch.Tensor,
+    methods_context: MethodContext,
+    pool: ClassSubset,
+    methods: list[str],
+    episodes: dict[int, EpisodeList],
+    groups: np.ndarray,
+) -> dict[tuple[str, int], tuple[float, float]]:
+    """``{(method, K): (accuracy on twin queries, on the others)}`` on the test episodes, each method at
+    its defaults (uncalibrated); ``features`` and ``groups`` are the test pool's."""
     twins = {k: twin_mask(listed, groups) for k, listed in episodes.items()}
     scores = {}
     for method in methods:
         for k, listed in episodes.items():
-            results = evaluate_frozen(partial(create_method, method, method_context), features, pool, listed)
+            factory = partial(create_method, method, methods_context)
+            results = evaluate_frozen(factory, features, pool, listed)
             correct = results.logits.argmax(axis=-1) == results.labels
             scores[method, k] = (float(correct[twins[k]].mean()), float(correct[~twins[k]].mean()))
     return scores
+
+
+def temperature_by_twin(
+    config: Config,
+    features: dict[str, torch.Tensor],
+    methods_context: MethodContext,
+    pools: dict[str, ClassSubset],
+    lists: Episodes,
+    groups: dict[str, np.ndarray],
+) -> list[str]:
+    """The second table's rows (see the module docstring), one per transductive method and K."""
+    rows = []
+    for method in config.methods:
+        if not (METHODS[method.name].transductive and METHODS[method.name].inputs == "features"):
+            continue
+        for k, test_list in lists.test.items():
+            val_list = lists.val[k]
+            chosen, val = {}, None
+            if method.search:
+                chosen, val, _ = search_on_val(
+                    method, methods_context, features["val"], pools["val"], val_list, {}
+                )
+            factory = partial(create_method, method.name, methods_context, **method.params, **chosen)
+            test = evaluate_frozen(factory, features["test"], pools["test"], test_list)
+            if val is None:
+                val = evaluate_frozen(factory, features["val"], pools["val"], val_list)
+            twins = twin_mask(val_list, groups["val"])
+            correct = val.logits.argmax(axis=-1) == val.labels
+            fitted = {
+                "all val queries": (val.logits, val.labels),
+                "val queries without a twin": (val.logits[~twins][:, None], val.labels[~twins][:, None]),
+                "test queries": (test.logits, test.labels),
+            }
+            cells = []
+            for logits, labels in fitted.values():
+                temperature = TemperatureScaling(t_max=100.0).fit(logits, labels).temperature_
+                ece = pooled_ece(softmax(test.logits / temperature), test.labels)[0]
+                cells.append(f"{ece:.3f} ({temperature:.2f})")
+            rows.append(
+                f"| {method.display_name} | {k} | {100 * correct[twins].mean():.1f}% / "
+                f"{100 * correct[~twins].mean():.1f}% | " + " | ".join(cells) + " |"
+            )
+    return rows
 
 
 def main() -> None:
@@ -125,11 +189,13 @@ def main() -> None:
     except FewshotMedError as error:
         raise SystemExit(f"error: {error}") from None
     lists = draw_episodes(config, pools, context.n_way, val=True)
-    scores = {}
+    scores, calibration = {}, []
     if args.run_id:
+        features, methods_context = embed_novel(from_run_stage(context, args.run_id))
         scores = accuracy_by_twin(
-            from_run_stage(context, args.run_id), args.methods, lists.test, groups["test"]
+            features["test"], methods_context, pools["test"], args.methods, lists.test, groups["test"]
         )
+        calibration = temperature_by_twin(config, features, methods_context, pools, lists, groups)
     shared = f"queries sharing a {args.column} with their class's support"
     scored = args.methods if scores else []
     columns = [f"{method}: twin / other queries" for method in scored]
@@ -146,6 +212,13 @@ def main() -> None:
             ]
             line = f"| {split} | {k} | {episodes.k_shot} | {100 * queries:.1f}% | {100 * touched:.1f}% |"
             print(line + "".join(f" {cell} |" for cell in cells))
+    if calibration:
+        print(
+            "\n| method | K | val accuracy: twin / other queries | test ECE pooled (T): temperature "
+            "fitted on all val queries | on val queries without a twin | on the test queries |"
+        )
+        print("|---|---|---|---|---|---|")
+        print("\n".join(calibration))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 MODES = ("head", "last_block", "full")
 PRIORS = ("none", "l2sp", "swag")
+#: The optimisers fine-tuning can take, each from its parameter groups (every group names its lr).
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups),
+    "sgd": lambda groups: torch.optim.SGD(groups, momentum=0.9),
+}
 #: Most deviations the downstream SWAG posterior keeps (``K``), Maddox et al.'s rank.
 BMA_MAX_RANK = 20
 
@@ -55,7 +60,7 @@ class FineTune(FewShotMethod):
     The head is a linear layer on L2-normalised features, initialised by weight imprinting (Qi, Brown
     & Lowe, "Low-Shot Learning with Imprinted Weights", CVPR 2018): row ``c`` is the normalised mean
     of class ``c``'s normalised support features. Logits are ``scale · head(normalise(backbone(x)))``.
-    Then ``steps`` full-batch AdamW steps on the cross-entropy of the support set, each on a fresh
+    Then ``steps`` full-batch optimiser steps on the cross-entropy of the support set, each on a fresh
     augmentation of it (``augment_batch``: crops, rotations, flips, jitter), as in the transfer
     baselines of Chen, Liu, Kira, Wang & Huang, "A Closer Look at Few-shot Classification", ICLR 2019,
     and Dhillon, Chaudhari, Ravichandran & Soatto, "A Baseline for Few-Shot Image Classification",
@@ -92,13 +97,17 @@ class FineTune(FewShotMethod):
       factor (searching 1e0 … 1e10): tune ``prior_scale`` on validation episodes. The posterior is
       over the pretrained weights, also after meta-training moved the backbone.
 
-    AdamW's decoupled weight decay (torch's default, 0.01) pulls every parameter towards 0, an
-    implicit zero-mean prior; the parameters under a prior get none (L2-SP's point is decay towards
-    θ₀, not 0), all others (the head, and backbone parameters a SWAG posterior does not cover) keep
-    it. ``prior="none"`` trains exactly as without these parameters. Adam's steps are about
-    ``backbone_lr`` whatever the loss scale, so even a very strong prior holds the weights within
-    about one step of its mean, and it moves weights the cross-entropy leaves alone (at low
-    resolution, e.g. the outer taps of 3x3 kernels on 1x1 maps) by up to a step each.
+    ``optimizer`` is ``adamw`` (the default) or ``sgd``. AdamW's decoupled weight decay (torch's
+    default, 0.01) pulls every parameter towards 0, an implicit zero-mean prior; the parameters under a
+    prior get none (L2-SP's point is decay towards θ₀, not 0), all others (the head, and backbone
+    parameters a SWAG posterior does not cover) keep it. ``prior="none"`` trains exactly as without
+    these parameters. Adam's steps are about ``backbone_lr`` whatever the loss scale, so even a very
+    strong prior holds the weights within about one step of its mean, and it moves weights the
+    cross-entropy leaves alone (at low resolution, e.g. the outer taps of 3x3 kernels on 1x1 maps) by
+    up to a step each. ``sgd`` is SGD with momentum 0.9 and no weight decay, the optimiser L2-SP was
+    proposed with (Li et al. 2018): its steps scale with the gradient, prior term included, so the
+    prior's weight sets how far the weights can move, and with a large ``backbone_lr`` and many
+    ``steps`` they move far enough for a prior to have something to regularise.
 
     ``bma_samples > 0`` turns on Bayesian model averaging at test time, as Shwartz-Ziv et al. (2022) do
     downstream: fine-tuning also collects the SWAG moments (Maddox, Izmailov, Garipov, Vetrov & Wilson,
@@ -122,8 +131,9 @@ class FineTune(FewShotMethod):
         device: where training and scoring run (from the ``MethodContext``).
         mode: ``head``, ``last_block`` or ``full``.
         steps: optimisation steps.
-        lr: AdamW learning rate of the head.
-        backbone_lr: AdamW learning rate of the unfrozen backbone parameters.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9, no weight decay).
+        lr: learning rate of the head.
+        backbone_lr: learning rate of the unfrozen backbone parameters.
         scale: logit scale of the cosine head.
         augment: augment the support set afresh at every step.
         train_bn: run the unfrozen backbone layers in train mode (batch statistics).
@@ -157,6 +167,7 @@ class FineTune(FewShotMethod):
         device: torch.device | str,
         mode: str = "head",
         steps: int = 50,
+        optimizer: str = "adamw",
         lr: float = 1e-3,
         backbone_lr: float = 1e-4,
         scale: float = 10.0,
@@ -176,6 +187,7 @@ class FineTune(FewShotMethod):
         self.device = device
         self.mode = mode
         self.steps = steps
+        self.optimizer = optimizer
         self.lr = lr
         self.backbone_lr = backbone_lr
         self.scale = scale
@@ -199,6 +211,7 @@ class FineTune(FewShotMethod):
     def check_params(self) -> None:
         require_choice("mode", self.mode, MODES)
         require_positive("steps", self.steps, integer=True)
+        require_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         require_positive("lr", self.lr)
         require_positive("backbone_lr", self.backbone_lr)
         require_positive("scale", self.scale)
@@ -257,10 +270,17 @@ class FineTune(FewShotMethod):
         return {**self.__dict__, "swag": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickle, giving a method pickled before the BMA parameters existed (e.g. in a classifier
-        registered by an earlier version) their defaults, so it scores with its MAP weights as before."""
+        """Unpickle, giving a method pickled before the BMA and optimiser parameters existed (e.g. in a
+        classifier registered by an earlier version) their defaults, so it scores with its MAP weights
+        as before."""
         self.__dict__.update(
-            {"bma_samples": 0, "bma_snapshots": 10, "bma_scale": 1.0, "bma_posterior_": None}
+            {
+                "bma_samples": 0,
+                "bma_snapshots": 10,
+                "bma_scale": 1.0,
+                "bma_posterior_": None,
+                "optimizer": "adamw",
+            }
         )
         self.__dict__.update(state)
 
@@ -319,7 +339,7 @@ class FineTune(FewShotMethod):
             ):
                 if params:
                     groups.append({"params": params, "lr": self.backbone_lr, **decay})
-            optimizer = torch.optim.AdamW(groups)
+            optimizer = OPTIMIZERS[self.optimizer](groups)
             per_image = 1 / len(support) if self.prior == "swag" else 1.0
             generator = torch.Generator(device=device).manual_seed(self.random_state)
             collector = SwagCollector(min(self.bma_snapshots, BMA_MAX_RANK)) if self.bma_samples > 0 else None

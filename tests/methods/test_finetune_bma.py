@@ -166,11 +166,11 @@ def test_layers_stay_in_eval_mode(context, support) -> None:
     assert isinstance(method.head_, nn.Linear)
 
 
-def test_a_method_pickled_before_bma_existed_scores_as_before(context, support):
+def test_a_method_pickled_before_bma_and_the_optimizer_existed_scores_as_before(context, support):
     method = fit(context, support)
     expected = method.predict_logits(support[2])
     state = method.__getstate__()
-    for name in ("bma_samples", "bma_snapshots", "bma_scale", "bma_posterior_"):
+    for name in ("bma_samples", "bma_snapshots", "bma_scale", "bma_posterior_", "optimizer"):
         state.pop(name)  # what an earlier version pickled
     restored = FineTune.__new__(FineTune)
     restored.__setstate__(pickle.loads(pickle.dumps(state)))

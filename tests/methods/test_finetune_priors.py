@@ -64,6 +64,19 @@ def weights(module: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
+def record_optimisers(monkeypatch: pytest.MonkeyPatch, name: str) -> list[torch.optim.Optimizer]:
+    """Replace ``torch.optim.<name>`` by a subclass that records every instance in the returned list."""
+    optimisers: list[torch.optim.Optimizer] = []
+
+    class Recorded(getattr(torch.optim, name)):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            optimisers.append(self)
+
+    monkeypatch.setattr(torch.optim, name, Recorded)
+    return optimisers
+
+
 # --- no prior -------------------------------------------------------------------------------------
 
 
@@ -112,14 +125,7 @@ def test_l2sp_weight_holds_the_weights_at_the_start(backbone, support) -> None:
 def test_the_prior_replaces_weight_decay_on_the_parameters_it_covers(
     prior, covered, backbone, support, monkeypatch
 ) -> None:
-    optimisers: list[torch.optim.Optimizer] = []
-
-    class Recorded(torch.optim.AdamW):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            optimisers.append(self)
-
-    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    optimisers = record_optimisers(monkeypatch, "AdamW")
     context = MethodContext(backbone=backbone, swag=posterior_at(backbone, covered))
     images, labels, _ = support
     method = create_method("finetune", context, prior=prior, **{**FAST, "steps": 1}).fit(images, labels)
@@ -132,6 +138,39 @@ def test_the_prior_replaces_weight_decay_on_the_parameters_it_covers(
     assert optimisers[0].param_groups[0]["weight_decay"] == 0.01  # the head keeps AdamW's default
     assert decay and all(name.startswith("layer4.") for name in decay)
     assert all(value == (0.0 if name.startswith(covered) else 0.01) for name, value in decay.items())
+
+
+# --- SGD: the optimiser under which the prior's weight sets how far the weights move ----------------
+
+
+def test_sgd_has_momentum_and_no_weight_decay(backbone, support, monkeypatch) -> None:
+    optimisers = record_optimisers(monkeypatch, "SGD")
+    images, labels, _ = support
+    params = {**FAST, "steps": 1, "optimizer": "sgd", "lr": 0.5}
+    create_method("finetune", MethodContext(backbone=backbone), prior="l2sp", **params).fit(images, labels)
+    (optimiser,) = optimisers
+    assert [group["lr"] for group in optimiser.param_groups] == [0.5, LR]  # head, then the block
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0.0 for g in optimiser.param_groups)
+
+
+def test_under_sgd_the_l2sp_weight_sets_how_far_the_weights_move(backbone, support) -> None:
+    images, labels, _ = support
+    context, start = MethodContext(backbone=backbone), weights(backbone)
+    sgd = {**FAST, "optimizer": "sgd", "backbone_lr": 0.05, "steps": 20}
+    moved = [
+        displacement(
+            create_method("finetune", context, prior="l2sp", prior_weight=weight, **sgd)
+            .fit(images, labels)
+            .backbone_,
+            start,
+        )
+        for weight in (0.0, 1.0, 10.0)
+    ]
+    assert moved[0] > 0
+    # Unlike Adam's normalised steps, SGD's shrink with the prior's pull: strictly less per weight,
+    # and a strong prior holds the weights far closer than plain fine-tuning does.
+    assert moved[0] > moved[1] > moved[2]
+    assert moved[2] < 0.3 * moved[0]
 
 
 # --- the SWAG prior -------------------------------------------------------------------------------
@@ -225,6 +264,7 @@ def test_swag_prior_without_a_posterior_says_how_to_get_one(backbone) -> None:
     ("params", "message"),
     [
         ({"prior": "gaussian"}, "prior must be one of none, l2sp, swag, got 'gaussian'"),
+        ({"optimizer": "adam"}, "optimizer must be one of adamw, sgd, got 'adam'"),
         ({"prior": "l2sp", "prior_weight": -1.0}, "prior_weight must be a number ≥ 0"),
         ({"prior": "swag", "prior_scale": 0.0}, "prior_scale must be a positive number"),
         ({"prior": "l2sp", "mode": "head"}, "prior 'l2sp' acts on the trainable backbone parameters"),

@@ -9,16 +9,12 @@ from fewshot_med.pipelines.transfer import run_stages
 
 
 @pytest.mark.slow
-def test_swag_prior_finetuning_runs_in_the_pipeline_and_from_an_earlier_run(workdir, tiny_pipeline):
+def test_swag_prior_finetuning_runs_in_the_pipeline_and_from_an_earlier_run(
+    workdir, tiny_pipeline, tiny_swag_pretrain
+):
     settings = {
         **tiny_pipeline,
-        "pretrain": {
-            **tiny_pipeline["pretrain"],
-            "epochs": 2,
-            "steps_per_epoch": 2,
-            "keep": "last",
-            "swag": {"enabled": True, "start_epoch": 2, "snapshots_per_epoch": 2},
-        },
+        "pretrain": tiny_swag_pretrain,
         "meta_train": {"enabled": False},
         "methods": [
             {
