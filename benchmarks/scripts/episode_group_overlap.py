@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -127,6 +128,32 @@ def accuracy_by_twin(
     return scores
 
 
+#: The query sets a temperature is fitted on, in the order of the second table's columns.
+TEMPERATURE_FITS = ("all val queries", "val queries without a twin", "test queries")
+
+
+@dataclass(frozen=True)
+class TwinCalibration:
+    """One row of the second table: a transductive method at one K, its val accuracy on twin and
+    other queries (``None`` when there are none), and per fit in ``TEMPERATURE_FITS`` the fitted
+    temperature and the test pooled ECE after it (``None`` when the fit has no queries)."""
+
+    method: str
+    k_shot: int
+    val_twin_accuracy: float | None
+    val_other_accuracy: float | None
+    fits: dict[str, tuple[float, float] | None]
+
+    def row(self) -> str:
+        """The markdown row."""
+        accuracy = " / ".join(
+            "—" if value is None else f"{100 * value:.1f}%"
+            for value in (self.val_twin_accuracy, self.val_other_accuracy)
+        )
+        cells = ["—" if fit is None else f"{fit[1]:.3f} ({fit[0]:.2f})" for fit in self.fits.values()]
+        return f"| {self.method} | {self.k_shot} | {accuracy} | " + " | ".join(cells) + " |"
+
+
 def temperature_by_twin(
     config: Config,
     features: dict[str, torch.Tensor],
@@ -134,9 +161,10 @@ def temperature_by_twin(
     pools: dict[str, ClassSubset],
     lists: Episodes,
     groups: dict[str, np.ndarray],
-) -> list[str]:
-    """The second table's rows (see the module docstring), one per transductive method and K."""
-    rows = []
+) -> list[TwinCalibration]:
+    """The second table (see the module docstring), one entry per transductive method of ``config``
+    and K; ``features``, ``pools`` and ``groups`` per split (``val``, ``test``)."""
+    entries = []
     for method in config.methods:
         if not (METHODS[method.name].transductive and METHODS[method.name].inputs == "features"):
             continue
@@ -153,21 +181,29 @@ def temperature_by_twin(
                 val = evaluate_frozen(factory, features["val"], pools["val"], val_list)
             twins = twin_mask(val_list, groups["val"])
             correct = val.logits.argmax(axis=-1) == val.labels
-            fitted = {
+            queries = {
                 "all val queries": (val.logits, val.labels),
                 "val queries without a twin": (val.logits[~twins][:, None], val.labels[~twins][:, None]),
                 "test queries": (test.logits, test.labels),
             }
-            cells = []
-            for logits, labels in fitted.values():
+            fits: dict[str, tuple[float, float] | None] = {}
+            for fit in TEMPERATURE_FITS:
+                logits, labels = queries[fit]
+                if labels.size == 0:
+                    fits[fit] = None
+                    continue
                 temperature = TemperatureScaling(t_max=100.0).fit(logits, labels).temperature_
-                ece = pooled_ece(softmax(test.logits / temperature), test.labels)[0]
-                cells.append(f"{ece:.3f} ({temperature:.2f})")
-            rows.append(
-                f"| {method.display_name} | {k} | {100 * correct[twins].mean():.1f}% / "
-                f"{100 * correct[~twins].mean():.1f}% | " + " | ".join(cells) + " |"
+                fits[fit] = (temperature, pooled_ece(softmax(test.logits / temperature), test.labels)[0])
+            entries.append(
+                TwinCalibration(
+                    method.display_name,
+                    k,
+                    float(correct[twins].mean()) if twins.any() else None,
+                    float(correct[~twins].mean()) if (~twins).any() else None,
+                    fits,
+                )
             )
-    return rows
+    return entries
 
 
 def main() -> None:
@@ -218,7 +254,7 @@ def main() -> None:
             "fitted on all val queries | on val queries without a twin | on the test queries |"
         )
         print("|---|---|---|---|---|---|")
-        print("\n".join(calibration))
+        print("\n".join(entry.row() for entry in calibration))
 
 
 if __name__ == "__main__":
