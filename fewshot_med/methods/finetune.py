@@ -106,8 +106,7 @@ class FineTune(FewShotMethod):
     cross-entropy leaves alone (at low resolution, e.g. the outer taps of 3x3 kernels on 1x1 maps) by
     up to a step each. ``sgd`` is SGD with momentum 0.9 and no weight decay, the optimiser L2-SP was
     proposed with (Li et al. 2018): its steps scale with the gradient, prior term included, so the
-    prior's weight sets how far the weights can move, and with a large ``backbone_lr`` and many
-    ``steps`` they move far enough for a prior to have something to regularise.
+    prior's weight sets how far the weights can move.
 
     ``bma_samples > 0`` turns on Bayesian model averaging at test time, as Shwartz-Ziv et al. (2022) do
     downstream: fine-tuning also collects the SWAG moments (Maddox, Izmailov, Garipov, Vetrov & Wilson,
