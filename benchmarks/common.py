@@ -13,21 +13,25 @@ import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewshot_med import tracking
-from fewshot_med.config import Config, load_config
-from fewshot_med.evaluation import EpisodeResults
+from fewshot_med.config import Config, MethodConfig, load_config
+from fewshot_med.data import ClassSubset, EpisodeList
+from fewshot_med.evaluation import EpisodeResults, evaluate_frozen
 from fewshot_med.evaluation.intervals import paired_difference_ci95
+from fewshot_med.methods import METHODS, FewShotMethod, MethodContext, create_method
 from fewshot_med.pipelines.episodes import Episodes, check_saved_episodes, draw_episodes
-from fewshot_med.pipelines.evaluation import Embedded, embed_subsets
+from fewshot_med.pipelines.evaluation import Embedded, embed_subsets, search_on_val
 from fewshot_med.pipelines.stages import StageContext, open_context
 from fewshot_med.pipelines.transfer import backbone_stages
 from fewshot_med.tracking import names
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
 
 
@@ -248,6 +252,34 @@ def embed_run(config: Config, from_run: str) -> tuple[Embedded, Episodes]:
     context = backbone_stages(open_context(config), (), from_run)
     embedded = embed_subsets(context)
     return embedded, draw_episodes(config, embedded.pools, context.n_way, val=True)
+
+
+def transductive_frozen_methods(config: Config) -> list[MethodConfig]:
+    """The config's transductive methods that work on frozen features (BD-CSPN, TIM, PT-MAP, …)."""
+    return [
+        m for m in config.methods if METHODS[m.name].transductive and METHODS[m.name].inputs == "features"
+    ]
+
+
+def searched_results(
+    method: MethodConfig,
+    context: MethodContext,
+    features: Mapping[str, torch.Tensor],
+    pools: Mapping[str, ClassSubset],
+    val_episodes: EpisodeList,
+    test_episodes: EpisodeList,
+) -> tuple[Callable[[], FewShotMethod], EpisodeResults, EpisodeResults]:
+    """A frozen-feature method as the evaluate stage runs it at one K: its ``search`` chosen on the val
+    episodes, then scored on the test ones. Returns the chosen method's factory, its test results and
+    its val results; ``features`` and ``pools`` are keyed by split (``val``, ``test``)."""
+    chosen, val = {}, None
+    if method.search:
+        chosen, val, _ = search_on_val(method, context, features["val"], pools["val"], val_episodes, {})
+    factory = partial(create_method, method.name, context, **method.params, **chosen)
+    test = evaluate_frozen(factory, features["test"], pools["test"], test_episodes)
+    if val is None:
+        val = evaluate_frozen(factory, features["val"], pools["val"], val_episodes)
+    return factory, test, val
 
 
 def _backbone_source(config: Config, from_run: str | None) -> str:

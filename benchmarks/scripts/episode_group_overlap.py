@@ -34,17 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import searched_results, transductive_frozen_methods
 from fewshot_med.config import Config, load_config
 from fewshot_med.data import ClassSubset, EpisodeList
 from fewshot_med.errors import FewshotMedError
 from fewshot_med.evaluation import evaluate_frozen
 from fewshot_med.evaluation.calibration import TemperatureScaling
 from fewshot_med.evaluation.metrics import pooled_ece, softmax
-from fewshot_med.methods import METHODS, MethodContext, create_method
-from fewshot_med.models import embed
+from fewshot_med.methods import MethodContext, create_method
 from fewshot_med.pipelines.episodes import Episodes, draw_episodes
-from fewshot_med.pipelines.evaluation import search_on_val
-from fewshot_med.pipelines.stages import StageContext, from_run_stage, open_context
+from fewshot_med.pipelines.evaluation import embed_subsets
+from fewshot_med.pipelines.stages import from_run_stage, open_context
 
 
 def read_groups(path: Path, column: str, pools: dict[str, ClassSubset]) -> dict[str, np.ndarray]:
@@ -92,19 +92,6 @@ def overlap(episodes: EpisodeList, groups: np.ndarray) -> tuple[float, float]:
     groups (``twin_mask``)."""
     mask = twin_mask(episodes, groups)
     return float(mask.mean()), float(mask.any(axis=1).mean())
-
-
-def embed_novel(context: StageContext) -> tuple[dict[str, torch.Tensor], MethodContext]:
-    """``{split: (len(pool), D)}`` features of the val and test novel pools, read by the context's
-    backbone over ``evaluation.test_time_views``, and the methods' context (base-class mean feature)."""
-    backbone, spec = context.trained()
-    batch = context.config.evaluation.batch_size
-    features = {
-        split: embed(backbone, context.data.subset(split, "novel").images, spec, context.device, batch)
-        for split in ("val", "test")
-    }
-    base = embed(backbone, context.data.subset("train", "base").images, spec, context.device, batch)
-    return features, context.method_context(base.mean(dim=0))
 
 
 def accuracy_by_twin(
@@ -165,20 +152,10 @@ def temperature_by_twin(
     """The second table (see the module docstring), one entry per transductive method of ``config``
     and K; ``features``, ``pools`` and ``groups`` per split (``val``, ``test``)."""
     entries = []
-    for method in config.methods:
-        if not (METHODS[method.name].transductive and METHODS[method.name].inputs == "features"):
-            continue
+    for method in transductive_frozen_methods(config):
         for k, test_list in lists.test.items():
             val_list = lists.val[k]
-            chosen, val = {}, None
-            if method.search:
-                chosen, val, _ = search_on_val(
-                    method, methods_context, features["val"], pools["val"], val_list, {}
-                )
-            factory = partial(create_method, method.name, methods_context, **method.params, **chosen)
-            test = evaluate_frozen(factory, features["test"], pools["test"], test_list)
-            if val is None:
-                val = evaluate_frozen(factory, features["val"], pools["val"], val_list)
+            _, test, val = searched_results(method, methods_context, features, pools, val_list, test_list)
             twins = twin_mask(val_list, groups["val"])
             correct = val.logits.argmax(axis=-1) == val.labels
             queries = {
@@ -227,7 +204,8 @@ def main() -> None:
     lists = draw_episodes(config, pools, context.n_way, val=True)
     scores, calibration = {}, []
     if args.run_id:
-        features, methods_context = embed_novel(from_run_stage(context, args.run_id))
+        embedded = embed_subsets(from_run_stage(context, args.run_id))
+        features, methods_context = {s: embedded.features[f"novel_{s}"] for s in pools}, embedded.methods
         scores = accuracy_by_twin(
             features["test"], methods_context, pools["test"], args.methods, lists.test, groups["test"]
         )

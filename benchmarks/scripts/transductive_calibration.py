@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import embed_run
+from benchmarks.common import embed_run, searched_results, transductive_frozen_methods
 from fewshot_med.config import load_config
 from fewshot_med.data import ClassSubset
 from fewshot_med.data.episodes import EpisodeList, sample_episodes
@@ -44,8 +43,7 @@ from fewshot_med.evaluation.calibration import (
 )
 from fewshot_med.evaluation.metrics import pooled_ece, softmax
 from fewshot_med.evaluation.runner import evaluate_frozen
-from fewshot_med.methods import METHODS, FewShotMethod, create_method
-from fewshot_med.pipelines.evaluation import search_on_val
+from fewshot_med.methods import FewShotMethod
 from fewshot_med.robustness.evaluate import episode_positions
 
 
@@ -122,19 +120,12 @@ def main() -> None:
         "| temperature fitted on the test queries (T) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for method in config.methods:
-        if not (METHODS[method.name].transductive and METHODS[method.name].inputs == "features"):
-            continue
+    features = {"test": test_features, "val": val_features}
+    for method in transductive_frozen_methods(config):
         for k in episodes.test:
-            chosen, val = {}, None
-            if method.search:
-                chosen, val, _ = search_on_val(
-                    method, embedded.methods, val_features, val_pool, episodes.val[k], {}
-                )
-            factory = partial(create_method, method.name, embedded.methods, **method.params, **chosen)
-            test = evaluate_frozen(factory, test_features, test_pool, episodes.test[k])
-            if val is None:
-                val = evaluate_frozen(factory, val_features, val_pool, episodes.val[k])
+            factory, test, val = searched_results(
+                method, embedded.methods, features, embedded.pools, episodes.val[k], episodes.test[k]
+            )
 
             def ece(logits: np.ndarray, labels: np.ndarray = test.labels) -> float:
                 return pooled_ece(softmax(logits), labels)[0]
