@@ -67,8 +67,9 @@ SUITE_OVERRIDES = (
     "evaluation.plots=false",
 )
 #: Under ``--quick``, every config also gets these: one view per image (a smoke run need not pay for
-#: a config's test-time views, 8 forward passes per image with ``dihedral``).
-QUICK_COMMON_OVERRIDES = ("evaluation.test_time_views=identity",)
+#: a config's test-time views, 8 forward passes per image with ``dihedral``) and 16 px images (a
+#: third of the 28 px files' convolution cost).
+QUICK_COMMON_OVERRIDES = ("evaluation.test_time_views=identity", "data.image_size=16")
 #: Under ``--quick``, these data sources are read from a smaller file (``data.source`` -> quick source).
 QUICK_SOURCES = {"ham10000": "ham10000-28"}
 

@@ -99,6 +99,8 @@ class Sizes:
         pipeline: ``--set`` overrides of the quickstart pipeline; ``None`` skips the pipeline.
         predict_files: PNG files classified by the prediction measurement (the novel test images,
             cycled).
+        streaming_images: images of each split the streaming measurement writes and decodes; all of
+            the base-class train and val images when ``None``.
     """
 
     dataset: str
@@ -109,9 +111,10 @@ class Sizes:
     tracking_steps: int
     pipeline: tuple[str, ...] | None
     predict_files: int = 512
+    streaming_images: int | None = None
 
 
-QUICK = Sizes("ham10000-28", 3, 20, 1, 2, 2, None, 64)
+QUICK = Sizes("ham10000-28", 3, 20, 1, 2, 2, None, 64, 1024)
 FULL = Sizes("ham10000", 20, 600, 5, 3, 10, (), 512)
 #: Images per batch of the prediction measurement (``fewshot-med predict``'s default).
 PREDICT_BATCH = 64
@@ -310,7 +313,9 @@ def _pretrain_compare(task: _Task) -> dict[str, Any]:
 def _streaming(task: _Task) -> dict[str, Any]:
     """Cached (memmap) against in-memory pretraining throughput (``benchmarks.suites.streaming``)."""
     sizes = task.sizes
-    return streaming.measure(sizes.dataset, sizes.pretrain_steps, BATCH_SIZE, task.seed, task.workdir)
+    return streaming.measure(
+        sizes.dataset, sizes.pretrain_steps, BATCH_SIZE, task.seed, task.workdir, sizes.streaming_images
+    )
 
 
 def _pretrain_alone(task: _Task) -> dict[str, Any]:

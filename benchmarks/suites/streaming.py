@@ -37,7 +37,17 @@ def _write_manifest(folder: Path, subsets: dict[str, Any]) -> Path:
     return manifest
 
 
-def measure(dataset_name: str, steps: int, batch_size: int, seed: int, workdir: str) -> dict[str, Any]:
+def _evenly_spaced(subset: Any, count: int) -> Any:
+    """At most ``count`` rows of a ``ClassSubset``, evenly spaced over it (so every class keeps images)."""
+    rows = np.unique(np.linspace(0, len(subset) - 1, min(count, len(subset))).round().astype(int))
+    return dataclasses.replace(
+        subset, images=subset.images[rows], labels=subset.labels[rows], indices=subset.indices[rows]
+    )
+
+
+def measure(
+    dataset_name: str, steps: int, batch_size: int, seed: int, workdir: str, max_images: int | None = None
+) -> dict[str, Any]:
     """Images/s of ``pretrain`` on the cached and on the in-memory copy of the same base-class images.
 
     Args:
@@ -46,6 +56,7 @@ def measure(dataset_name: str, steps: int, batch_size: int, seed: int, workdir: 
         batch_size: images per step.
         seed: seeds the backbone and the batches.
         workdir: where the PNG files and the cache are written.
+        max_images: at most this many images of each split, evenly spaced; all when ``None``.
 
     Returns:
         ``in_memory`` and ``cached`` (lists of images/s, in run order), ``ratio`` (mean cached / mean in
@@ -60,6 +71,8 @@ def measure(dataset_name: str, steps: int, batch_size: int, seed: int, workdir: 
     roles = default_roles(dataset_name)
     assert roles is not None  # catalogue entries with default roles only
     subsets = {split: select_classes(dataset, split, roles.base) for split in ("train", "val")}
+    if max_images is not None:
+        subsets = {split: _evenly_spaced(subset, max_images) for split, subset in subsets.items()}
     folder = Path(workdir) / "streaming"
     manifest = _write_manifest(folder, subsets)
     size = dataset.image_shape[0]

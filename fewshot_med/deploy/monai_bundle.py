@@ -4,7 +4,7 @@ https://docs.monai.io/en/latest/mb_specification.html): ``configs/metadata.json`
 ``python -m monai.bundle run --config_file configs/inference.json --dataset_dir DIR --output_dir OUT``
 runs on a folder of images, giving the probabilities of ``FewShotClassifier.predict_table``.
 
-Reading uses this toolkit, not MONAI-native transforms: ``read_image`` picks a MONAI reader by suffix,
+Reading uses this toolkit, not MONAI-native transforms: ``read_image`` picks a reader by suffix,
 treats 8-bit photographs and other files differently (``to_byte_range``), resizes with torch's
 antialiased bilinear interpolation and rounds to uint8. ``LoadImaged``, ``ScaleIntensityRange…d`` and
 ``Resized`` (Gaussian anti-aliasing) do not reproduce that bit for bit, so the bundle's config calls
@@ -262,8 +262,8 @@ def bundle_metadata(
         "description": (
             f"A {classifier.spec.name} backbone with a {classifier.method.name} few-shot classifier fitted "
             f"on a small labelled set, calibrated by temperature {classifier.temperature:g}. Inputs are read "
-            "with fewshot-med's reader (MONAI readers, its intensity handling and antialiased resize), which "
-            "must be installed; the network is TorchScript, traced on the CPU."
+            "with fewshot-med's reader (Pillow and MONAI readers, its intensity handling and antialiased "
+            "resize), which must be installed; the network is TorchScript, traced on the CPU."
         ),
         "authors": "fewshot-med export",
         "copyright": "see the model card and the licence of the data the classifier was fitted on",
@@ -471,8 +471,8 @@ def bundle_readme(meta: Mapping[str, Any]) -> str:
         "## Install",
         "",
         f"monai=={meta['monai_version']}, torch=={meta['pytorch_version']}, {packages}. Files are read "
-        "with fewshot-med's reader (exactly as the registered classifier reads them: MONAI readers, its "
-        "intensity handling, antialiased bilinear resize), so fewshot-med must be installed.",
+        "with fewshot-med's reader (exactly as the registered classifier reads them: Pillow and MONAI "
+        "readers, its intensity handling, antialiased bilinear resize), so fewshot-med must be installed.",
         "",
         "## Run",
         "",

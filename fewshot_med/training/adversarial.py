@@ -69,15 +69,18 @@ def input_pixels(batch: Tensor, spec: BackboneSpec) -> Tensor:
 class PixelModel(nn.Module):
     """A classifier of ``[0, 1]`` pixel images, what ``pgd`` attacks: ``model_input`` then ``logits``.
 
-    ``logits`` maps ``(B, in_chans, H, W)`` normalised input to ``(B, n_way)``. An ``nn.Module`` is a
-    submodule (eval/train and parameters follow this module); a plain function is not, so a closure
+    ``logits`` maps ``(B, in_chans, H, W)`` normalised input to ``(B, n_classes)``. An ``nn.Module`` is
+    a submodule (eval/train and parameters follow this module); a plain function is not, so a closure
     over a training backbone keeps the backbone's mode whatever the attack sets on this module.
+    ``n_classes`` is given, not probed: a probe of one image through a backbone in training mode
+    fails in batch norm when its last feature map is 1 x 1 (16 px inputs to a ResNet).
     """
 
-    def __init__(self, logits: Callable[[Tensor], Tensor], spec: BackboneSpec) -> None:
+    def __init__(self, logits: Callable[[Tensor], Tensor], spec: BackboneSpec, n_classes: int) -> None:
         super().__init__()
         self.logits = logits
         self.spec = spec
+        self.n_classes = n_classes
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, C, H, W)`` pixels -> ``(B, n_way)`` float32 logits."""
@@ -168,7 +171,7 @@ def adversarial_finetune(
             batch = augment_batch(batch, generator)
         labels = labels_all[rows].to(device)
         backbone.train()
-        attacked = PixelModel(frozen_call(nn.Sequential(backbone, head)), spec)
+        attacked = PixelModel(frozen_call(nn.Sequential(backbone, head)), spec, head.out_features)
         start = int(rng.integers(0, 2**31 - 1))
         clean = input_pixels(batch, spec)
         perturbed = pgd(attacked, clean, labels, attack.epsilon, attack.steps, attack.step_size, seed=start)

@@ -329,7 +329,7 @@ def adversarial_querying_step(
     from fewshot_med.robustness.attacks import pgd  # ART takes seconds to import; configs import this module
 
     attack = settings.adversarial
-    model = PixelModel(algorithm.episode_model(backbone, batch, settings), spec)
+    model = PixelModel(algorithm.episode_model(backbone, batch, settings), spec, batch.n_way)
     seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
     clean = input_pixels(batch.query, spec)
     query = pgd(model, clean, batch.query_labels, attack.epsilon, attack.steps, attack.step_size, seed=seed)

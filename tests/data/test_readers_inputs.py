@@ -8,12 +8,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from fewshot_med.data.intensity import IntensityConfig
-from fewshot_med.data.readers import decode_image, prepare_array, read_image, sniff_format
+from fewshot_med.data.readers import _load, decode_image, prepare_array, read_image, sniff_format
 from fewshot_med.errors import DataError
 from tests.data.test_local import write_dicom
 
@@ -41,6 +42,42 @@ def test_path_bytes_and_decoded_array_give_the_same_image(tmp_path, pixels, suff
         assert by_path.shape == (20, 20, 3 if pixels.ndim == 3 else 1) and by_path.dtype == np.uint8
         assert np.array_equal(decode_image(path.read_bytes(), 20, intensity=intensity), by_path)
         assert np.array_equal(prepare_array(decoded, 20, intensity), by_path)
+
+
+#: Pillow images of every mode a medical PNG, JPEG, BMP or TIFF file is likely to hold, by file name.
+PIL_MODES = {
+    "grey.png": Image.fromarray(RGB[..., 0]),
+    "rgb.png": Image.fromarray(RGB),
+    "rgba.png": Image.fromarray(np.dstack([RGB, RGB[..., :1]])),
+    "grey_alpha.png": Image.fromarray(RGB[..., 0]).convert("LA"),
+    "palette.png": Image.fromarray(RGB).convert("P"),
+    "bilevel.png": Image.fromarray(RGB[..., 0]).convert("1"),
+    "grey16.png": Image.fromarray(GREY16),
+    "grey16.tif": Image.fromarray(GREY16),
+    "int32.tif": Image.fromarray(GREY16.astype(np.int32) - 500),
+    "float.tif": Image.fromarray(RNG.normal(size=(30, 45)).astype(np.float32)),
+    "rgb.tif": Image.fromarray(RGB),
+    "rgb.jpg": Image.fromarray(RGB),
+    "grey.jpg": Image.fromarray(RGB[..., 0]),
+    "cmyk.jpg": Image.fromarray(RGB).convert("CMYK"),
+    "rgb.bmp": Image.fromarray(RGB),
+    "palette.bmp": Image.fromarray(RGB).convert("P"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIL_MODES))
+def test_pillow_files_read_as_monais_pil_reader_reads_them(tmp_path, name):
+    from monai.data import PILReader
+    from monai.transforms import LoadImage
+
+    path = tmp_path / name
+    PIL_MODES[name].save(path)
+    reader = PILReader(reverse_indexing=False)
+    expected = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None)(
+        str(path), reader=reader
+    ).as_tensor()
+    got = _load(path, "pil")
+    assert type(got) is torch.Tensor and got.dtype == expected.dtype and torch.equal(got, expected)
 
 
 def test_rgba_png_drops_alpha_every_way(tmp_path):

@@ -16,7 +16,7 @@ from fewshot_med.data import select_classes
 from fewshot_med.data.demo import DEMO_BASE_CLASSES, make_demo_dataset
 from fewshot_med.data.transforms import to_model_input
 from fewshot_med.errors import ConfigError, FewshotMedError
-from fewshot_med.models import BackboneSpec
+from fewshot_med.models import BackboneSpec, create_backbone
 from fewshot_med.pipelines.transfer import run_stages
 from fewshot_med.tracking import names
 from fewshot_med.training.adversarial import (
@@ -189,6 +189,17 @@ def test_adversarial_finetuning_trains_backbone_and_head_on_attacked_batches(poo
     assert result.head.weight.shape == (len(DEMO_BASE_CLASSES), TinyBackbone.num_features)
     assert not all(torch.equal(a, b) for a, b in zip(before, backbone.parameters(), strict=True))
     assert not backbone.training
+
+
+def test_adversarial_finetuning_runs_where_the_last_feature_map_is_one_pixel(pool):
+    # a ResNet on 16 px images ends on a 1 x 1 map: batch norm in training mode needs more than one
+    # image there, so the attack must not probe the training backbone with a single image
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet10t", in_chans=3, image_size=16)
+    spec = BackboneSpec("resnet10t", 3, backbone.num_features, mean=SPEC.mean, std=SPEC.std)
+    attack = AdversarialConfig(epsilon=EPSILON, steps=1)
+    result = adversarial_finetune(backbone, spec, pool, attack, steps=1, batch_size=4, device=CPU)
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])
 
 
 def test_adversarial_finetuning_starts_from_the_nearest_class_mean_head(pool):
