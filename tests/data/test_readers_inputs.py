@@ -2,6 +2,7 @@
 
 import gzip
 import tempfile
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -72,11 +73,14 @@ def test_pillow_files_read_as_monais_pil_reader_reads_them(tmp_path, name):
 
     path = tmp_path / name
     PIL_MODES[name].save(path)
+    with warnings.catch_warnings():
+        # e.g. torch's warning on a read-only array, given once per process: read before MONAI does
+        warnings.simplefilter("error")
+        got = _load(path, "pil")
     reader = PILReader(reverse_indexing=False)
     expected = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None)(
         str(path), reader=reader
     ).as_tensor()
-    got = _load(path, "pil")
     assert type(got) is torch.Tensor and got.dtype == expected.dtype and torch.equal(got, expected)
 
 
