@@ -19,6 +19,14 @@ fitted on val episodes with 1, 2, … queries per class, ``log T`` regressed on 
 class and read at the test episodes' count; deployable: val labels only), and the temperature fitted
 on the test queries themselves (not deployable: the floor of what any single temperature reaches).
 
+Two label-free columns, for every K: the temperature that makes the mean confidence on the test
+queries equal the accuracy that average thresholded confidence predicts for them (ATC: Garg, Balakrishnan,
+Lipton, Neyshabur & Sedghi, "Leveraging Unlabeled Data to Predict Out-of-Distribution Performance",
+ICLR 2022). The threshold is set on the val episodes after the val temperature, so that the share
+of val queries above it equals the val accuracy; the test accuracy predicted is the share of test
+queries above it. Fitted once over all test episodes' unlabelled queries (deployable where a batch
+of unlabelled cases is at hand), and per episode from its own queries (deployable for one task).
+
 Run: ``python -m benchmarks.scripts.transductive_calibration CONFIG --from RUN [--threads N]``.
 """
 
@@ -99,6 +107,34 @@ def query_count_temperature(
     return float(np.exp(intercept + slope * np.log(n_query_test))), temperatures
 
 
+def _mean_confidence(logits: np.ndarray) -> np.ndarray:
+    """``(..., n, C)`` logits -> ``(...)`` mean top-label softmax probability over the ``n`` rows."""
+    return softmax(logits).max(axis=-1).mean(axis=-1)
+
+
+def confidence_matching_temperature(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per leading index, the temperature whose mean top-label confidence equals ``target``.
+
+    ``(..., n, C)`` logits and ``(...)`` targets in ``[1/C, 1]`` -> ``(...)`` temperatures in
+    ``[0.01, 100]`` (bisection on ``log T``; the mean confidence falls as ``T`` grows)."""
+    low, high = np.full(target.shape, np.log(0.01)), np.full(target.shape, np.log(100.0))
+    for _ in range(60):
+        middle = (low + high) / 2
+        too_confident = _mean_confidence(logits / np.exp(middle)[..., None, None]) > target
+        low, high = np.where(too_confident, middle, low), np.where(too_confident, high, middle)
+    return np.exp((low + high) / 2)
+
+
+def atc_accuracy(val_logits: np.ndarray, val_labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Average thresholded confidence (Garg et al., ICLR 2022): the threshold ``t`` on top-label
+    confidence at which the share of ``(E_v, n, C)`` val queries above ``t`` equals their accuracy;
+    returns the share of each episode's queries of ``(E, n, C)`` ``logits`` above ``t``, ``(E,)``."""
+    val_confidence = softmax(val_logits).max(axis=-1).ravel()
+    val_accuracy = (val_logits.argmax(axis=-1) == val_labels).mean()
+    threshold = np.quantile(val_confidence, 1 - val_accuracy)
+    return (softmax(logits).max(axis=-1) > threshold).mean(axis=-1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -117,9 +153,10 @@ def main() -> None:
     print(
         "| method | K | accuracy | ECE raw | val temperature | held-out folds, per episode (median T) "
         "| held-out folds, pooled over episodes (T) | val temperature at the test query count (T) "
+        "| ATC, pooled over episodes (T; predicted accuracy) | ATC, per episode (median T) "
         "| temperature fitted on the test queries (T) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     features = {"test": test_features, "val": val_features}
     for method in transductive_frozen_methods(config):
         for k in episodes.test:
@@ -150,11 +187,21 @@ def main() -> None:
             extrapolated, by_count = query_count_temperature(
                 factory, val_features, val_pool, episodes.val[k], n_query_test
             )
+            val_t = val_calibrated.calibrator["temperature"]
+            predicted = atc_accuracy(val.logits / val_t, val.labels, test.logits / val_t)
+            pooled_atc = float(
+                confidence_matching_temperature(
+                    test.logits.reshape(1, -1, test.logits.shape[-1]), predicted.mean()[None]
+                )[0]
+            )
+            per_episode_atc = confidence_matching_temperature(test.logits, predicted)
             floor = TemperatureScaling(t_max=100.0).fit(test.logits, test.labels).temperature_
             cells += [
                 f"{ece(test.logits / extrapolated):.3f} ({extrapolated:.2f}; fitted "
                 + ", ".join(f"{q}: {t:.2f}" for q, t in by_count.items())
                 + ")",
+                f"{ece(test.logits / pooled_atc):.3f} ({pooled_atc:.2f}; {100 * predicted.mean():.1f})",
+                f"{ece(test.logits / per_episode_atc[:, None, None]):.3f} ({np.median(per_episode_atc):.2f})",
                 f"{ece(test.logits / floor):.3f} ({floor:.2f})",
             ]
             print(f"| {method.display_name} | {k} | " + " | ".join(cells) + " |", flush=True)
