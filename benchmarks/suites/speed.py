@@ -143,7 +143,7 @@ class _Measured:
 
 
 def run(options: SuiteOptions) -> SuiteReport:
-    """Run the speed suite (quick: tiny sizes, under a minute; full: about 10-15 minutes on 2 cores).
+    """Run the speed suite (quick: tiny sizes, about 95 s on one core; full: about 10-15 minutes on 2 cores).
 
     Each measurement runs in a child process, so a script calling this needs the usual
     ``if __name__ == "__main__":`` guard.

@@ -39,7 +39,7 @@ HEADLINES = (
 
 @pytest.fixture(scope="module")
 def report(shared_data: Path) -> SuiteReport:
-    """One quick run of the suite, shared by the tests of this module (about 40 s on one core)."""
+    """One quick run of the suite, shared by the tests of this module (about 95 s on one core)."""
     if not (shared_data / "ham10000_derma" / "ham10000_derma_28.npz").is_file():
         pytest.skip(f"the 28 px HAM10000 file is not under {shared_data / 'ham10000_derma'}")
     pytest.importorskip("easyfsl", reason="the speed suite compares with easyfsl: pip install -e .[bench]")
