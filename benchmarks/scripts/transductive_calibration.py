@@ -189,11 +189,8 @@ def main() -> None:
             )
             val_t = val_calibrated.calibrator["temperature"]
             predicted = atc_accuracy(val.logits / val_t, val.labels, test.logits / val_t)
-            pooled_atc = float(
-                confidence_matching_temperature(
-                    test.logits.reshape(1, -1, test.logits.shape[-1]), predicted.mean()[None]
-                )[0]
-            )
+            all_queries = test.logits.reshape(-1, test.logits.shape[-1])  # one pool of unlabelled queries
+            pooled_atc = float(confidence_matching_temperature(all_queries, predicted.mean()))
             per_episode_atc = confidence_matching_temperature(test.logits, predicted)
             floor = TemperatureScaling(t_max=100.0).fit(test.logits, test.labels).temperature_
             cells += [

@@ -83,7 +83,7 @@ class PixelModel(nn.Module):
         self.n_classes = n_classes
 
     def forward(self, images: Tensor) -> Tensor:
-        """``(B, C, H, W)`` pixels -> ``(B, n_way)`` float32 logits."""
+        """``(B, C, H, W)`` pixels -> ``(B, n_classes)`` float32 logits."""
         with autocast(images.device):
             return self.logits(model_input(images, self.spec)).float()
 
